@@ -1,0 +1,102 @@
+"""Data passed between the pipeline stages (fetch -> validate -> spectra -> store)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class AdapterError(ValueError):
+    """An adapter was rejected. The message is one line naming the file, module and shapes."""
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """A fetched adapter: a local folder holding adapter_config.json and its weights."""
+
+    name: str  # expert name: folder name, or the hub repo's name part
+    path: Path  # local folder (for hub ids: the snapshot folder in the HF cache)
+    source: str  # what the user gave: a path or "org/name[@revision]"
+    revision: str | None = None  # resolved commit hash for hub sources
+
+
+@dataclass(frozen=True)
+class ModuleShape:
+    """A targetable linear module of the base model: y = W x, W is out_features x in_features."""
+
+    in_features: int
+    out_features: int
+    conv1d: bool = False  # GPT-2 Conv1D stores W transposed (fan_in_fan_out)
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """The base model's identity and its linear modules' shapes, read from config only (meta device)."""
+
+    name: str  # e.g. "HuggingFaceTB/SmolLM2-135M-Instruct" or a local folder name
+    architecture: str  # e.g. "LlamaForCausalLM"
+    model_type: str  # e.g. "llama"
+    config: dict[str, Any]
+    config_sha256: str  # of the shape-relevant config, canonical JSON
+    modules: dict[str, ModuleShape]  # "model.layers.0.self_attn.q_proj" -> shape
+    path: Path | None = None  # local folder holding config.json (and weights when present)
+
+
+@dataclass
+class ModuleFactors:
+    """One module's LoRA factors, oriented as y = W x: delta W = scaling * B @ A."""
+
+    name: str  # canonical module path, "model.layers.0.self_attn.q_proj"
+    A: torch.Tensor  # r x in_features
+    B: torch.Tensor  # out_features x r
+    scaling: float  # lora_alpha / r, or / sqrt(r) for rsLoRA; patterns applied
+    bias: torch.Tensor | None = None  # lora_B bias when the adapter trained one (bias / lora_bias)
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+
+@dataclass
+class LoadedAdapter:
+    """A validated adapter, ready for the SVD stage."""
+
+    source: AdapterSource
+    config: dict[str, Any]  # adapter_config.json as read
+    base: BaseModelInfo
+    modules: dict[str, ModuleFactors]
+    content_sha256: str  # sha256 over canonical config JSON + weights file bytes
+    rank: int  # config r (the default rank; rank_pattern may override per module)
+    alpha: float
+    target_modules: list[str]  # sorted short names, e.g. ["down_proj", "q_proj"]
+    modules_to_save: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    # Dense experts (a full fine-tune minus its base): module -> delta W (out x in); modules is empty.
+    dense_deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ModuleSpectrum:
+    """delta W = scaling * U diag(S) V^T for one module. U: out x r, S: r, V: in x r (float32)."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+    scaling: float
+    energy: float = 1.0  # fraction of ||B A||_F^2 captured (1.0 for the exact SVD)
+
+
+@dataclass
+class AdapterSpectra:
+    """All modules' spectra of one adapter plus how they were computed."""
+
+    modules: dict[str, ModuleSpectrum]
+    method: str  # "exact" or "randomized"
+    params: dict[str, Any]  # e.g. {"rank": 8, "niter": 4, "seed": 0, "dtype": "float64"}
+
+    @property
+    def energy(self) -> float:
+        """Energy captured over the whole adapter (min over modules)."""
+        return min((m.energy for m in self.modules.values()), default=1.0)
