@@ -1,0 +1,1 @@
+"""Prefect flows that orchestrate pipeline/ (the only package that imports prefect)."""

@@ -1,0 +1,61 @@
+"""The store stage: spectra -> a content-addressed blob, then an immutable registry version."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from pipeline.blob import spectra_to_bytes
+from pipeline.types import AdapterSpectra, LoadedAdapter
+
+if TYPE_CHECKING:  # the registry imports SQLAlchemy; keep it out of plain pipeline imports
+    from registry.blobs import BlobStore
+    from registry.store import Registry, VersionInfo
+
+
+@dataclass(frozen=True)
+class SpectraBlob:
+    """What the registry needs to know about a written spectra blob (JSON-serialisable)."""
+
+    blob_sha256: str
+    size_bytes: int
+    method: str
+    params: dict
+    energy: float
+    n_modules: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def write_spectra_blob(blobs: BlobStore, adapter: LoadedAdapter, spectra: AdapterSpectra) -> SpectraBlob:
+    """Serialise deterministically and put the blob (atomic, content-addressed) before any row exists."""
+    data = spectra_to_bytes(
+        spectra,
+        metadata={"content_sha256": adapter.content_sha256},
+    )
+    sha = blobs.put(data)
+    return SpectraBlob(
+        blob_sha256=sha,
+        size_bytes=len(data),
+        method=spectra.method,
+        params=dict(spectra.params),
+        energy=float(spectra.energy),
+        n_modules=len(spectra.modules),
+    )
+
+
+def store_version(
+    registry: Registry, adapter: LoadedAdapter, blob: SpectraBlob, run_id: str | None = None
+) -> tuple[VersionInfo, bool]:
+    """Commit the version row that points at an existing blob; identical content is a no-op."""
+    registry.ensure_base_model(adapter.base)
+    return registry.add_version(
+        adapter,
+        blob.blob_sha256,
+        method=blob.method,
+        params=blob.params,
+        energy=blob.energy,
+        n_modules=blob.n_modules,
+        size_bytes=blob.size_bytes,
+        run_id=run_id,
+    )
