@@ -1,0 +1,96 @@
+"""Turn what the user typed (folder, glob, hub id[@revision]) into local adapter folders."""
+from __future__ import annotations
+
+import glob
+import re
+from pathlib import Path
+
+from pipeline.types import AdapterError, AdapterSource
+
+# Hub repo names: letters, digits, "-", "_", "."; revision: branch, tag or commit (may hold "/").
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}(@[\w./-]+)?$", re.ASCII)
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_GLOB_CHARS = set("*?[")
+# Weight files are fetched even when refused later (.bin), so the refusal can say why.
+ALLOW_PATTERNS = ["adapter_config.json", "*.safetensors", "adapter_model.bin", "README.md"]
+
+
+def is_hub_id(spec: str) -> bool:
+    """True when spec is shaped like a hub repo id "org/name" with an optional "@revision"."""
+    if not _HUB_ID.match(spec):
+        return False
+    repo = spec.split("@", 1)[0]
+    return ".." not in repo and "--" not in repo and not repo.endswith(".")
+
+
+def split_revision(spec: str) -> tuple[str, str | None]:
+    """"org/name@rev" -> ("org/name", "rev"); no "@" -> (spec, None)."""
+    repo, _, rev = spec.partition("@")
+    return repo, (rev or None)
+
+
+def expand_sources(specs: list[str]) -> list[str]:
+    """Expand globs (sorted, folders only), keep folders and hub ids; anything else is an error."""
+    out: list[str] = []
+    for spec in specs:
+        p = Path(spec).expanduser()
+        if p.is_dir():
+            found = [str(p)]
+        elif p.exists():
+            raise AdapterError(f"{spec}: not an adapter folder (a file was given)")
+        elif _GLOB_CHARS & set(spec):
+            found = sorted(m for m in glob.glob(str(p), recursive=True) if Path(m).is_dir())
+            if not found:
+                raise AdapterError(f"{spec}: the pattern matches no folder")
+        elif is_hub_id(spec):
+            found = [spec]
+        else:
+            raise AdapterError(f"{spec}: no such folder, and not a hub id org/name[@revision]")
+        out.extend(f for f in found if f not in out)
+    return out
+
+
+def _snapshot_commit(folder: Path) -> str | None:
+    # The HF cache keeps each snapshot under snapshots/<commit hash>/.
+    if folder.parent.name == "snapshots" and _COMMIT.match(folder.name):
+        return folder.name
+    return None
+
+
+def fetch(spec: str) -> AdapterSource:
+    """A local adapter folder, or a hub snapshot (adapter files only) with its resolved commit hash."""
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        path = p.resolve()
+        return AdapterSource(name=path.name, path=path, source=str(path), revision=None)
+    if p.exists():
+        raise AdapterError(f"{spec}: not an adapter folder (a file was given)")
+    if not is_hub_id(spec):
+        raise AdapterError(f"{spec}: no such folder, and not a hub id org/name[@revision]")
+    repo_id, revision = split_revision(spec)
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))
+    except Exception as e:  # repo/revision missing, offline and not cached, gated, network
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise AdapterError(
+            f"{spec}: cannot fetch {repo_id} (revision {revision or 'main'}) from the Hugging Face Hub: "
+            f"{type(e).__name__}: {reason}"
+        ) from None
+    commit = _snapshot_commit(folder)
+    if commit is None:
+        commit = _remote_commit(repo_id, revision, spec)
+    return AdapterSource(name=repo_id.split("/")[-1], path=folder, source=spec, revision=commit)
+
+
+def _remote_commit(repo_id: str, revision: str | None, spec: str) -> str:
+    from huggingface_hub import HfApi
+
+    try:
+        sha = HfApi().model_info(repo_id, revision=revision).sha
+    except Exception as e:
+        raise AdapterError(f"{spec}: cannot resolve the commit of {repo_id}: {type(e).__name__}: {e}") from None
+    if not sha or not _COMMIT.match(sha):
+        raise AdapterError(f"{spec}: the hub returned no commit hash for {repo_id}")
+    return sha

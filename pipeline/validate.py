@@ -1,0 +1,313 @@
+"""Validate a PEFT LoRA adapter folder against a base model and load its factors as float32.
+
+Safetensors only: the header is parsed and checked here before safetensors reads a byte of data,
+and pickle files are refused without being opened.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from pipeline.basemodel import names_match
+from pipeline.types import AdapterError, AdapterSource, BaseModelInfo, LoadedAdapter, ModuleFactors
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+KEY_PREFIX = "base_model.model."
+
+# bytes per element of every dtype the safetensors format defines
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+}
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+# Config keys that turn plain LoRA into something whose delta is not scaling * B @ A.
+_UNSUPPORTED = {
+    "use_dora": "DoRA (use_dora) adds magnitude vectors",
+    "use_qalora": "QALoRA (use_qalora) pools the input",
+    "layer_replication": "layer_replication changes the layer stack",
+    "target_parameters": "target_parameters adapts raw parameters, not modules",
+    "use_bdlora": "BD-LoRA (use_bdlora) uses block-diagonal factors",
+    "alora_invocation_tokens": "aLoRA (alora_invocation_tokens) activates only after invocation tokens",
+    "trainable_token_indices": "trainable_token_indices trains embedding rows",
+    "kasa_config": "KaSA (kasa_config) changes the base weight and adds singular values",
+    "monteclora_config": "MonteCLoRA (monteclora_config) samples the factors",
+}
+
+_LORA_KEY = re.compile(r"^(?P<mod>.+)\.(?P<kind>lora_A|lora_B)\.(?P<param>weight|bias)$")
+_OTHER_LORA = re.compile(r"\.(lora_magnitude_vector|lora_embedding_[AB]|lora_[A-Za-z]+)(\.|$)")
+_LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
+
+
+def read_adapter_config(folder: Path) -> dict:
+    """adapter_config.json as a dict; AdapterError if it is missing or not a JSON object."""
+    file = Path(folder) / CONFIG_FILE
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AdapterError(f"{file}: missing {CONFIG_FILE}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{file}: invalid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise AdapterError(f"{file}: not a JSON object")
+    return data
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def adapter_content_sha256(folder: Path) -> str:
+    """sha256 over the canonical config JSON, then the safetensors weights file's bytes."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    h.update(b"adapter_config.json\0" + _canonical(read_adapter_config(folder)) + b"\0")
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise AdapterError(f"{weights}: missing {WEIGHTS_FILE}")
+    h.update(WEIGHTS_FILE.encode() + b"\0")
+    with open(weights, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _is_set(value: Any) -> bool:
+    return value not in (None, False, 0, "", [], {})
+
+
+def _check_config(cfg: dict, file: Path) -> None:
+    peft_type = cfg.get("peft_type")
+    if str(peft_type).upper() != "LORA":
+        raise AdapterError(f"{file}: peft_type is {peft_type!r}, only LORA adapters are supported")
+    for key, why in _UNSUPPORTED.items():
+        if _is_set(cfg.get(key)):
+            raise AdapterError(f"{file}: unsupported LoRA variant: {why} ({key}={cfg.get(key)!r})")
+    r = cfg.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise AdapterError(f"{file}: r must be a positive integer, got {r!r}")
+    if not isinstance(cfg.get("lora_alpha", r), (int, float)):
+        raise AdapterError(f"{file}: lora_alpha must be a number, got {cfg.get('lora_alpha')!r}")
+
+
+def read_safetensors_header(file: Path) -> dict[str, dict]:
+    """Parse and check a safetensors header without trusting it (length, JSON, dtypes, offsets)."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise AdapterError(f"{file}: truncated safetensors file ({size} bytes, no header length)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES:
+            raise AdapterError(f"{file}: safetensors header of {n} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+        if 8 + n > size:
+            raise AdapterError(f"{file}: truncated safetensors file: header needs {n} bytes, file has {size}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{file}: corrupt safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise AdapterError(f"{file}: corrupt safetensors header: not a JSON object")
+    data_len = size - 8 - n
+    tensors: dict[str, dict] = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise AdapterError(f"{file}: corrupt safetensors header entry {key}")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _DTYPE_BYTES:
+            raise AdapterError(f"{file}: tensor {key} has unknown dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise AdapterError(f"{file}: tensor {key} has invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise AdapterError(f"{file}: tensor {key} has invalid data_offsets {offsets!r}")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_len:
+            raise AdapterError(
+                f"{file}: tensor {key} offsets [{begin}, {end}] lie outside the {data_len}-byte data section"
+            )
+        if end - begin != math.prod(shape) * _DTYPE_BYTES[dtype]:
+            raise AdapterError(
+                f"{file}: tensor {key} {dtype} {tuple(shape)} needs {math.prod(shape) * _DTYPE_BYTES[dtype]} bytes, "
+                f"offsets give {end - begin}"
+            )
+        tensors[key] = info
+    return tensors
+
+
+def _weights_file(folder: Path) -> Path:
+    file = folder / WEIGHTS_FILE
+    if file.is_file():
+        return file
+    if (folder / PICKLE_FILE).exists():
+        raise AdapterError(
+            f"{folder / PICKLE_FILE}: pickle weights are refused (never unpickled); "
+            f"convert the adapter to {WEIGHTS_FILE} (safetensors) and retry"
+        )
+    raise AdapterError(f"{file}: missing {WEIGHTS_FILE}")
+
+
+def _pattern_value(patterns: dict | None, module: str, default: Any) -> Any:
+    # PEFT's own rule (peft.utils.other.get_pattern_key): the first key k with re.match(rf"(.*\.)?({k})$", module).
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _is_saved_module(module: str, names: list[str]) -> bool:
+    return any(module == n or module.endswith("." + n) for n in names)
+
+
+def _classify(keys: list[str], cfg: dict, file: Path) -> tuple[dict[str, dict[str, str]], bool]:
+    """Split checkpoint keys into LoRA parts per module; reject anything unknown. Also: any base bias?"""
+    saved_names = list(cfg.get("modules_to_save") or [])
+    bias_mode = cfg.get("bias") or "none"
+    lora: dict[str, dict[str, str]] = {}
+    has_bias = False
+    for key in keys:
+        if not key.startswith(KEY_PREFIX):
+            raise AdapterError(f"{file}: unknown weight key {key} (expected the {KEY_PREFIX} prefix)")
+        name = key[len(KEY_PREFIX):]
+        m = _LORA_KEY.match(name)
+        if m:
+            lora.setdefault(m["mod"], {})[f"{m['kind']}.{m['param']}"] = key
+            continue
+        other = _OTHER_LORA.search(name)
+        if other:
+            part = other.group(1)
+            why = {
+                "lora_magnitude_vector": "DoRA magnitude vector",
+                "lora_embedding_A": "embedding LoRA",
+                "lora_embedding_B": "embedding LoRA",
+            }.get(part, "unknown LoRA weight")
+            raise AdapterError(f"{file}: unsupported weight {key} ({why})")
+        owner = name.rsplit(".", 1)[0]
+        if saved_names and _is_saved_module(owner, saved_names):
+            continue
+        if bias_mode in ("all", "lora_only") and name.endswith(".bias"):
+            has_bias = True  # base-module biases trained alongside; not part of the low-rank delta
+            continue
+        raise AdapterError(f"{file}: unknown weight key {key}")
+    return lora, has_bias
+
+
+def _load_tensor(f: Any, key: str, header: dict[str, dict], file: Path, module: str) -> torch.Tensor:
+    dtype = header[key]["dtype"]
+    if dtype not in _FLOAT_DTYPES:
+        raise AdapterError(f"{file}: module {module}: {key} has non-float dtype {dtype}")
+    t = f.get_tensor(key).to(torch.float32)
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise AdapterError(f"{file}: module {module}: {key} {tuple(t.shape)} holds {bad} NaN/Inf values")
+    return t
+
+
+def load_adapter(src: AdapterSource, base: BaseModelInfo) -> LoadedAdapter:
+    """Validate src against base and return its factors (float32, oriented y = W x); AdapterError if bad."""
+    folder = Path(src.path)
+    cfg_file = folder / CONFIG_FILE
+    cfg = read_adapter_config(folder)
+    _check_config(cfg, cfg_file)
+    file = _weights_file(folder)
+    header = read_safetensors_header(file)
+    lora, has_bias = _classify(sorted(header), cfg, file)
+    if not lora:
+        raise AdapterError(f"{file}: no LoRA weights (no lora_A/lora_B keys)")
+    for module, parts in sorted(lora.items()):
+        if "lora_A.weight" not in parts or "lora_B.weight" not in parts:
+            have, miss = ("lora_A", "lora_B") if "lora_A.weight" in parts else ("lora_B", "lora_A")
+            raise AdapterError(f"{file}: module {module}: {have} without its {miss}")
+        if "lora_A.bias" in parts:
+            raise AdapterError(f"{file}: module {module}: unknown weight key {parts['lora_A.bias']}")
+
+    r_default, alpha_default = int(cfg["r"]), float(cfg.get("lora_alpha", 8))  # PEFT's default alpha
+    layers = cfg.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = [layers]
+    adapter_base = cfg.get("base_model_name_or_path") or ""
+    modules: dict[str, ModuleFactors] = {}
+    try:
+        f = safe_open(str(file), framework="pt")
+    except Exception as e:  # the header passed our checks, but safetensors may still object
+        raise AdapterError(f"{file}: safetensors cannot open it: {e}") from None
+    with f:
+        # Read and check every tensor before looking at shapes: NaN/Inf, then rank, then base fit.
+        loaded = {}
+        for module, parts in sorted(lora.items()):
+            A = _load_tensor(f, parts["lora_A.weight"], header, file, module)
+            B = _load_tensor(f, parts["lora_B.weight"], header, file, module)
+            bias = _load_tensor(f, parts["lora_B.bias"], header, file, module) if "lora_B.bias" in parts else None
+            loaded[module] = (A, B, bias)
+    for module, (A, B, _) in loaded.items():
+        r = int(_pattern_value(cfg.get("rank_pattern"), module, r_default))
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != r or B.shape[1] != r:
+            raise AdapterError(
+                f"{file}: module {module}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} disagree with "
+                f"the config's rank r={r}"
+            )
+    for module, (A, B, bias) in loaded.items():
+        shape = base.modules.get(module)
+        if shape is None:
+            raise AdapterError(
+                f"{file}: module {module} is not a linear module of base model {base.name} "
+                f"(adapter trained on {adapter_base or 'an unnamed base'})"
+            )
+        r = A.shape[0]
+        if tuple(A.shape) != (r, shape.in_features) or tuple(B.shape) != (shape.out_features, r) or (
+            bias is not None and tuple(bias.shape) != (shape.out_features,)
+        ):
+            raise AdapterError(
+                f"{file}: module {module}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit base "
+                f"{base.name} ({shape.in_features} -> {shape.out_features}, needs A ({r}, {shape.in_features}) "
+                f"and B ({shape.out_features}, {r})); adapter trained on {adapter_base or 'an unnamed base'}"
+            )
+        if layers:
+            idx = _LAYER_INDEX.search(module)
+            if idx is None or int(idx.group(1)) not in layers:
+                raise AdapterError(f"{file}: module {module} is outside layers_to_transform {layers}")
+        alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, alpha_default))
+        scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        modules[module] = ModuleFactors(name=module, A=A, B=B, scaling=scaling, bias=bias)
+
+    warnings: list[str] = []
+    if not adapter_base:
+        warnings.append(f"{cfg_file}: base_model_name_or_path is empty; shapes match base {base.name}")
+    elif not names_match(adapter_base, base.name):
+        warnings.append(
+            f"{cfg_file}: adapter names base {adapter_base} but is loaded on {base.name}; "
+            f"architecture and all {len(modules)} module shapes match"
+        )
+    saved = sorted(cfg.get("modules_to_save") or [])
+    if saved:
+        warnings.append(f"modules_to_save {saved}: kept in the record, not routed")
+    if has_bias:
+        warnings.append(f"bias={cfg['bias']}: trained base-module biases are kept in the file, not routed")
+    order = {name: i for i, name in enumerate(base.modules)}
+    return LoadedAdapter(
+        source=src,
+        config=cfg,
+        base=base,
+        modules=dict(sorted(modules.items(), key=lambda kv: order.get(kv[0], len(order)))),
+        content_sha256=adapter_content_sha256(folder),
+        rank=r_default,
+        alpha=alpha_default,
+        target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
+        modules_to_save=saved,
+        warnings=warnings,
+    )
