@@ -1,0 +1,125 @@
+"""Content-addressed blob store: <root>/sha256/ab/cdef....safetensors, keyed by the bytes' sha256."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from registry.settings import blob_url
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class BlobError(RuntimeError):
+    """A blob is missing or its bytes do not match its hash."""
+
+
+def _check_sha(sha256: str) -> str:
+    if not isinstance(sha256, str) or not _HEX64.match(sha256):
+        raise ValueError(f"not a sha256 hex digest: {sha256!r}")
+    return sha256
+
+
+class BlobStore:
+    """Local folder (plain path or file://) with atomic writes; other URLs go through fsspec."""
+
+    def __init__(self, url: str | None = None) -> None:
+        url = url if url is not None else blob_url()
+        self.url = url
+        self._fs = None
+        if url.startswith("file://"):
+            url = url[len("file://"):]
+        if "://" in url:
+            import fsspec  # only needed for remote stores
+
+            self._fs, self.root = fsspec.core.url_to_fs(url)
+            self.root = self.root.rstrip("/")
+        else:
+            self.root = str(Path(url).expanduser())
+
+    def path(self, sha256: str) -> str:
+        s = _check_sha(sha256)
+        return f"{self.root}/sha256/{s[:2]}/{s[2:]}.safetensors"
+
+    def exists(self, sha256: str) -> bool:
+        p = self.path(sha256)
+        return self._fs.exists(p) if self._fs else os.path.isfile(p)
+
+    def put(self, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        dest = self.path(sha)
+        if self._fs is not None:
+            return self._put_remote(sha, dest, data)
+        if os.path.isfile(dest):
+            size = os.path.getsize(dest)
+            if size != len(data):
+                raise BlobError(f"blob {dest} exists with {size} bytes, expected {len(data)}; remove it")
+            return sha
+        folder = os.path.dirname(dest)
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(folder)
+        return sha
+
+    def _put_remote(self, sha: str, dest: str, data: bytes) -> str:
+        fs = self._fs
+        if fs.exists(dest):
+            size = fs.size(dest)
+            if size != len(data):
+                raise BlobError(f"blob {dest} exists with {size} bytes, expected {len(data)}; remove it")
+            return sha
+        # Object stores write whole objects; a temp name + move keeps half-writes invisible elsewhere.
+        tmp = f"{dest}.tmp-{os.getpid()}"
+        fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, dest)
+        return sha
+
+    def get(self, sha256: str) -> bytes:
+        p = self.path(sha256)
+        try:
+            if self._fs is not None:
+                data = self._fs.cat_file(p)
+            else:
+                with open(p, "rb") as fh:
+                    data = fh.read()
+        except FileNotFoundError:
+            raise BlobError(f"blob {sha256} is missing: {p}") from None
+        got = hashlib.sha256(data).hexdigest()
+        if got != sha256:
+            raise BlobError(f"blob {p} is corrupt: sha256 {got}, expected {sha256} ({len(data)} bytes)")
+        return data
+
+    def delete(self, sha256: str) -> None:
+        p = self.path(sha256)
+        if self._fs is not None:
+            if self._fs.exists(p):
+                self._fs.rm_file(p)
+        elif os.path.isfile(p):
+            os.unlink(p)
+
+
+def _fsync_dir(folder: str) -> None:
+    # Makes the rename durable; not possible on every platform (Windows), so best effort.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,104 @@
+"""Read-only SQL over the registry through an in-memory DuckDB loaded with the registry's rows."""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import duckdb
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Integer, select
+
+from registry.models import Base
+from registry.store import Registry
+
+TABLES = ("experts", "base_models", "adapters", "adapter_versions", "spectra", "ingestion_runs", "ingestion_results")
+_EXPERT_COLUMNS = [
+    ("name", "VARCHAR"), ("version", "BIGINT"), ("base_model", "VARCHAR"), ("rank", "BIGINT"),
+    ("alpha", "DOUBLE"), ("modules", "BIGINT"), ("target_modules", "VARCHAR[]"),
+    ("content_sha256", "VARCHAR"), ("blob_sha256", "VARCHAR"), ("method", "VARCHAR"), ("energy", "DOUBLE"),
+    ("source", "VARCHAR"), ("revision", "VARCHAR"), ("created_at", "TIMESTAMPTZ"),
+]
+
+
+def _duck_type(sa_type: Any) -> str:
+    # Order matters: BigInteger is an Integer; JSON goes in as text in DuckDB's JSON type.
+    for cls, name in ((JSON, "JSON"), (Boolean, "BOOLEAN"), (BigInteger, "BIGINT"), (Integer, "BIGINT"),
+                      (Float, "DOUBLE"), (DateTime, "TIMESTAMPTZ")):
+        if isinstance(sa_type, cls):
+            return name
+    impl = getattr(sa_type, "impl", None)
+    return _duck_type(impl) if impl is not None else "VARCHAR"
+
+
+def _load(con: duckdb.DuckDBPyConnection, table: str, columns: list[tuple[str, str]], rows: list[list]) -> None:
+    cols = ", ".join(f'"{c}" {t}' for c, t in columns)
+    con.execute(f'CREATE TABLE "{table}" ({cols})')
+    if rows:
+        marks = ", ".join("?" for _ in columns)
+        con.executemany(f'INSERT INTO "{table}" VALUES ({marks})', rows)
+
+
+def _connect(registry: Registry) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+    except duckdb.Error:  # without ICU timestamps still load; they print in local time
+        pass
+    with registry.engine.connect() as sql:
+        for table in Base.metadata.sorted_tables:
+            columns = [(c.name, _duck_type(c.type)) for c in table.columns]
+            json_at = [i for i, (_, t) in enumerate(columns) if t == "JSON"]
+            rows = []
+            for r in sql.execute(select(table)):
+                row = list(r)
+                for i in json_at:
+                    row[i] = None if row[i] is None else json.dumps(row[i])
+                rows.append(row)
+            _load(con, table.name, columns, rows)
+    experts = [
+        [datetime.fromisoformat(d[c]) if c == "created_at" else d[c] for c, _ in _EXPERT_COLUMNS]
+        for d in registry.catalog()
+    ]
+    _load(con, "experts", _EXPERT_COLUMNS, experts)
+    # The user's query may not touch files or change settings; the database is a throwaway copy anyway.
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def catalog_sql(query: str, registry: Registry | None = None) -> tuple[list[str], list[tuple]]:
+    """Run one read-only query (SELECT/WITH/DESCRIBE/SHOW) over the tables `experts`, `base_models`,
+    `adapters`, `adapter_versions`, `spectra`, `ingestion_runs`, `ingestion_results`."""
+    parser = duckdb.connect(":memory:")
+    try:
+        statements = parser.extract_statements(query)
+    except duckdb.Error as e:
+        raise ValueError(f"catalog query does not parse: {_first_line(e)}") from None
+    finally:
+        parser.close()
+    if len(statements) != 1:
+        raise ValueError(f"catalog query must be exactly one statement, got {len(statements)}")
+    kind = statements[0].type
+    if kind != duckdb.StatementType.SELECT:
+        raise ValueError(f"catalog queries are read-only (SELECT/WITH/DESCRIBE/SHOW); got a {kind.name} statement")
+    own = registry is None
+    registry = registry or Registry()
+    try:
+        con = _connect(registry)
+    finally:
+        if own:
+            registry.close()
+    try:
+        cur = con.execute(query)
+        columns = [d[0] for d in cur.description]
+        return columns, cur.fetchall()
+    except duckdb.CatalogException as e:
+        raise ValueError(f"catalog query failed: {_first_line(e)} (tables: {', '.join(TABLES)})") from None
+    except duckdb.Error as e:
+        raise ValueError(f"catalog query failed: {_first_line(e)}") from None
+    finally:
+        con.close()
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

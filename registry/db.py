@@ -1,0 +1,69 @@
+"""Engines and migrations: `upgrade(url)` runs `alembic upgrade head` through alembic's command API."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+from registry.settings import registry_url
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
+    """An engine for the registry URL; SQLite gets its folder created, foreign keys on, a busy timeout."""
+    url = url or registry_url()
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite":
+        return create_engine(url, **kwargs)
+    if u.database and u.database != ":memory:" and not u.database.startswith("file:"):
+        Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    kwargs.setdefault("connect_args", {}).setdefault("timeout", 30)
+    engine = create_engine(url, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    return engine
+
+
+def alembic_config(url: str | None = None):
+    """alembic Config for the repo's alembic.ini, pointed at `url` (default: the registry URL)."""
+    from alembic.config import Config
+
+    cfg = Config(str(REPO_ROOT / "alembic.ini"))
+    cfg.set_main_option("script_location", str(REPO_ROOT / "alembic"))
+    # Passed as an attribute, not an ini option: URLs may hold '%' that configparser would interpolate.
+    cfg.attributes["url"] = url or registry_url()
+    return cfg
+
+
+def upgrade(url: str | None = None, revision: str = "head") -> None:
+    """Bring the database at `url` to `revision` (creating an SQLite file and its folder if needed)."""
+    from alembic import command
+
+    url = url or registry_url()
+    make_engine(url).dispose()  # creates the SQLite folder
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade(url: str | None = None, revision: str = "base") -> None:
+    from alembic import command
+
+    command.downgrade(alembic_config(url), revision)
+
+
+def current_revision(url: str | None = None) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
