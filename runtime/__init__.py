@@ -1,0 +1,18 @@
+"""Runtime: load an expert bundle into a transformers causal LM and route every token (torch, safetensors only)."""
+from runtime.bundle import Bundle, load_bundle, read_bundle, set_router, unload_bundle, write_bundle
+from runtime.layer import RoutedLinear, RouterConfig
+from runtime.trace import TraceRecorder, plot_routing, trace_routing
+
+__all__ = [
+    "Bundle",
+    "RoutedLinear",
+    "RouterConfig",
+    "TraceRecorder",
+    "load_bundle",
+    "plot_routing",
+    "read_bundle",
+    "set_router",
+    "trace_routing",
+    "unload_bundle",
+    "write_bundle",
+]

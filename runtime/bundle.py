@@ -1,0 +1,248 @@
+"""Expert bundles: a folder with manifest.json and spectra.safetensors; loading one into a model.
+
+Layout of spectra.safetensors, per targeted module m (experts in manifest order, ranks zero-padded to
+the module's largest rank r; see runtime/routing.py):
+  "{m}.Vt" (E*r, d_in) float32    "{m}.U" (d_out, E*r) float32    "{m}.S" (E, r) float32
+  "{m}.scaling" (E,) float32      "{m}.rank" (E,) int64
+An expert that does not adapt m has rank 0 there: all-zero rows/columns, never selected by a router.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from runtime.layer import RoutedLinear, RouterConfig
+from runtime.trace import TraceRecorder
+
+if TYPE_CHECKING:  # pipeline.types is only needed for type hints; keep runtime imports minimal
+    from pipeline.types import AdapterSpectra
+
+FORMAT = "spectr-bundle/1"
+MANIFEST = "manifest.json"
+SPECTRA = "spectra.safetensors"
+FIELDS = ("Vt", "U", "S", "scaling", "rank")
+
+
+@dataclass
+class Bundle:
+    """A read bundle: its manifest and the stacked tensors."""
+
+    path: Path
+    manifest: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+
+    @property
+    def expert_names(self) -> list[str]:
+        return [e["name"] for e in self.manifest["experts"]]
+
+    @property
+    def modules(self) -> dict[str, dict[str, int]]:
+        return self.manifest["modules"]
+
+    def bank(self, module: str) -> dict[str, torch.Tensor]:
+        return {f: self.tensors[f"{module}.{f}"] for f in FIELDS}
+
+
+def _stack_module(module: str, shape: list[int], experts: list[tuple[dict, Any]]) -> dict[str, torch.Tensor]:
+    d_in, d_out = shape
+    spectra = [sp.modules.get(module) for _, sp in experts]
+    E, r = len(experts), max(ms.S.numel() for ms in spectra if ms is not None)
+    Vt, U = torch.zeros(E, r, d_in), torch.zeros(d_out, E, r)
+    S, scaling, rank = torch.zeros(E, r), torch.zeros(E), torch.zeros(E, dtype=torch.int64)
+    for e, ms in enumerate(spectra):
+        if ms is None:
+            continue
+        k = ms.S.numel()
+        if tuple(ms.U.shape) != (d_out, k) or tuple(ms.V.shape) != (d_in, k):
+            raise ValueError(
+                f"bundle: expert {experts[e][0]['name']!r} module {module}: U {tuple(ms.U.shape)}, "
+                f"V {tuple(ms.V.shape)} do not fit the base's [in={d_in}, out={d_out}] at rank {k}"
+            )
+        order = torch.argsort(ms.S.float(), descending=True)  # Arrow's v_1 is column 0
+        Vt[e, :k] = ms.V.float()[:, order].T
+        U[:, e, :k] = ms.U.float()[:, order]
+        S[e, :k] = ms.S.float()[order]
+        scaling[e], rank[e] = float(ms.scaling), k
+    return {
+        f"{module}.Vt": Vt.reshape(E * r, d_in),
+        f"{module}.U": U.reshape(d_out, E * r),
+        f"{module}.S": S,
+        f"{module}.scaling": scaling,
+        f"{module}.rank": rank,
+    }
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_bundle(path: Path, *, base: dict, experts: list[tuple[dict, AdapterSpectra]]) -> Path:
+    """Write <path>/spectra.safetensors and <path>/manifest.json (deterministic bytes); return path.
+
+    base: {"name", "architecture", "model_type", "config_sha256", "modules": {module: [in, out]}};
+    experts: (info, spectra) pairs, info with at least "name", "version", "content_sha256", "rank", "alpha".
+    Everything is checked before anything is written.
+    """
+    path = Path(path)
+    if not experts:
+        raise ValueError(f"bundle {path}: no experts given")
+    names = [info["name"] for info, _ in experts]
+    if len(set(names)) != len(names):
+        raise ValueError(f"bundle {path}: expert names repeat: {names}")
+    shapes = base["modules"]
+    used = sorted({m for _, sp in experts for m in sp.modules})
+    for info, sp in experts:
+        for m in sp.modules:
+            if m not in shapes:
+                raise ValueError(f"bundle {path}: expert {info['name']!r} adapts {m}, which base {base['name']!r} lacks")
+    tensors: dict[str, torch.Tensor] = {}
+    for m in used:
+        tensors.update(_stack_module(m, list(shapes[m]), experts))
+    data = st_save(tensors)
+    manifest = {
+        "format": FORMAT,
+        "base": {**base, "modules": {m: list(shapes[m]) for m in sorted(shapes)}},
+        "experts": [dict(info) for info, _ in experts],
+        "modules": {
+            m: {"in": shapes[m][0], "out": shapes[m][1], "rank": int(tensors[f"{m}.S"].shape[1])} for m in used
+        },
+        "spectra": {"file": SPECTRA, "sha256": hashlib.sha256(data).hexdigest()},
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path / SPECTRA, data)
+    _write_atomic(path / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    return path
+
+
+def read_bundle(path: Path | str) -> Bundle:
+    """Read a bundle folder; the spectra file must match the sha256 its manifest records."""
+    path = Path(path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path / MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    data = (path / manifest["spectra"]["file"]).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != manifest["spectra"]["sha256"]:
+        raise ValueError(f"{path / SPECTRA}: sha256 {digest[:12]} does not match the manifest's "
+                         f"{manifest['spectra']['sha256'][:12]}")
+    tensors = st_load(data)
+    E = len(manifest["experts"])
+    for m, info in manifest["modules"].items():
+        r = info["rank"]
+        want = {"Vt": (E * r, info["in"]), "U": (info["out"], E * r), "S": (E, r), "scaling": (E,), "rank": (E,)}
+        for f, shape in want.items():
+            got = tuple(tensors[f"{m}.{f}"].shape) if f"{m}.{f}" in tensors else None
+            if got != shape:
+                raise ValueError(f"{path / SPECTRA}: tensor {m}.{f} has shape {got}, manifest implies {shape}")
+    return Bundle(path=path, manifest=manifest, tensors=tensors)
+
+
+def module_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a linear-like module: nn.Linear, or GPT-2 Conv1D (weight stored in x out)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return int(module.weight.shape[0]), int(module.nf)
+    return None
+
+
+def _check_shapes(model: nn.Module, bundle: Bundle) -> None:
+    """Refuse, before anything is wrapped, a bundle whose modules the model lacks or shapes differently."""
+    problems = []
+    for m, info in bundle.modules.items():
+        try:
+            sub = model.get_submodule(m)
+        except AttributeError:
+            problems.append(f"module {m} is missing from the model")
+            continue
+        got, want = module_shape(sub), (info["in"], info["out"])
+        if got != want:
+            what = type(sub).__name__ if got is None else f"[in={got[0]}, out={got[1]}]"
+            problems.append(f"module {m}: model has {what}, bundle expects [in={want[0]}, out={want[1]}]")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(f"bundle {bundle.path} does not fit {type(model).__name__}: {problems[0]}{more}")
+
+
+@dataclass
+class RoutedState:
+    """What load_bundle attached to a model (as model.spectr)."""
+
+    bundle: Bundle
+    config: RouterConfig
+    recorder: TraceRecorder
+    modules: list[str]
+
+
+def _expert_index(bundle: Bundle, expert: int | str | None) -> int | None:
+    if expert is None or isinstance(expert, int):
+        return expert
+    if expert not in bundle.expert_names:
+        raise ValueError(f"bundle {bundle.path}: no expert named {expert!r}; it has {bundle.expert_names}")
+    return bundle.expert_names.index(expert)
+
+
+def load_bundle(
+    model: nn.Module,
+    bundle: Bundle | Path | str,
+    *,
+    router: str = "spectr",
+    top_k: int = 4,
+    expert: int | str | None = None,
+    **options: Any,
+) -> nn.Module:
+    """Wrap the bundle's modules of `model` with routed linears (in place) and return the model.
+
+    options are RouterConfig fields: weighting, temperature, combine, score, rank_normalize, apply.
+    """
+    if getattr(model, "spectr", None) is not None:
+        raise ValueError("model already has a bundle loaded; call unload_bundle(model) first")
+    if not isinstance(bundle, Bundle):
+        bundle = read_bundle(bundle)
+    cfg = RouterConfig(router=router, top_k=top_k, expert=_expert_index(bundle, expert), **options)
+    cfg.validate()
+    _check_shapes(model, bundle)
+    recorder = TraceRecorder()
+    for m in bundle.modules:
+        base = model.get_submodule(m)
+        ref = base.weight
+        bank = {f: (t if f == "rank" else t.to(ref.dtype)).to(ref.device) for f, t in bundle.bank(m).items()}
+        parent, _, child = m.rpartition(".")
+        setattr(model.get_submodule(parent), child, RoutedLinear(base, m, bank, cfg, recorder))
+    model.spectr = RoutedState(bundle=bundle, config=cfg, recorder=recorder, modules=list(bundle.modules))
+    return model
+
+
+def set_router(model: nn.Module, **changes: Any) -> RouterConfig:
+    """Change the routing of a loaded model in place (router, top_k, expert, weighting, ...)."""
+    state: RoutedState = model.spectr
+    if "expert" in changes:
+        changes["expert"] = _expert_index(state.bundle, changes["expert"])
+    new = RouterConfig(**{**vars(state.config), **changes})
+    new.validate()
+    for k, v in vars(new).items():
+        setattr(state.config, k, v)
+    return state.config
+
+
+def unload_bundle(model: nn.Module) -> nn.Module:
+    """Put the original modules back; the model is then exactly what it was before load_bundle."""
+    state: RoutedState | None = getattr(model, "spectr", None)
+    if state is None:
+        raise ValueError("model has no bundle loaded")
+    for m in state.modules:
+        parent, _, child = m.rpartition(".")
+        setattr(model.get_submodule(parent), child, model.get_submodule(m).base_layer)
+    del model.spectr
+    return model

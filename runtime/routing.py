@@ -1,0 +1,129 @@
+"""The routing math of SpectR (Fleshman & Van Durme 2025), one token per row.
+
+For expert i at one linear module: delta W_i = s_i U_i Sigma_i V_i^T (U: out x r, V: in x r).
+A module's experts are stacked with ranks padded to r = max_i r_i by zero columns:
+  Vt:  (E*r, d_in)   rows e*r .. e*r+r-1 are V_e^T      -> one GEMM gives every V_e^T x
+  US:  (d_out, E*r)  columns e*r .. are U_e Sigma_e     -> one GEMM applies every expert
+  S:   (E, r)        singular values, descending, zero-padded
+  s:   (E,)          LoRA scaling per expert
+  rank:(E,)          true rank; 0 where the expert does not adapt this module
+
+Scores (how they compare): ||V^T x|| lies in [0, ||x||]; its square is the energy of x inside the
+expert's input subspace. A random direction leaves a fraction r/d_in of its energy in a rank-r
+subspace, so raw scores favour high ranks; the rank-normalised score ||V^T x|| / sqrt(r) has the
+same expectation, ||x|| / sqrt(d_in), for every rank on random x. Arrow's |v_1^T x| uses only the
+top direction and needs no normalising. Padding with zero directions changes no score.
+
+Factor merge with unequal ranks: the canonical factors are merged column by column after padding
+to r, i.e. z = sum_j w_j s_j V_j^T x in R^r and delta y = sum_i w_i U_i Sigma_i z; column c of a
+rank-r_i expert is zero for c >= r_i, so those coordinates of z reach only higher-rank experts.
+"""
+from __future__ import annotations
+
+import torch
+
+ROUTERS = ("spectr", "arrow", "uniform", "fixed")
+SCORES = ("norm", "sigma")
+WEIGHTS = ("uniform", "softmax")
+COMBINES = ("factor", "mix")
+
+
+def project(x: torch.Tensor, Vt: torch.Tensor, E: int) -> torch.Tensor:
+    """P[t, e, :] = V_e^T x_t for all experts with one GEMM. x: (t, d_in) -> (t, E, r)."""
+    return (x @ Vt.T).view(x.shape[0], E, -1)
+
+
+def scores(
+    P: torch.Tensor,
+    S: torch.Tensor,
+    rank: torch.Tensor,
+    *,
+    router: str = "spectr",
+    score: str = "norm",
+    rank_normalize: bool = False,
+) -> torch.Tensor:
+    """Routing scores (t, E) in float32; -inf for experts that do not adapt this module.
+
+    spectr: ||V_e^T x|| ("norm") or ||Sigma_e V_e^T x|| ("sigma"); arrow: |v_e1^T x|.
+    """
+    P32 = P.float()
+    if router == "arrow":
+        g = P32[:, :, 0].abs()
+    elif score == "sigma":
+        g = (P32 * S.float()).norm(dim=-1)
+    elif score == "norm":
+        g = P32.norm(dim=-1)
+    else:
+        raise ValueError(f"unknown score {score!r}; expected one of {SCORES}")
+    if rank_normalize and router != "arrow":
+        g = g / rank.clamp(min=1).float().sqrt()
+    return g.masked_fill(rank == 0, float("-inf"))
+
+
+def select(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k experts per token: (values, indices), each (t, k)."""
+    return torch.topk(g, min(k, g.shape[1]), dim=1)
+
+
+def weights(
+    vals: torch.Tensor, idx: torch.Tensor, E: int, *, mode: str = "uniform", temperature: float = 1.0
+) -> torch.Tensor:
+    """Dense (t, E) float32 weights, zero off the selected set.
+
+    uniform: 1/k over the selected experts that adapt the module (the paper's code);
+    softmax: softmax(score / temperature) over the selected set (Arrow).
+    """
+    valid = torch.isfinite(vals)
+    if mode == "uniform":
+        w_sel = valid.float() / valid.sum(dim=1, keepdim=True).clamp(min=1)
+    elif mode == "softmax":
+        w_sel = torch.softmax(vals / temperature, dim=1).nan_to_num(0.0)
+    else:
+        raise ValueError(f"unknown weighting {mode!r}; expected one of {WEIGHTS}")
+    return vals.new_zeros(vals.shape[0], E).scatter_(1, idx, w_sel)
+
+
+def all_weights(t: int, rank: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+    """Weights that ignore the scores: one expert (fixed, plain LoRA) or all adapting experts at 1/E."""
+    present = (rank > 0).float()
+    if expert is not None:
+        w = torch.zeros_like(present)
+        w[expert] = 1.0
+    else:
+        w = present / present.sum().clamp(min=1)
+    return w.expand(t, -1)
+
+
+def coefficients(
+    P: torch.Tensor, w: torch.Tensor, S: torch.Tensor, s: torch.Tensor, *, combine: str = "factor"
+) -> torch.Tensor:
+    """C (t, E, r) such that delta y_t = sum_e U_e Sigma_e C[t, e] (i.e. C.view(t, E*r) @ US^T).
+
+    mix:    C[t, e] = w_te s_e Sigma_e V_e^T x_t                              (output mix)
+    factor: C[t, e] = w_te Sigma_e z_t,  z_t = sum_j w_tj s_j V_j^T x_t       (factor merge)
+    (Sigma_e is folded into US, so here only the non-Sigma parts remain.)
+    """
+    ws = (w * s).to(P.dtype).unsqueeze(-1)  # (t, E, 1)
+    if combine == "mix":
+        return ws * P
+    if combine == "factor":
+        z = (ws * P).sum(dim=1, keepdim=True)  # (t, 1, r)
+        return w.to(P.dtype).unsqueeze(-1) * z
+    raise ValueError(f"unknown combine {combine!r}; expected one of {COMBINES}")
+
+
+def apply_dense(C: torch.Tensor, US: torch.Tensor) -> torch.Tensor:
+    """delta y = C @ US^T: one GEMM against all experts side by side (zero rows for unselected)."""
+    return C.reshape(C.shape[0], -1) @ US.T
+
+
+def apply_grouped(C: torch.Tensor, w: torch.Tensor, US: torch.Tensor) -> torch.Tensor:
+    """delta y with one GEMM per expert over only the tokens that selected it."""
+    t, E, r = C.shape
+    out = C.new_zeros(t, US.shape[0])
+    chosen = w != 0
+    for e in range(E):
+        rows = chosen[:, e].nonzero().squeeze(1)
+        if rows.numel():
+            out.index_add_(0, rows, C[rows, e] @ US[:, e * r : (e + 1) * r].T)
+    return out

@@ -1,0 +1,93 @@
+"""Routing traces: per token, per layer, per module top-k choices and scores; a heatmap picture."""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def layer_of(module: str) -> int:
+    """The layer index in a module path ("model.layers.3.mlp.up_proj" -> 3); -1 when there is none."""
+    m = _LAYER.search(module)
+    return int(m.group(1)) if m else -1
+
+
+@dataclass
+class TraceRecorder:
+    """Collects, while enabled, one entry per module call: top-k indices and scores, (batch, tokens, k)."""
+
+    enabled: bool = False
+    calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=lambda: defaultdict(list))
+
+    def record(self, module: str, idx: torch.Tensor, vals: torch.Tensor) -> None:
+        self.calls[module].append((idx.detach().cpu(), vals.detach().float().cpu()))
+
+    def clear(self) -> None:
+        self.calls.clear()
+
+    def choices(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """All calls of one module joined along tokens (prefill, then one per decode step): (B, T, k) each."""
+        got = self.calls[module]
+        return torch.cat([i for i, _ in got], dim=1), torch.cat([v for _, v in got], dim=1)
+
+    def top1_grid(self, batch: int = 0) -> torch.Tensor:
+        """(tokens, layers) top-1 expert, the most frequent top-1 over each layer's modules."""
+        by_layer: dict[int, list[torch.Tensor]] = defaultdict(list)
+        for module in self.calls:
+            by_layer[layer_of(module)].append(self.choices(module)[0][batch, :, 0])
+        layers = sorted(by_layer)
+        return torch.stack([torch.stack(by_layer[layer], dim=1).mode(dim=1).values for layer in layers], dim=1)
+
+
+@contextmanager
+def trace_routing(model: nn.Module, clear: bool = True) -> Iterator[TraceRecorder]:
+    """with trace_routing(model) as trace: model(...)  -- records every routed decision inside the block."""
+    recorder: TraceRecorder = model.spectr.recorder
+    if clear:
+        recorder.clear()
+    recorder.enabled = True
+    try:
+        yield recorder
+    finally:
+        recorder.enabled = False
+
+
+def plot_routing(
+    trace: TraceRecorder,
+    path: Path | str,
+    expert_names: list[str],
+    tokens: list[str] | None = None,
+    batch: int = 0,
+) -> Path:
+    """Save a heatmap: tokens x layers, each cell coloured by its top-1 expert (matplotlib, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    grid = trace.top1_grid(batch).numpy()
+    E = len(expert_names)
+    cmap = ListedColormap(plt.get_cmap("tab20" if E > 10 else "tab10").colors[:E])
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.3 * grid.shape[0] + 2), max(3.0, 0.25 * grid.shape[1] + 1.5)))
+    im = ax.imshow(grid.T, aspect="auto", cmap=cmap, vmin=-0.5, vmax=E - 0.5, interpolation="nearest")
+    ax.set_xlabel("token")
+    ax.set_ylabel("layer")
+    if tokens is not None:
+        ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7)
+    bar = fig.colorbar(im, ax=ax, ticks=range(E))
+    bar.ax.set_yticklabels(expert_names)
+    ax.set_title("top-1 expert per token and layer")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

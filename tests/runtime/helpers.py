@@ -1,0 +1,52 @@
+"""Test helpers: exact spectra of PEFT adapter folders (SVD of B @ A in float64) and bundles from them."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from pipeline.types import AdapterSpectra, ModuleSpectrum
+from runtime import write_bundle
+from runtime.bundle import module_shape
+
+PREFIX = "base_model.model."
+
+
+def spectra_from_adapter(folder: Path) -> AdapterSpectra:
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    sd = load_file(folder / "adapter_model.safetensors")
+    modules = {}
+    for key, A in sd.items():
+        if ".lora_A." not in key:
+            continue
+        name = key[len(PREFIX):].split(".lora_A.")[0]
+        B = sd[key.replace(".lora_A.", ".lora_B.")]
+        r = A.shape[0]
+        U, S, Vh = torch.linalg.svd(B.double() @ A.double(), full_matrices=False)
+        modules[name] = ModuleSpectrum(
+            U=U[:, :r].float(), S=S[:r].float(), V=Vh[:r].T.float(), scaling=cfg["lora_alpha"] / r
+        )
+    return AdapterSpectra(modules=modules, method="exact", params={"rank": cfg["r"]})
+
+
+def base_of(model, modules) -> dict:
+    return {
+        "name": "tiny-org/tiny-llama",
+        "architecture": type(model).__name__,
+        "model_type": model.config.model_type,
+        "config_sha256": "0" * 64,
+        "modules": {m: list(module_shape(model.get_submodule(m))) for m in modules},
+    }
+
+
+def bundle_from_adapters(out: Path, folders: list[Path], model) -> Path:
+    experts = []
+    for f in folders:
+        sp = spectra_from_adapter(f)
+        cfg = json.loads((f / "adapter_config.json").read_text())
+        info = {"name": f.name, "version": 1, "content_sha256": "0" * 64, "rank": cfg["r"], "alpha": cfg["lora_alpha"]}
+        experts.append((info, sp))
+    modules = sorted({m for _, sp in experts for m in sp.modules})
+    return write_bundle(out, base=base_of(model, modules), experts=experts)
