@@ -83,7 +83,7 @@ class Adapter(Base):
 
     base_model: Mapped[BaseModel] = relationship()
     versions: Mapped[list[AdapterVersion]] = relationship(
-        back_populates="adapter", order_by="AdapterVersion.version"
+        back_populates="adapter", order_by="AdapterVersion.version", passive_deletes="all"
     )
 
 
@@ -127,7 +127,9 @@ class AdapterVersion(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     adapter: Mapped[Adapter] = relationship(back_populates="versions")
-    spectra: Mapped[list[Spectra]] = relationship(back_populates="version", order_by="Spectra.id")
+    spectra: Mapped[list[Spectra]] = relationship(
+        back_populates="version", order_by="Spectra.id", passive_deletes="all"
+    )  # "all": never null out children, so the delete reaches before_delete below
 
 
 class Spectra(Base):
