@@ -249,7 +249,8 @@ def load_adapter(src: AdapterSource, base: BaseModelInfo) -> LoadedAdapter:
     with f:
         # Read and check every tensor before looking at shapes: NaN/Inf, then rank, then base fit.
         loaded = {}
-        for module, parts in sorted(lora.items()):
+        order = {name: i for i, name in enumerate(base.modules)}  # report the earliest layer first
+        for module, parts in sorted(lora.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
             A = _load_tensor(f, parts["lora_A.weight"], header, file, module)
             B = _load_tensor(f, parts["lora_B.weight"], header, file, module)
             bias = _load_tensor(f, parts["lora_B.bias"], header, file, module) if "lora_B.bias" in parts else None
@@ -298,12 +299,11 @@ def load_adapter(src: AdapterSource, base: BaseModelInfo) -> LoadedAdapter:
         warnings.append(f"modules_to_save {saved}: kept in the record, not routed")
     if has_bias:
         warnings.append(f"bias={cfg['bias']}: trained base-module biases are kept in the file, not routed")
-    order = {name: i for i, name in enumerate(base.modules)}
     return LoadedAdapter(
         source=src,
         config=cfg,
         base=base,
-        modules=dict(sorted(modules.items(), key=lambda kv: order.get(kv[0], len(order)))),
+        modules=modules,
         content_sha256=adapter_content_sha256(folder),
         rank=r_default,
         alpha=alpha_default,
