@@ -7,13 +7,12 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from pipeline.types import BaseModelInfo, LoadedAdapter
 from registry import db
 from registry.blobs import BlobStore
 from registry.models import (
@@ -26,6 +25,9 @@ from registry.models import (
     utcnow,
 )
 from registry.settings import registry_url
+
+if TYPE_CHECKING:  # only for hints: the registry itself never needs torch
+    from pipeline.types import BaseModelInfo, LoadedAdapter
 
 RESULT_STATUSES = ("new", "unchanged", "rejected")
 
