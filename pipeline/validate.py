@@ -256,8 +256,13 @@ def load_adapter(src: AdapterSource, base: BaseModelInfo) -> LoadedAdapter:
             bias = _load_tensor(f, parts["lora_B.bias"], header, file, module) if "lora_B.bias" in parts else None
             loaded[module] = (A, B, bias)
     for module, (A, B, _) in loaded.items():
+        if A.dim() != 2 or B.dim() != 2:
+            raise AdapterError(
+                f"{file}: module {module}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} are not 2-D "
+                f"(only linear-module LoRA is supported)"
+            )
         r = int(_pattern_value(cfg.get("rank_pattern"), module, r_default))
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != r or B.shape[1] != r:
+        if A.shape[0] != r or B.shape[1] != r:
             raise AdapterError(
                 f"{file}: module {module}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} disagree with "
                 f"the config's rank r={r}"

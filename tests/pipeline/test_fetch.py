@@ -1,7 +1,6 @@
 """fetch: local folders, globs, and hub ids resolved offline from a pre-populated HF cache."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

@@ -127,7 +127,6 @@ def test_gpt2_fan_in_fan_out(make_adapter):
         peft_delta = layers[name].get_delta_weight("default")
         assert torch.allclose((f.scaling * f.B @ f.A).T, peft_delta, atol=1e-6)
     x = torch.randn(3, 32)
-    attn = model.transformer.h[0].attn.c_attn
     f = ad.modules["transformer.h.0.attn.c_attn"]
     # the delta applied as y = W x equals PEFT's LoRA path on a real input
     lora_out = layers["transformer.h.0.attn.c_attn"]
@@ -368,3 +367,8 @@ def test_shapes_do_not_fit_base(bad):
         "lora_A (4, 64)",
         "needs A (4, 96) and B (96, 4)",
     )
+
+
+def test_non_2d_factor(bad, tiny_base):
+    edit_weights(bad, lambda t: {**t, KEY_A: t[KEY_A].reshape(4, 64, 1, 1)})
+    _reject(bad, tiny_base, "adapter_model.safetensors", Q0, "(4, 64, 1, 1)", "not 2-D")
