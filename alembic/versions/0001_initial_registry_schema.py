@@ -154,7 +154,7 @@ def downgrade() -> None:
 
 
 def _create_immutability_trigger() -> None:
-    dialect = op.get_bind().dialect.name
+    dialect = op.get_context().dialect.name
     if dialect == "sqlite":
         op.execute(
             "CREATE TRIGGER trg_adapter_versions_immutable BEFORE UPDATE ON adapter_versions "
@@ -173,7 +173,7 @@ def _create_immutability_trigger() -> None:
 
 
 def _drop_immutability_trigger() -> None:
-    dialect = op.get_bind().dialect.name
+    dialect = op.get_context().dialect.name
     if dialect == "sqlite":
         op.execute("DROP TRIGGER IF EXISTS trg_adapter_versions_immutable")
     elif dialect == "postgresql":
