@@ -56,7 +56,7 @@ def test_layout_and_metadata(spectra):
     assert len(tensors) == 5 * 14
     meta = read_metadata(data)
     assert meta["format"] == FORMAT and meta["method"] == "exact"
-    assert json.loads(meta["params"]) == {"rank": None, "dtype": "float64"}
+    assert json.loads(meta["params"]) == {"rank": None, "dtype": "float64", "device": "cpu"}
     assert meta["zeta"] == "1" and meta["name"] == "x"
     # Header keys are sorted so the bytes cannot depend on hash-map order.
     (n,) = struct.unpack("<Q", data[:8])

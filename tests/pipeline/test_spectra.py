@@ -191,7 +191,7 @@ def test_truncation_energy_rank16_to_4(make_adapter):
 def test_adapter_spectra_exact_all_modules(tiny_adapter):
     seen: list[tuple[int, int]] = []
     sp = adapter_spectra(tiny_adapter, progress=lambda d, t: seen.append((d, t)), device="cpu")
-    assert sp.method == "exact" and sp.params == {"rank": None, "dtype": "float64"}
+    assert sp.method == "exact" and sp.params == {"rank": None, "dtype": "float64", "device": "cpu"}
     assert list(sp.modules) == sorted(tiny_adapter.modules) and len(sp.modules) == 14
     assert seen[-1] == (14, 14)
     for name, f in tiny_adapter.modules.items():
@@ -225,8 +225,17 @@ def test_randomized_factors_match_dense():
     assert via_factors.energy == pytest.approx(via_dense.energy, rel=1e-5)
 
 
+def test_exact_runs_on_cpu_whatever_the_device(tiny_adapter):
+    # The exact blob must not depend on the device: its heavy part stays on exact_device (CPU).
+    sp = adapter_spectra(tiny_adapter, device="meta")
+    assert sp.params["device"] == "cpu"
+    assert spectra_to_bytes(sp) == spectra_to_bytes(adapter_spectra(tiny_adapter, device="cpu"))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_exact_blob_identical_on_cuda_and_cpu(tiny_adapter):
     cpu = spectra_to_bytes(adapter_spectra(tiny_adapter, device="cpu"))
     gpu = spectra_to_bytes(adapter_spectra(tiny_adapter, device="cuda"))
     assert cpu == gpu
+    fast = adapter_spectra(tiny_adapter, device="cuda", exact_device="cuda")
+    assert fast.params["device"] == "cuda"
