@@ -189,3 +189,19 @@ def test_runtime_imports_no_heavy_packages():
     )
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+
+
+@torch.no_grad()
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("apply", ["dense", "grouped"])
+def test_cuda_matches_cpu(bundle_dir, apply):
+    kw = dict(router="spectr", top_k=2, apply=apply)
+    ref = load_bundle(build_tiny_llama(), bundle_dir, **kw)(IDS).logits
+    model = load_bundle(build_tiny_llama().cuda(), bundle_dir, **kw)
+    assert model.model.layers[0].mlp.up_proj.US.is_cuda
+    assert (model(IDS.cuda()).logits.cpu() - ref).abs().max() <= 1e-4
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(IDS.cuda(), use_cache=True, **gen),
+                       model.generate(IDS.cuda(), use_cache=False, **gen))
+    half = load_bundle(build_tiny_llama().to("cuda", torch.bfloat16), bundle_dir, **kw)
+    assert torch.isfinite(half(IDS.cuda()).logits).all()

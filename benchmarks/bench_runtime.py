@@ -1,0 +1,153 @@
+"""Routed forward vs base forward vs PEFT Arrow, on CPU, for E = 2, 8, 32 experts.
+
+A random Llama with SmolLM2-135M's layer shapes (hidden 576, intermediate 1536, 9/3 heads) but few
+layers, and E random rank-8 LoRA experts on all seven linear modules, saved by PEFT and turned into a
+bundle. Prints times in ms and ratios to the base forward; writes benchmarks/results/runtime.md.
+
+    python benchmarks/bench_runtime.py [--layers 4] [--tokens 256] [--repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.types import AdapterSpectra, ModuleSpectrum  # noqa: E402
+from runtime import load_bundle, write_bundle  # noqa: E402
+from runtime.bundle import module_shape  # noqa: E402
+
+
+def base_model(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=4096, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def make_experts(root: Path, E: int, layers: int) -> list[Path]:
+    from peft import LoraConfig, get_peft_model
+
+    out = []
+    for i in range(E):
+        base = base_model(layers)
+        torch.manual_seed(100 + i)
+        peft = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                               init_lora_weights=False))
+        peft.save_pretrained(root / f"e{i}")
+        out.append(root / f"e{i}")
+    return out
+
+
+def spectra(folder: Path) -> AdapterSpectra:
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    sd = load_file(folder / "adapter_model.safetensors")
+    mods = {}
+    for key, A in sd.items():
+        if ".lora_A." in key:
+            B = sd[key.replace(".lora_A.", ".lora_B.")]
+            U, S, Vh = torch.linalg.svd(B.double() @ A.double(), full_matrices=False)
+            r = A.shape[0]
+            name = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+            mods[name] = ModuleSpectrum(U[:, :r].float(), S[:r].float(), Vh[:r].T.float(), cfg["lora_alpha"] / r)
+    return AdapterSpectra(mods, "exact", {})
+
+
+def make_bundle(path: Path, folders: list[Path], layers: int) -> Path:
+    model = base_model(layers)
+    experts = [({"name": f.name, "version": 1, "content_sha256": "", "rank": 8, "alpha": 16}, spectra(f))
+               for f in folders]
+    mods = sorted(experts[0][1].modules)
+    base = {"name": "bench", "architecture": "LlamaForCausalLM", "model_type": "llama", "config_sha256": "",
+            "modules": {m: list(module_shape(model.get_submodule(m))) for m in mods}}
+    return write_bundle(path, base=base, experts=experts)
+
+
+@torch.no_grad()
+def timed(model, ids: torch.Tensor, repeats: int) -> float:
+    model.to(ids.device)
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    model(ids)  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        model(ids)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--experts", default="2,8,32")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "runtime.md"))
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from peft import ArrowConfig, create_arrow_model
+
+    ids = torch.randint(0, 4096, (1, a.tokens), generator=torch.Generator().manual_seed(0)).to(a.device)
+    sizes = [int(e) for e in a.experts.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        library = make_experts(Path(tmp), max(sizes), a.layers)
+        for E in sizes:
+            folders = library[:E]
+            bundle = make_bundle(Path(tmp) / f"bundle{E}", folders, a.layers)
+            k = min(4, E)
+            t = {"base": timed(base_model(a.layers), ids, a.repeats)}
+            for label, kw in [
+                ("spectr factor dense", dict(router="spectr", combine="factor", apply="dense")),
+                ("spectr factor grouped", dict(router="spectr", combine="factor", apply="grouped")),
+                ("spectr mix dense", dict(router="spectr", combine="mix", apply="dense")),
+                ("spectr mix grouped", dict(router="spectr", combine="mix", apply="grouped")),
+                ("arrow mix dense", dict(router="arrow", combine="mix", weighting="softmax", apply="dense")),
+                ("arrow mix grouped", dict(router="arrow", combine="mix", weighting="softmax", apply="grouped")),
+            ]:
+                t[label] = timed(load_bundle(base_model(a.layers), bundle, top_k=k, **kw), ids, a.repeats)
+            peft = create_arrow_model(base_model(a.layers), [str(f) for f in folders],
+                                      ArrowConfig(top_k=k, router_temperature=1.0, rng_seed=0)).eval()
+            t["peft arrow"] = timed(peft, ids, a.repeats)
+            rows.append((E, k, t))
+            print(f"E={E:>2} k={k}: " + ", ".join(f"{n} {v:.1f} ms ({v / t['base']:.2f}x)" for n, v in t.items()),
+                  flush=True)
+    labels = list(rows[0][2])
+    lines = [
+        f"# Runtime benchmark ({a.device})",
+        "",
+        f"`python benchmarks/bench_runtime.py --layers {a.layers} --tokens {a.tokens} --repeats {a.repeats} "
+        f"--device {a.device}` on {torch.get_num_threads()} CPU threads, torch {torch.__version__}, fp32. Random Llama with "
+        f"SmolLM2-135M layer shapes ({a.layers} layers), rank-8 experts on all 7 linear modules per layer, "
+        f"one sequence of {a.tokens} tokens, median of {a.repeats} forwards. Cells: ms (ratio to base forward; "
+        "last column: ratio of our arrow dense to PEFT Arrow).",
+        "",
+        "| E | k | " + " | ".join(labels) + " | ours arrow / PEFT arrow |",
+        "|" + "---|" * (len(labels) + 3),
+    ]
+    for E, k, t in rows:
+        cells = " | ".join(f"{t[n]:.1f} ({t[n] / t['base']:.2f}x)" for n in labels)
+        lines.append(f"| {E} | {k} | {cells} | {t['arrow mix dense'] / t['peft arrow']:.2f} |")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text("\n".join(lines) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
