@@ -77,6 +77,15 @@ def make_adapter(tmp_path_factory, tiny_base_dir) -> Callable[..., Path]:
     return _make
 
 
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's test harness (a temporary server and database), started once per session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 @pytest.fixture()
 def spectr_home(tmp_path, monkeypatch) -> Path:
     """A fresh, empty SPECTR_HOME (embedded SQLite registry + local blob folder) for one test."""

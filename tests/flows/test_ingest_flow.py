@@ -1,0 +1,135 @@
+"""The ingest flow under Prefect's test harness, and its tasks through .fn()."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from flows import ingest as ingest_module
+from flows.ingest import compute_spectra, fetch_adapter, ingest, validate_adapter
+from pipeline.basemodel import resolve_base_model
+from pipeline.blob import spectra_from_bytes
+from pipeline.spectra import exact_spectrum
+from registry.store import Registry
+from tests.pipeline.conftest import make_hub_cache
+
+
+@pytest.fixture()
+def spectra_calls(monkeypatch) -> list[str]:
+    """Counts the SVD stage's calls (the flow's tasks run in this process)."""
+    calls: list[str] = []
+    real = ingest_module.adapter_spectra
+
+    def counting(adapter, **kwargs):
+        calls.append(adapter.source.name)
+        return real(adapter, **kwargs)
+
+    monkeypatch.setattr(ingest_module, "adapter_spectra", counting)
+    return calls
+
+
+def _registry_rows(registry: Registry) -> list[tuple]:
+    return [(r["name"], r["version"], r["content_sha256"]) for r in registry.catalog()]
+
+
+def test_ingest_new_unchanged_and_next_version(prefect_harness, spectr_home, make_adapter, tiny_base_dir, tmp_path, spectra_calls):
+    a, b = make_adapter("alpha", seed=1), make_adapter("beta", seed=2)
+    first = ingest(sources=[str(a), str(b)], base_model=str(tiny_base_dir))
+    assert [(o["name"], o["status"], o["version"]) for o in first] == [("alpha", "new", 1), ("beta", "new", 1)]
+    assert sorted(spectra_calls) == ["alpha", "beta"]
+
+    again = ingest(sources=[str(a), str(b)], base_model=str(tiny_base_dir))
+    assert [o["status"] for o in again] == ["unchanged", "unchanged"]
+    assert sorted(spectra_calls) == ["alpha", "beta"], "a rerun must do no SVD work"
+
+    changed = tmp_path / "alpha"  # same name, other weights
+    shutil.copytree(make_adapter("alpha-retrained", seed=3), changed)
+    third = ingest(sources=[str(changed)], base_model=str(tiny_base_dir))
+    assert [(o["name"], o["status"], o["version"]) for o in third] == [("alpha", "new", 2)]
+    registry = Registry()
+    assert [v.version for v in registry.versions("alpha")] == [1, 2]
+    # The stored blob is the exact spectrum of the adapter's factors.
+    blob = spectra_from_bytes(registry.load_spectra_bytes("alpha", 1))
+    assert len(blob.modules) == 14 and blob.method == "exact"
+
+
+def test_rejection_is_an_outcome_and_changes_nothing(prefect_harness, spectr_home, make_adapter, tiny_base_dir, tmp_path):
+    good = make_adapter("good", seed=4)
+    bad = tmp_path / "dora"
+    shutil.copytree(make_adapter("dora-src", seed=5), bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["use_dora"] = True
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    registry = Registry()
+    blobs_before = sorted(registry.blobs.path(r[2]) for r in [])
+
+    outcomes = ingest(sources=[str(bad), str(good)], base_model=str(tiny_base_dir))
+    assert [o["status"] for o in outcomes] == ["rejected", "new"]
+    assert "DoRA" in outcomes[0]["reason"] or "use_dora" in outcomes[0]["reason"]
+    assert [r[0] for r in _registry_rows(registry)] == ["good"]
+    assert blobs_before == []
+    runs = registry.get_run(registry_last_run(registry))
+    assert (runs["accepted"], runs["rejected"], runs["new_versions"]) == (1, 1, 1)
+
+
+def registry_last_run(registry: Registry) -> str:
+    from registry.catalog import catalog_sql
+
+    _, rows = catalog_sql("select id from ingestion_runs order by started_at desc limit 1", registry)
+    return rows[0][0]
+
+
+def test_spectra_cache_hit_skips_svd_for_a_fresh_registry(prefect_harness, spectr_home, make_adapter, tiny_base_dir, tmp_path, monkeypatch, spectra_calls):
+    src = make_adapter("cached", seed=6)
+    ingest(sources=[str(src)], base_model=str(tiny_base_dir))
+    assert spectra_calls == ["cached"]
+    # A new database over the same blob store: the version row is new, the SVD result comes from the cache.
+    monkeypatch.setenv("SPECTR_REGISTRY_URL", f"sqlite:///{tmp_path / 'other.db'}")
+    outcomes = ingest(sources=[str(src)], base_model=str(tiny_base_dir))
+    assert [(o["status"], o["version"]) for o in outcomes] == [("new", 1)]
+    assert spectra_calls == ["cached"]
+    # With the blob gone, the cached key is not trusted: the SVD runs again and the blob comes back.
+    registry = Registry()
+    sha = registry.get_version("cached").blob_sha256
+    registry.blobs.delete(sha)
+    monkeypatch.setenv("SPECTR_REGISTRY_URL", f"sqlite:///{tmp_path / 'third.db'}")
+    ingest(sources=[str(src)], base_model=str(tiny_base_dir))
+    assert spectra_calls == ["cached", "cached"]
+    assert registry.blobs.exists(sha)
+
+
+def test_hub_source_offline_records_the_commit(prefect_harness, spectr_home, make_adapter, tiny_base_dir, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+
+    cache = tmp_path / "hf-cache"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    make_hub_cache(cache, "tiny-org/hub-expert", make_adapter("hub-src", seed=7), commit)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    outcomes = ingest(sources=["tiny-org/hub-expert@main"], base_model=str(tiny_base_dir))
+    assert [(o["name"], o["status"]) for o in outcomes] == [("hub-expert", "new")]
+    info = Registry().get_version("hub-expert")
+    assert info.revision == commit and info.source.startswith("tiny-org/hub-expert")
+
+
+def test_base_model_found_in_registry_by_adapter_name(prefect_harness, spectr_home, make_adapter, tiny_base_dir):
+    """Without --base-model the adapter's base_model_name_or_path is looked up among registered bases."""
+    src = make_adapter("named", seed=8)
+    missing = ingest(sources=[str(src)])
+    assert missing[0]["status"] == "rejected" and "tiny-org/tiny-llama" in missing[0]["reason"]
+    Registry().ensure_base_model(resolve_base_model(tiny_base_dir, name="tiny-org/tiny-llama"))
+    assert ingest(sources=[str(src)])[0]["status"] == "new"
+
+
+def test_tasks_as_plain_functions(spectr_home, make_adapter, tiny_base_dir):
+    src = fetch_adapter.fn(str(make_adapter("plain", seed=9)))
+    base = resolve_base_model(tiny_base_dir)
+    adapter = validate_adapter.fn(src, base)
+    registry = Registry()
+    result = compute_spectra.fn(adapter, registry.blobs.url)
+    spectra = spectra_from_bytes(registry.blobs.get(result["blob_sha256"]))
+    module, factors = next(iter(adapter.modules.items()))
+    expected = exact_spectrum(factors.A, factors.B, factors.scaling)
+    assert result["n_modules"] == len(adapter.modules) == len(spectra.modules)
+    assert spectra.modules[module].S.tolist() == expected.S.tolist()
