@@ -62,7 +62,9 @@ def fetch(spec: str) -> AdapterSource:
     p = Path(spec).expanduser()
     if p.is_dir():
         path = p.resolve()
-        return AdapterSource(name=path.name, path=path, source=str(path), revision=None)
+        # The name is the folder as the user sees it: a symlinked "latest" keeps its link name.
+        name = p.absolute().name or path.name
+        return AdapterSource(name=name, path=path, source=str(path), revision=None)
     if p.exists():
         raise AdapterError(f"{spec}: not an adapter folder (a file was given)")
     if not is_hub_id(spec):

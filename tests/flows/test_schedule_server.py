@@ -1,0 +1,100 @@
+"""The scheduled deployment on a real `prefect server start` on loopback."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from registry.store import Registry
+
+pytestmark = pytest.mark.server
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout: float, what: str, procs: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise AssertionError(f"{p.args[:3]} exited with {p.returncode} while waiting for {what}")
+        if predicate():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_scheduled_ingest_runs_on_a_real_server(make_adapter, tiny_base_dir, tmp_path):
+    drop = tmp_path / "drop"  # the scheduled source: a glob over this folder
+    drop.mkdir()
+    (drop / "sched").symlink_to(make_adapter("sched-src", seed=11), target_is_directory=True)
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = dict(
+        os.environ,
+        PREFECT_HOME=str(tmp_path / "prefect-server"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",
+        PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS="1",
+        PREFECT_RUNNER_POLL_FREQUENCY="1",
+        SPECTR_HOME=str(tmp_path / "spectr-home"),
+    )
+    env.pop("PREFECT_API_URL", None)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    server = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT,
+    )
+    procs = [server]
+    try:
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{api}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait(healthy, 120, "the Prefect server", procs)
+        served = subprocess.Popen(
+            [str(BIN / "spectr"), "serve-flows", f"{drop}/*", "--interval", "5",
+             "--base-model", str(tiny_base_dir), "--name", "test-schedule"],
+            env=dict(env, PREFECT_API_URL=api), cwd=REPO,
+            stdout=open(logs / "serve.log", "w"), stderr=subprocess.STDOUT,
+        )
+        procs.append(served)
+
+        def completed_runs() -> list[dict]:
+            r = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})
+            return [run for run in r.json() if run.get("deployment_id")]
+
+        try:
+            _wait(lambda: len(completed_runs()) >= 1, 240, "a scheduled flow run to complete", procs)
+        except AssertionError:
+            print((logs / "serve.log").read_text()[-4000:])
+            raise
+        deployments = httpx.post(f"{api}/deployments/filter", json={}).json()
+        assert [d["name"] for d in deployments] == ["test-schedule"]
+        assert deployments[0]["schedules"], "the deployment carries its schedule"
+        registry = Registry(f"sqlite:///{tmp_path / 'spectr-home' / 'registry.db'}", str(tmp_path / "spectr-home" / "blobs"))
+        assert [(v.name, v.version) for v in registry.versions()] == [("sched", 1)]
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in reversed(procs):
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
