@@ -89,6 +89,29 @@ def timed(model, ids: torch.Tensor, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
+@torch.no_grad()
+def apply_sweep(device: str, tokens: int, repeats: int) -> list[str]:
+    """One routed up_proj (576 -> 1536, rank 8, k = 4): dense apply vs grouped apply as E grows."""
+    from torch import nn
+
+    from runtime.layer import RoutedLinear, RouterConfig
+
+    lines = ["", f"Apply step alone, one routed up_proj (576 -> 1536, r = 8, k = 4, {tokens} tokens, {device}): "
+             "ms for dense / grouped.", "", "| E | E*r | dense | grouped |", "|---|---|---|---|"]
+    g = torch.Generator().manual_seed(0)
+    for E in (8, 32, 64, 128, 256):
+        bank = dict(Vt=torch.randn(E * 8, 576, generator=g), U=torch.randn(1536, E * 8, generator=g),
+                    S=torch.rand(E, 8, generator=g), scaling=torch.ones(E), rank=torch.full((E,), 8))
+        x = torch.randn(1, tokens, 576, generator=g).to(device)
+        t = {}
+        for apply in ("dense", "grouped"):
+            layer = RoutedLinear(nn.Linear(576, 1536), "m", bank, RouterConfig(top_k=4, apply=apply), None).to(device)
+            t[apply] = timed(layer, x, repeats)
+        lines.append(f"| {E} | {E * 8} | {t['dense']:.2f} | {t['grouped']:.2f} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
@@ -114,6 +137,7 @@ def main() -> None:
             k = min(4, E)
             t = {"base": timed(base_model(a.layers), ids, a.repeats)}
             for label, kw in [
+                ("fixed (plain LoRA)", dict(router="fixed", expert=0)),
                 ("spectr factor dense", dict(router="spectr", combine="factor", apply="dense")),
                 ("spectr factor grouped", dict(router="spectr", combine="factor", apply="grouped")),
                 ("spectr mix dense", dict(router="spectr", combine="mix", apply="dense")),
@@ -144,6 +168,7 @@ def main() -> None:
     for E, k, t in rows:
         cells = " | ".join(f"{t[n]:.1f} ({t[n] / t['base']:.2f}x)" for n in labels)
         lines.append(f"| {E} | {k} | {cells} | {t['arrow mix dense'] / t['peft arrow']:.2f} |")
+    lines += apply_sweep(a.device, a.tokens, a.repeats)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {a.out}")

@@ -63,6 +63,8 @@ class RoutedLinear(nn.Module):
         """delta y for x (t, d_in), plus the top-k (values, indices) when the router scored."""
         cfg, E = self.cfg, self.E
         x = x.to(self.Vt.dtype)
+        if cfg.router == "fixed":
+            return routing.apply_fixed(x, self.Vt, self.US, self.s, cfg.expert, E), None, None
         P = routing.project(x, self.Vt, E)
         vals = idx = None
         if cfg.router in ("spectr", "arrow"):
@@ -71,7 +73,7 @@ class RoutedLinear(nn.Module):
             vals, idx = routing.select(g, cfg.top_k)
             w = routing.weights(vals, idx, E, mode=cfg.weighting, temperature=cfg.temperature)
         else:
-            w = routing.all_weights(x.shape[0], self.rank, cfg.expert if cfg.router == "fixed" else None)
+            w = routing.all_weights(x.shape[0], self.rank)
         C = routing.coefficients(P, w, self.S, self.s, combine=cfg.combine)
         k = E if idx is None else idx.shape[1]
         dense = cfg.apply == "dense" or (

@@ -83,15 +83,10 @@ def weights(
     return vals.new_zeros(vals.shape[0], E).scatter_(1, idx, w_sel)
 
 
-def all_weights(t: int, rank: torch.Tensor, expert: int | None = None) -> torch.Tensor:
-    """Weights that ignore the scores: one expert (fixed, plain LoRA) or all adapting experts at 1/E."""
+def all_weights(t: int, rank: torch.Tensor) -> torch.Tensor:
+    """The uniform router: every expert that adapts the module, weight 1/E, whatever the scores."""
     present = (rank > 0).float()
-    if expert is not None:
-        w = torch.zeros_like(present)
-        w[expert] = 1.0
-    else:
-        w = present / present.sum().clamp(min=1)
-    return w.expand(t, -1)
+    return (present / present.sum().clamp(min=1)).expand(t, -1)
 
 
 def coefficients(
@@ -110,6 +105,13 @@ def coefficients(
         z = (ws * P).sum(dim=1, keepdim=True)  # (t, 1, r)
         return w.to(P.dtype).unsqueeze(-1) * z
     raise ValueError(f"unknown combine {combine!r}; expected one of {COMBINES}")
+
+
+def apply_fixed(x: torch.Tensor, Vt: torch.Tensor, US: torch.Tensor, s: torch.Tensor, e: int, E: int) -> torch.Tensor:
+    """Plain LoRA of expert e: delta y = s_e U_e Sigma_e V_e^T x, touching only that expert's slices."""
+    r = Vt.shape[0] // E
+    cols = slice(e * r, (e + 1) * r)
+    return (x @ Vt[cols].T * s[e]) @ US[:, cols].T
 
 
 def apply_dense(C: torch.Tensor, US: torch.Tensor) -> torch.Tensor:
