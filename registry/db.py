@@ -34,9 +34,12 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
 
 def alembic_config(url: str | None = None):
     """alembic Config for the repo's alembic.ini, pointed at `url` (default: the registry URL)."""
+    import sys
+
     from alembic.config import Config
 
-    cfg = Config(str(REPO_ROOT / "alembic.ini"))
+    # alembic's default stdout is bound when alembic is imported; a test runner may have closed that stream since.
+    cfg = Config(str(REPO_ROOT / "alembic.ini"), stdout=sys.stdout)
     cfg.set_main_option("script_location", str(REPO_ROOT / "alembic"))
     # Passed as an attribute, not an ini option: URLs may hold '%' that configparser would interpolate.
     cfg.attributes["url"] = url or registry_url()

@@ -144,6 +144,32 @@ def base_add(
     out.print(f"base model {info.name} ({info.architecture}, {len(info.modules)} linear modules)")
 
 
+@bundle_app.command("create")
+def bundle_create(
+    name: str = typer.Argument(..., help="the bundle's name"),
+    experts: Optional[str] = typer.Option(None, "--experts", help="comma-separated NAME or NAME@VERSION"),
+    all_experts: bool = typer.Option(False, "--all", help="the latest version of every expert"),
+    output: Path = typer.Option(..., "-o", "--output", help="bundle folder to write"),
+) -> None:
+    """Export a chosen expert set (stacked spectra + manifest) for the runtime."""
+    from registry.bundles import create_bundle
+    from registry.store import Registry
+
+    if all_experts == (experts is not None):
+        raise typer.BadParameter("give exactly one of --experts or --all")
+    selectors = None if all_experts else [e for e in experts.split(",") if e.strip()]
+    try:
+        path = create_bundle(Registry(), selectors, output, name=name)
+    except (KeyError, ValueError) as exc:
+        err.print(f"[red]error[/red] {exc.args[0] if exc.args else exc}")
+        raise typer.Exit(1)
+    from runtime.bundle import read_bundle
+
+    bundle = read_bundle(path)
+    out.print(f"bundle {name} -> {path}: {len(bundle.expert_names)} experts "
+              f"({', '.join(bundle.expert_names)}), {len(bundle.modules)} modules")
+
+
 @app.command()
 def migrate() -> None:
     """Upgrade the registry's schema to the latest revision (also done on first use)."""
