@@ -93,11 +93,15 @@ class BaseResolver:
 
 
 @task(cache_policy=NO_CACHE, persist_result=False, task_run_name="validate {src.name}")
-def validate_adapter(src: AdapterSource, base: BaseModelInfo, dense_base_dir: str | None = None) -> LoadedAdapter:
+def validate_adapter(
+    src: AdapterSource, base: BaseModelInfo, dense_base_dir: str | None = None, rank: int | None = None
+) -> LoadedAdapter:
     if dense_base_dir is not None:
         from pipeline.dense import load_dense
 
-        return load_dense(src, Path(dense_base_dir), base)
+        if rank is None:
+            raise AdapterError(f"{src.path}: a dense expert needs a target rank (--rank)")
+        return load_dense(src, Path(dense_base_dir), base, rank=rank)
     return load_adapter(src, base)
 
 
@@ -162,7 +166,7 @@ def ingest_one(
         dense_dir = str(base.path) if dense and base.path else None
         if dense and dense_dir is None:
             raise AdapterError(f"{src.path}: --dense needs --base-model PATH (a folder with the base weights)")
-        adapter = validate_adapter(src, base, dense_dir)
+        adapter = validate_adapter(src, base, dense_dir, rank)
         seconds["validate"] = time.perf_counter() - t0
         existing = registry.find_version(src.name, adapter.content_sha256)
         if existing is not None and registry.blobs.exists(existing.blob_sha256):

@@ -133,3 +133,22 @@ def test_tasks_as_plain_functions(spectr_home, make_adapter, tiny_base_dir):
     expected = exact_spectrum(factors.A, factors.B, factors.scaling)
     assert result["n_modules"] == len(adapter.modules) == len(spectra.modules)
     assert spectra.modules[module].S.tolist() == expected.S.tolist()
+
+
+def test_dense_finetune_ingested_by_randomized_svd(prefect_harness, spectr_home, tiny_base_dir, tmp_path):
+    from tests.pipeline.test_dense import D1, Q0, _finetune, _low_rank
+
+    updates = {Q0: _low_rank(64, 64, 2, 1), D1: _low_rank(64, 128, 3, 2)}
+    folder = _finetune(tmp_path / "tiny-ft", updates)
+    outcomes = ingest(sources=[str(folder)], base_model=str(tiny_base_dir), dense=True, rank=4)
+    assert [(o["name"], o["status"]) for o in outcomes] == [("tiny-ft", "new")], outcomes
+    registry = Registry()
+    info = registry.get_version("tiny-ft")
+    assert info.method == "randomized" and info.rank == 4
+    spectra = spectra_from_bytes(registry.load_spectra_bytes("tiny-ft"))
+    assert sorted(spectra.modules) == sorted(updates)
+    for name, delta in updates.items():
+        m = spectra.modules[name]
+        rebuilt = m.scaling * (m.U * m.S) @ m.V.T
+        assert (rebuilt - delta).norm() / delta.norm() < 1e-4
+        assert m.energy > 0.9999
