@@ -171,6 +171,31 @@ def bundle_create(
 
 
 @app.command()
+def generate(
+    base_model: Path = typer.Option(..., "--base-model", help="base model folder (transformers format)"),
+    bundle: Path = typer.Option(..., "--bundle", help="bundle folder from `spectr bundle create`"),
+    prompt: str = typer.Option(..., "--prompt"),
+    router: str = typer.Option("spectr", "--router", help="spectr | arrow | uniform | fixed:NAME"),
+    top_k: int = typer.Option(4, "--top-k"),
+    max_new_tokens: int = typer.Option(40, "--max-new-tokens"),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="wrap the prompt in the model's chat template"),
+    trace: Optional[Path] = typer.Option(None, "--trace", help="save a routing heatmap (tokens x layers) here"),
+) -> None:
+    """Generate with the bundle's experts routed per token, per module, per layer."""
+    from spectr.generate import routed_generate
+
+    try:
+        result = routed_generate(base_model, bundle, prompt, router=router, top_k=top_k,
+                                 max_new_tokens=max_new_tokens, chat=chat, trace=trace)
+    except ValueError as exc:
+        err.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(1)
+    print(result.text)
+    if result.trace_path is not None:
+        err.print(f"routing picture: {result.trace_path}")
+
+
+@app.command()
 def migrate() -> None:
     """Upgrade the registry's schema to the latest revision (also done on first use)."""
     from registry.db import current_revision, upgrade

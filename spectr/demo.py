@@ -8,6 +8,7 @@ from rich.console import Console
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERTS = REPO / "examples" / "experts"
+PROMPT = "Write a Python function that returns the sum of the squares of a list of numbers."
 
 
 def run_demo(home: Path | None = None) -> int:
@@ -47,4 +48,17 @@ def run_demo(home: Path | None = None) -> int:
                       r["method"], r["content_sha256"][:12])
     console.print(table)
     console.print(f"registry: {registry.url}; blobs: {registry.blobs.url}")
-    return 0 if all(o["status"] != "rejected" for o in outcomes) else 1
+    if any(o["status"] == "rejected" for o in outcomes):
+        return 1
+
+    from registry.bundles import create_bundle
+    from spectr.generate import routed_generate
+
+    bundle = create_bundle(registry, None, spectr_home() / "bundles" / "demo", name="demo")
+    console.rule(f"4. routed generation (SpectR, top-1) with bundle {bundle}")
+    picture = spectr_home() / "routes.png"
+    console.print(f"prompt: {PROMPT}", highlight=False)
+    result = routed_generate(base_dir, bundle, PROMPT, router="spectr", top_k=1, max_new_tokens=48, trace=picture)
+    console.print(result.text, highlight=False, markup=False)
+    console.print(f"routing picture (tokens x layers, coloured by the top-1 expert): {picture}")
+    return 0
