@@ -36,10 +36,12 @@ def routed_generate(
     """Greedy generation with the bundle's experts routed per token (the KV cache on, as usual)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from runtime import load_bundle, plot_routing, read_bundle, trace_routing
 
     name, expert = parse_router(router)
+    hf_logging.disable_progress_bar()  # the CLI prints the generated text, not loading bars
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).eval()
     loaded = read_bundle(bundle)
