@@ -5,6 +5,11 @@ layers, and E random rank-8 LoRA experts on all seven linear modules, saved by P
 bundle. Prints times in ms and ratios to the base forward; writes benchmarks/results/runtime.md.
 
     python benchmarks/bench_runtime.py [--layers 4] [--tokens 256] [--repeats 5]
+
+With --library BASE_DIR (a saved SmolLM2-135M-Instruct folder, see spectr/smollm2.py) it instead
+measures, on the real library of 8 experts in ../shared, the routing accuracy inside the routed
+forward (top-1 and top-4 over every token, module and layer decision; macro over domains) and
+checks plain LoRA (router="fixed") against PEFT on one expert.
 """
 from __future__ import annotations
 
@@ -112,6 +117,65 @@ def apply_sweep(device: str, tokens: int, repeats: int) -> list[str]:
     return lines
 
 
+@torch.no_grad()
+def library_accuracy(base_dir: Path, shared: Path, docs: int, tokens: int) -> list[str]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.spectra import exact_spectrum
+    from runtime import set_router, trace_routing
+
+    domains = sorted(p.name for p in (shared / "experts").iterdir() if p.is_dir())
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    experts = []
+    for d in domains:
+        folder = shared / "experts" / d
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        sd = load_file(folder / "adapter_model.safetensors")
+        mods = {k.removeprefix("base_model.model.").split(".lora_A.")[0]:
+                exact_spectrum(A.float(), sd[k.replace(".lora_A.", ".lora_B.")].float(), cfg["lora_alpha"] / cfg["r"])
+                for k, A in sd.items() if ".lora_A." in k}
+        experts.append(({"name": d, "version": 1, "content_sha256": "", "rank": cfg["r"], "alpha": cfg["lora_alpha"]},
+                        AdapterSpectra(mods, "exact", {})))
+    names = sorted(experts[0][1].modules)
+    base = {"name": base_dir.name, "architecture": type(model).__name__, "model_type": model.config.model_type,
+            "config_sha256": "", "modules": {m: list(module_shape(model.get_submodule(m))) for m in names}}
+    with tempfile.TemporaryDirectory() as tmp:
+        load_bundle(model, write_bundle(Path(tmp) / "bundle", base=base, experts=experts),
+                    router="fixed", expert=domains[0])
+    ids = tok("def main():\n    return 0\n", return_tensors="pt").input_ids
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval(),
+                                     shared / "experts" / domains[0]).eval()
+    diff = (model(ids).logits - peft(ids).logits).abs().max().item()
+    texts = {d: [json.loads(line)["text"] for line in open(shared / "datasets" / d / "test.jsonl")][:docs]
+             for d in domains}
+    lines = ["", f"Real library: {len(domains)} SmolLM2-135M experts, first {docs} test documents per domain, "
+             f"{tokens} tokens each, k = 4, fp32 CPU. Routing accuracy inside the routed forward, macro over domains "
+             f"(chance {1 / len(domains):.3f}). Plain LoRA vs PEFT on {domains[0]}: max |logit diff| {diff:.1e}.",
+             "", "| router | top-1 | top-4 |", "|---|---|---|"]
+    for label, kw in [("spectr ‖Vᵀx‖", dict(router="spectr", score="norm")), ("arrow abs(v₁ᵀx)", dict(router="arrow")),
+                      ("spectr ‖ΣVᵀx‖", dict(router="spectr", score="sigma"))]:
+        set_router(model, top_k=4, **kw)
+        top1, topk = [], []
+        for e, d in enumerate(domains):
+            c1 = ck = n = 0
+            for text in texts[d]:
+                ids = tok(text, return_tensors="pt", truncation=True, max_length=tokens).input_ids
+                with trace_routing(model) as trace:
+                    model(ids)
+                for m in trace.calls:
+                    idx = trace.choices(m)[0]
+                    c1 += int((idx[..., 0] == e).sum())
+                    ck += int((idx == e).any(-1).sum())
+                    n += idx[..., 0].numel()
+            top1.append(c1 / n)
+            topk.append(ck / n)
+        lines.append(f"| {label} | {sum(top1) / len(top1):.3f} | {sum(topk) / len(topk):.3f} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
@@ -120,10 +184,18 @@ def main() -> None:
     ap.add_argument("--experts", default="2,8,32")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--library", type=Path, help="saved SmolLM2 base folder: measure routing on the real experts")
+    ap.add_argument("--shared", type=Path, default=ROOT / ".." / "shared")
+    ap.add_argument("--docs", type=int, default=16)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "runtime.md"))
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.library:
+        lines = [f"`python benchmarks/bench_runtime.py --library {a.library} --docs {a.docs}`"]
+        lines += library_accuracy(a.library, a.shared, a.docs, 128)
+        print("\n".join(lines))
+        return
     from peft import ArrowConfig, create_arrow_model
 
     ids = torch.randint(0, 4096, (1, a.tokens), generator=torch.Generator().manual_seed(0)).to(a.device)

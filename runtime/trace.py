@@ -82,7 +82,7 @@ def plot_routing(
     ax.set_xlabel("token")
     ax.set_ylabel("layer")
     if tokens is not None:
-        ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7)
+        ax.set_xticks(range(len(tokens)), [t[:12] for t in tokens], rotation=90, fontsize=7)
     bar = fig.colorbar(im, ax=ax, ticks=range(E))
     bar.ax.set_yticklabels(expert_names)
     ax.set_title("top-1 expert per token and layer")
