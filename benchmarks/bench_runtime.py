@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.types import AdapterSpectra, ModuleSpectrum  # noqa: E402
+from pipeline.types import AdapterSpectra  # noqa: E402
 from runtime import load_bundle, write_bundle  # noqa: E402
 from runtime.bundle import module_shape  # noqa: E402
 
@@ -55,24 +55,24 @@ def make_experts(root: Path, E: int, layers: int) -> list[Path]:
     return out
 
 
-def spectra(folder: Path) -> AdapterSpectra:
+def expert(folder: Path) -> tuple[dict, AdapterSpectra]:
+    """(manifest entry, exact spectra of every module) of a PEFT adapter folder (pipeline.spectra)."""
+    from pipeline.spectra import exact_spectrum
+
     cfg = json.loads((folder / "adapter_config.json").read_text())
     sd = load_file(folder / "adapter_model.safetensors")
-    mods = {}
-    for key, A in sd.items():
-        if ".lora_A." in key:
-            B = sd[key.replace(".lora_A.", ".lora_B.")]
-            U, S, Vh = torch.linalg.svd(B.double() @ A.double(), full_matrices=False)
-            r = A.shape[0]
-            name = key.removeprefix("base_model.model.").split(".lora_A.")[0]
-            mods[name] = ModuleSpectrum(U[:, :r].float(), S[:r].float(), Vh[:r].T.float(), cfg["lora_alpha"] / r)
-    return AdapterSpectra(mods, "exact", {})
+    mods = {
+        key.removeprefix("base_model.model.").split(".lora_A.")[0]:
+        exact_spectrum(A.float(), sd[key.replace(".lora_A.", ".lora_B.")].float(), cfg["lora_alpha"] / cfg["r"])
+        for key, A in sd.items() if ".lora_A." in key
+    }
+    info = {"name": folder.name, "version": 1, "content_sha256": "", "rank": cfg["r"], "alpha": cfg["lora_alpha"]}
+    return info, AdapterSpectra(mods, "exact", {})
 
 
 def make_bundle(path: Path, folders: list[Path], layers: int) -> Path:
     model = base_model(layers)
-    experts = [({"name": f.name, "version": 1, "content_sha256": "", "rank": 8, "alpha": 16}, spectra(f))
-               for f in folders]
+    experts = [expert(f) for f in folders]
     mods = sorted(experts[0][1].modules)
     base = {"name": "bench", "architecture": "LlamaForCausalLM", "model_type": "llama", "config_sha256": "",
             "modules": {m: list(module_shape(model.get_submodule(m))) for m in mods}}
@@ -122,22 +122,12 @@ def library_accuracy(base_dir: Path, shared: Path, docs: int, tokens: int) -> li
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.spectra import exact_spectrum
     from runtime import set_router, trace_routing
 
     domains = sorted(p.name for p in (shared / "experts").iterdir() if p.is_dir())
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(base_dir)
-    experts = []
-    for d in domains:
-        folder = shared / "experts" / d
-        cfg = json.loads((folder / "adapter_config.json").read_text())
-        sd = load_file(folder / "adapter_model.safetensors")
-        mods = {k.removeprefix("base_model.model.").split(".lora_A.")[0]:
-                exact_spectrum(A.float(), sd[k.replace(".lora_A.", ".lora_B.")].float(), cfg["lora_alpha"] / cfg["r"])
-                for k, A in sd.items() if ".lora_A." in k}
-        experts.append(({"name": d, "version": 1, "content_sha256": "", "rank": cfg["r"], "alpha": cfg["lora_alpha"]},
-                        AdapterSpectra(mods, "exact", {})))
+    experts = [expert(shared / "experts" / d) for d in domains]
     names = sorted(experts[0][1].modules)
     base = {"name": base_dir.name, "architecture": type(model).__name__, "model_type": model.config.model_type,
             "config_sha256": "", "modules": {m: list(module_shape(model.get_submodule(m))) for m in names}}
