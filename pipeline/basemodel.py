@@ -110,16 +110,21 @@ def base_model_from_config(config: dict, name: str, path: Path | None = None) ->
     )
 
 
-def _read_config(file: Path) -> dict[str, Any]:
+def read_json_object(file: Path, what: str) -> dict[str, Any]:
+    """A JSON object from file; AdapterError naming the file and `what` it should have been otherwise."""
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise AdapterError(f"{file}: base model config.json not found") from None
+        raise AdapterError(f"{file}: {what} not found (missing)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{file}: invalid base model config.json: {e}") from None
+        raise AdapterError(f"{file}: invalid JSON in {what}: {e}") from None
     if not isinstance(data, dict):
-        raise AdapterError(f"{file}: base model config.json is not a JSON object")
+        raise AdapterError(f"{file}: {what} is not a JSON object")
     return data
+
+
+def _read_config(file: Path) -> dict[str, Any]:
+    return read_json_object(file, "base model config.json")
 
 
 def resolve_base_model(spec: str | Path, name: str | None = None) -> BaseModelInfo:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from pipeline.basemodel import names_match
+from pipeline.basemodel import names_match, read_json_object
 from pipeline.types import AdapterError, AdapterSource, BaseModelInfo, LoadedAdapter, ModuleFactors
 
 CONFIG_FILE = "adapter_config.json"
@@ -54,16 +54,7 @@ _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 
 def read_adapter_config(folder: Path) -> dict:
     """adapter_config.json as a dict; AdapterError if it is missing or not a JSON object."""
-    file = Path(folder) / CONFIG_FILE
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise AdapterError(f"{file}: missing {CONFIG_FILE}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{file}: invalid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise AdapterError(f"{file}: not a JSON object")
-    return data
+    return read_json_object(Path(folder) / CONFIG_FILE, CONFIG_FILE)
 
 
 def _canonical(obj: Any) -> bytes:
