@@ -104,9 +104,8 @@ def test_versions_are_immutable(registry, add):
     assert registry.get_version("math", 1).rank == 4
 
 
-def test_concurrent_writer_between_read_and_insert(registry, add):
-    """Another process takes the next version number first: unique constraint, one retry."""
-    add("math", "1")
+def _race_once(registry, add, content: str) -> list[int]:
+    """Before our version INSERT runs, another Registry commits `content` under the same name."""
     other = Registry(migrate=False)
     fired: list[int] = []
 
@@ -114,27 +113,25 @@ def test_concurrent_writer_between_read_and_insert(registry, add):
     def _race(conn, cursor, statement, params, context, many):
         if statement.startswith("INSERT INTO adapter_versions") and not fired:
             fired.append(1)
-            add("math", "2", reg=other)
+            add("math", content, reg=other)
+            other.close()
 
+    return fired
+
+
+def test_concurrent_writer_between_read_and_insert(registry, add):
+    """Another process takes the next version number first: unique constraint, one retry."""
+    add("math", "1")
+    fired = _race_once(registry, add, "2")
     info, created = add("math", "3")
-    other.close()
     assert fired and created and info.version == 3
     assert [(v.version, v.content_sha256[0]) for v in registry.versions("math")] == [(1, "1"), (2, "2"), (3, "3")]
 
 
 def test_concurrent_writer_same_content_returns_theirs(registry, add):
     add("math", "1")  # base and adapter rows exist, so only the version insert races
-    other = Registry(migrate=False)
-    fired: list[int] = []
-
-    @event.listens_for(registry.engine, "before_cursor_execute")
-    def _race(conn, cursor, statement, params, context, many):
-        if statement.startswith("INSERT INTO adapter_versions") and not fired:
-            fired.append(1)
-            add("math", "5", reg=other)
-
+    fired = _race_once(registry, add, "5")
     info, created = add("math", "5")
-    other.close()
     assert fired and not created and info.version == 2 and info.content_sha256 == "5" * 64
     assert _count(registry, "adapter_versions") == 2
 
