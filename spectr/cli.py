@@ -16,6 +16,8 @@ base_app = typer.Typer(help="Register base models (their config is enough to val
 bundle_app = typer.Typer(help="Export chosen expert sets for the runtime.", no_args_is_help=True)
 app.add_typer(base_app, name="base")
 app.add_typer(bundle_app, name="bundle")
+from spectr.eval_cli import eval_app  # noqa: E402  (spectr eval: routing, lm, switch)
+app.add_typer(eval_app, name="eval")
 
 out = Console()
 err = Console(stderr=True)

@@ -1,0 +1,325 @@
+"""Routing quality measured inside the routed forward: accuracy per domain, layer and module type; switching.
+
+Routing accuracy (DESIGN.md): for text of domain t whose expert is e_t, the fraction of (token, module,
+layer) decisions whose top-1 expert is e_t; the top-k hit rate is the fraction whose top-k set holds e_t.
+Both are macro-averaged over domains. Decisions are the ones the routed model makes (the routed forward,
+with the router's own k and combination), read from runtime.trace; padding tokens are never counted.
+Everything returns plain JSON-serialisable dicts.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from runtime.bundle import set_router
+from runtime.trace import layer_of, trace_routing
+
+# Every field of RouterConfig that a preset may change, at its default, so presets never leak into each other.
+_RESET = dict(router="spectr", weighting="uniform", temperature=1.0, combine="factor", score="norm",
+              rank_normalize=False, expert=None)
+ROUTER_PRESETS: dict[str, dict[str, Any]] = {
+    "spectr": dict(router="spectr", score="norm"),  # ||V^T x||, the paper's score
+    "spectr-sigma": dict(router="spectr", score="sigma"),  # ||Sigma V^T x||
+    "spectr-ranknorm": dict(router="spectr", score="norm", rank_normalize=True),  # ||V^T x|| / sqrt(r)
+    "arrow": dict(router="arrow", weighting="softmax", combine="mix"),  # PEFT's Arrow: |v_1^T x|
+}
+DEFAULT_ROUTERS = ("spectr", "spectr-sigma", "arrow")
+
+
+def read_jsonl(path: Path | str, max_docs: int | None = None) -> list[str]:
+    """The "text" of each line of a JSONL file (first max_docs lines); one-line errors naming file and line."""
+    path = Path(path)
+    texts: list[str] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read data file ({exc.strerror})") from None
+    for n, line in enumerate(lines, 1):
+        if max_docs is not None and len(texts) >= max_docs:
+            break
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{n}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise ValueError(f"{path}:{n}: expected an object with a string \"text\"")
+        texts.append(row["text"])
+    if not texts:
+        raise ValueError(f"{path}: no documents")
+    return texts
+
+
+def resolve_mapping(domains: list[str], experts: list[str], explicit: dict[str, str] | None = None) -> dict[str, str]:
+    """domain -> expert name: explicit pairs first, else the expert with the domain's own name."""
+    explicit = dict(explicit or {})
+    for d, e in explicit.items():
+        if d not in domains:
+            raise ValueError(f"mapping {d}={e}: no data given for domain {d!r} (domains: {domains})")
+        if e not in experts:
+            raise ValueError(f"mapping {d}={e}: the bundle has no expert {e!r} (experts: {experts})")
+    out = {}
+    for d in domains:
+        e = explicit.get(d, d)
+        if e not in experts:
+            raise ValueError(f"domain {d!r} matches no expert by name; give --map {d}=EXPERT (experts: {experts})")
+        out[d] = e
+    return out
+
+
+def tokenize(tokenizer: Any, texts: list[str], max_tokens: int) -> list[list[int]]:
+    """Token ids per document, truncated to max_tokens; empty documents dropped."""
+    ids = [tokenizer(t, truncation=True, max_length=max_tokens)["input_ids"] for t in texts]
+    return [list(x) for x in ids if len(x) > 0]
+
+
+def pad_batches(docs: list[list[int]], batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids, mask) batches, right-padded; documents sorted by length so batches waste little padding.
+
+    Right padding keeps every real token's position and (causal) context exactly as when run alone.
+    """
+    order = sorted(docs, key=len, reverse=True)
+    for i in range(0, len(order), batch_size):
+        chunk = order[i : i + batch_size]
+        T = len(chunk[0])
+        ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(chunk), T, dtype=torch.long)
+        for b, d in enumerate(chunk):
+            ids[b, : len(d)] = torch.tensor(d)
+            mask[b, : len(d)] = 1
+        yield ids, mask
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id
+    return 0 if pad is None else int(pad)
+
+
+def apply_preset(model: nn.Module, name: str, top_k: int) -> dict[str, Any]:
+    """Switch the loaded model to a named router preset at k (clipped to E); returns the config used."""
+    if name not in ROUTER_PRESETS:
+        raise ValueError(f"unknown router {name!r}; expected one of {sorted(ROUTER_PRESETS)}")
+    k = min(top_k, len(model.spectr.bundle.expert_names))
+    cfg = set_router(model, **{**_RESET, **ROUTER_PRESETS[name], "top_k": k})
+    return {f: getattr(cfg, f) for f in ("router", "top_k", "weighting", "combine", "score", "rank_normalize")}
+
+
+def _body(model: nn.Module) -> nn.Module:
+    """The model without its LM head when every routed module lives in the body (skips the vocab GEMM)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    body = getattr(model, prefix, None) if prefix else None
+    if body is None or not all(m.startswith(prefix + ".") for m in model.spectr.modules):
+        return model
+    return body
+
+
+@torch.no_grad()
+def _traced(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Top-k indices (B, T, k) of every routed module for one forward."""
+    dev = next(model.parameters()).device
+    with trace_routing(model) as trace:
+        _body(model)(input_ids=ids.to(dev), attention_mask=None if mask is None else mask.to(dev))
+    return {m: trace.choices(m)[0] for m in trace.calls}
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else 0.0
+
+
+def _macro(per_domain: dict[str, float]) -> dict[str, float]:
+    return {**per_domain, "macro": sum(per_domain.values()) / len(per_domain)}
+
+
+@torch.no_grad()
+def routing_accuracy(
+    model: nn.Module,
+    tokenizer: Any,
+    data: dict[str, list[str]],
+    *,
+    mapping: dict[str, str] | None = None,
+    routers: list[str] | tuple[str, ...] = DEFAULT_ROUTERS,
+    top_k: int = 4,
+    max_tokens: int = 128,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Routing accuracy of each router preset on a model with a bundle loaded.
+
+    data: domain -> texts; mapping: domain -> expert name (default: same name). Returns
+    {router: {"top1": {domain: acc, "macro": acc}, "topk": {...}, "per_layer": {layer: {"top1", "topk"}},
+    "per_module": {type: {"top1", "topk"}}, "confusion": {domain: {expert: fraction of top-1}},
+    "chance_top1": 1/E, "chance_topk": k/E, "k": k, "config": {...}, "decisions": {domain: n}}}.
+    """
+    names = model.spectr.bundle.expert_names
+    mapping = resolve_mapping(list(data), names, mapping)
+    docs = {d: tokenize(tokenizer, texts, max_tokens) for d, texts in data.items()}
+    pad = pad_id_of(tokenizer)
+    E = len(names)
+    out: dict[str, Any] = {}
+    for r in routers:
+        config = apply_preset(model, r, top_k)
+        # counts[d][module] = [top-1 hits, top-k hits, decisions]; conf[d] = top-1 choices per expert
+        counts: dict[str, dict[str, list[int]]] = {d: defaultdict(lambda: [0, 0, 0]) for d in data}
+        conf = {d: torch.zeros(E, dtype=torch.long) for d in data}
+        for d, doc_ids in docs.items():
+            e = names.index(mapping[d])
+            for ids, mask in pad_batches(doc_ids, batch_size, pad):
+                real = mask.bool()
+                for m, idx in _traced(model, ids, mask).items():
+                    top1 = idx[..., 0][real]
+                    c = counts[d][m]
+                    c[0] += int((top1 == e).sum())
+                    c[1] += int((idx == e).any(-1)[real].sum())
+                    c[2] += int(real.sum())
+                    conf[d] += torch.bincount(top1, minlength=E)
+        out[r] = _summarise(counts, conf, names, config)
+    return out
+
+
+def _summarise(counts: dict[str, dict[str, list[int]]], conf: dict[str, torch.Tensor], names: list[str],
+               config: dict[str, Any]) -> dict[str, Any]:
+    def acc(group) -> tuple[dict[str, float], dict[str, float]]:
+        t1, tk = {}, {}
+        for d, per in counts.items():
+            rows = [c for m, c in per.items() if group(m)]
+            n = sum(c[2] for c in rows)
+            t1[d], tk[d] = _ratio(sum(c[0] for c in rows), n), _ratio(sum(c[1] for c in rows), n)
+        return _macro(t1), _macro(tk)
+
+    modules = sorted({m for per in counts.values() for m in per})
+    top1, topk = acc(lambda m: True)
+    per_layer = {}
+    for layer in sorted({layer_of(m) for m in modules}):
+        a1, ak = acc(lambda m, layer=layer: layer_of(m) == layer)
+        per_layer[str(layer)] = {"top1": a1, "topk": ak}
+    per_module = {}
+    for kind in sorted({m.rsplit(".", 1)[-1] for m in modules}):
+        a1, ak = acc(lambda m, kind=kind: m.rsplit(".", 1)[-1] == kind)
+        per_module[kind] = {"top1": a1, "topk": ak}
+    confusion = {d: {n: _ratio(int(c[i]), int(c.sum())) for i, n in enumerate(names)} for d, c in conf.items()}
+    E, k = len(names), config["top_k"]
+    return {
+        "top1": top1, "topk": topk, "per_layer": per_layer, "per_module": per_module, "confusion": confusion,
+        "chance_top1": 1 / E, "chance_topk": min(k, E) / E, "k": k, "config": config,
+        "decisions": {d: sum(c[2] for c in per.values()) for d, per in counts.items()},
+    }
+
+
+# ---- Mixed-domain switching -------------------------------------------------------------------------
+
+SWITCH_DEFINITION = (
+    "For a pair (a, b), each sequence is n_a tokens of domain a followed by n_b tokens of domain b (consecutive "
+    "tokens of each domain's documents, concatenated). curve_b[j] is the fraction of all (sequence, module, layer) "
+    "decisions at the j-th token after the boundary (j = 0 is the first b token) whose top-1 expert is b's expert. "
+    "reference is the same fraction averaged over all positions of the same b segments run alone (pure b text). "
+    "latency is the smallest j with curve_b[j] >= threshold * reference (0: routing has switched on the first b "
+    "token); if that never happens within n_b tokens the pair is censored and counts as n_b. mean_latency "
+    "averages latency over pairs."
+)
+
+
+def switch_latency(curve: list[float], level: float) -> int | None:
+    """First index j with curve[j] >= level, or None if there is none."""
+    for j, v in enumerate(curve):
+        if v >= level:
+            return j
+    return None
+
+
+def token_stream(tokenizer: Any, texts: list[str], need: int) -> list[int]:
+    """The domain's documents tokenized (no special tokens) and concatenated, up to `need` tokens."""
+    stream: list[int] = []
+    for t in texts:
+        stream += list(tokenizer(t, add_special_tokens=False)["input_ids"])
+        if len(stream) >= need:
+            break
+    return stream[:need]
+
+
+def _expert_fraction(choices: dict[str, torch.Tensor], e: int) -> torch.Tensor:
+    """Per position, the fraction of (sequence, module) decisions whose top-1 is expert e: (T,)."""
+    hits = sum((idx[..., 0] == e).float().sum(0) for idx in choices.values())
+    n = len(choices) * next(iter(choices.values())).shape[0]
+    return hits / n
+
+
+@torch.no_grad()
+def switching(
+    model: nn.Module,
+    tokenizer: Any,
+    data: dict[str, list[str]],
+    *,
+    mapping: dict[str, str] | None = None,
+    routers: list[str] | tuple[str, ...] = ("spectr",),
+    pairs: list[tuple[str, str]] | None = None,
+    top_k: int = 4,
+    prefix_tokens: int = 64,
+    suffix_tokens: int = 64,
+    sequences: int = 8,
+    threshold: float = 0.9,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """How many tokens routing needs to switch to b's expert after an a -> b boundary (SWITCH_DEFINITION).
+
+    pairs default to every ordered pair of distinct domains. Returns {router: {"pairs": {"a->b": {...}},
+    "mean_latency", "censored", "threshold", ...}, "definition": SWITCH_DEFINITION}.
+    """
+    names = model.spectr.bundle.expert_names
+    mapping = resolve_mapping(list(data), names, mapping)
+    domains = list(data)
+    pairs = pairs or [(a, b) for a in domains for b in domains if a != b]
+    for a, b in pairs:
+        for d in (a, b):
+            if d not in data:
+                raise ValueError(f"switching pair {a}->{b}: no data for domain {d!r}")
+    n_a, n_b = prefix_tokens, suffix_tokens
+    streams = {d: token_stream(tokenizer, data[d], sequences * max(n_a, n_b)) for d in domains}
+    segs_a = {d: [s[i * n_a:(i + 1) * n_a] for i in range(len(s) // n_a)] for d, s in streams.items()}
+    segs_b = {d: [s[i * n_b:(i + 1) * n_b] for i in range(len(s) // n_b)] for d, s in streams.items()}
+    for d in domains:
+        if not segs_a[d] or not segs_b[d]:
+            raise ValueError(f"switching: domain {d!r} has {len(streams[d])} tokens, fewer than one segment "
+                             f"({n_a} + {n_b})")
+
+    def curves(seqs: list[list[int]], experts: list[int]) -> list[list[float]]:
+        total = None
+        for i in range(0, len(seqs), batch_size):
+            ids = torch.tensor(seqs[i:i + batch_size])
+            choices = _traced(model, ids, None)
+            part = [_expert_fraction(choices, e) * ids.shape[0] for e in experts]
+            total = part if total is None else [t + p for t, p in zip(total, part)]
+        return [(t / len(seqs)).tolist() for t in total]
+
+    out: dict[str, Any] = {"definition": SWITCH_DEFINITION}
+    for r in routers:
+        config = apply_preset(model, r, top_k)
+        reference = {}
+        for b in sorted({b for _, b in pairs}):
+            (ref,) = curves(segs_b[b][:sequences], [names.index(mapping[b])])
+            reference[b] = sum(ref) / len(ref)
+        rows, lat = {}, []
+        for a, b in pairs:
+            S = min(sequences, len(segs_a[a]), len(segs_b[b]))
+            seqs = [segs_a[a][i] + segs_b[b][i] for i in range(S)]
+            cb, ca = curves(seqs, [names.index(mapping[b]), names.index(mapping[a])])
+            level = threshold * reference[b]
+            j = switch_latency(cb[n_a:], level)
+            lat.append(n_b if j is None else j)
+            rows[f"{a}->{b}"] = {
+                "latency": j, "censored": j is None, "level": level, "reference": reference[b], "sequences": S,
+                "before_a": sum(ca[:n_a]) / n_a,  # fraction routed to a's expert on the a segment
+                "curve_b": cb[n_a:], "curve_a": ca[n_a:],
+            }
+        out[r] = {
+            "pairs": rows, "mean_latency": sum(lat) / len(lat), "censored": sum(v["censored"] for v in rows.values()),
+            "threshold": threshold, "prefix_tokens": n_a, "suffix_tokens": n_b, "k": config["top_k"],
+            "config": config,
+        }
+    return out
