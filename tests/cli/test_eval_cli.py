@@ -1,0 +1,92 @@
+"""`spectr eval routing | lm | switch` on a saved tiny model whose routing answers are known."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from spectr.cli import app
+from tests.runtime.test_evaluate import ALPHA, BETA, subspace_bundle, subspace_model, word_tokenizer, words
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("evalcli")
+    model = subspace_model()
+    model.save_pretrained(root / "base")
+    word_tokenizer().save_pretrained(root / "base")
+    subspace_bundle(root / "bundle", model, names=("alpha", "beta"))
+    files = {}
+    for domain, pool, seed in (("alpha", ALPHA, 1), ("beta", BETA, 2)):
+        (root / "data" / domain).mkdir(parents=True)
+        f = root / "data" / domain / "test.jsonl"
+        f.write_text("".join(json.dumps({"text": words(pool, n, seed + n), "domain": domain}) + "\n"
+                             for n in (12, 5, 30)))
+        files[domain] = f
+    return {"root": root, "base": root / "base", "bundle": root / "bundle", **files}
+
+
+def _args(setup, verb: str) -> list[str]:
+    return ["eval", verb, "--base-model", str(setup["base"]), "--bundle", str(setup["bundle"])]
+
+
+def test_eval_routing_table_and_json(setup):
+    out = setup["root"] / "routing.json"
+    result = runner.invoke(app, _args(setup, "routing") + ["--data", f"alpha={setup['alpha']}", "--data",
+                                                           f"beta={setup['beta']}", "--json", str(out),
+                                                           "--routers", "spectr,arrow", "--max-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    assert "top-1 routing accuracy" in result.output and "macro" in result.output
+    res = json.loads(out.read_text())
+    assert set(res) == {"spectr", "arrow"}
+    for r in res.values():
+        assert r["top1"] == {"alpha": 1.0, "beta": 1.0, "macro": 1.0} and r["topk"]["macro"] == 1.0
+        assert r["k"] == 2  # --top-k 4 clipped to the bundle's 2 experts
+        # --max-tokens 8 truncates the 12- and 30-word documents: (8 + 5 + 8) tokens x 10 modules
+        assert r["decisions"] == {"alpha": 210, "beta": 210}
+
+
+def test_eval_routing_map_and_data_dir(setup):
+    out = setup["root"] / "mapped.json"
+    base = _args(setup, "routing") + ["--data-dir", str(setup["root"] / "data"), "--routers", "spectr",
+                                      "--top-k", "1", "--json", str(out)]
+    result = runner.invoke(app, base + ["--map", "alpha=beta", "--map", "beta=alpha"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["spectr"]["top1"]["macro"] == 0.0
+    wrong = runner.invoke(app, _args(setup, "routing") + ["--data", f"gamma={setup['alpha']}"])
+    assert wrong.exit_code == 1 and "--map gamma=EXPERT" in wrong.output
+    missing = runner.invoke(app, _args(setup, "routing") + ["--data", "alpha=/nonexistent/x.jsonl"])
+    assert missing.exit_code == 1 and "/nonexistent/x.jsonl" in missing.output
+    unknown = runner.invoke(app, base + ["--routers", "bogus"])
+    assert unknown.exit_code == 1 and "unknown router 'bogus'" in unknown.output
+
+
+def test_eval_lm_json_rows(setup):
+    out = setup["root"] / "lm.json"
+    result = runner.invoke(app, _args(setup, "lm") + ["--data-dir", str(setup["root"] / "data"), "--ks", "1,2",
+                                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    res = json.loads(out.read_text())
+    assert set(res["rows"]) == {"base", "expert:alpha", "expert:beta", "oracle", "uniform", "arrow k=2",
+                                "spectr factor k=1", "spectr mix k=1", "spectr factor k=2", "spectr mix k=2"}
+    assert res["tokens"] == {"alpha": 11 + 4 + 29, "beta": 11 + 4 + 29}
+    assert res["rows"]["oracle"]["alpha"] == res["rows"]["expert:alpha"]["alpha"]
+    assert "mean next-token loss" in result.output
+
+
+def test_eval_switch(setup):
+    out = setup["root"] / "switch.json"
+    result = runner.invoke(app, _args(setup, "switch") + ["--data-dir", str(setup["root"] / "data"), "--pairs",
+                                                          "alpha:beta", "--prefix-tokens", "4", "--suffix-tokens",
+                                                          "3", "--sequences", "2", "--top-k", "1", "--json",
+                                                          str(out)])
+    assert result.exit_code == 0, result.output
+    res = json.loads(out.read_text())
+    pair = res["spectr"]["pairs"]["alpha->beta"]
+    assert pair["latency"] == 0 and pair["curve_b"] == [1.0, 1.0, 1.0] and "latency" in res["definition"]
+    bad = runner.invoke(app, _args(setup, "switch") + ["--data-dir", str(setup["root"] / "data"), "--pairs", "alpha"])
+    assert bad.exit_code == 1 and "A:B" in bad.output
