@@ -20,7 +20,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from runtime.layer import RoutedLinear, RouterConfig
+from runtime.layer import ForwardState, RoutedLinear, RouterConfig
 from runtime.trace import TraceRecorder
 
 if TYPE_CHECKING:  # pipeline.types is only needed for type hints; keep runtime imports minimal
@@ -183,6 +183,8 @@ class RoutedState:
     config: RouterConfig
     recorder: TraceRecorder
     modules: list[str]
+    forward: ForwardState | None = None  # shared by the routed modules: pooling and smoothing state
+    hooks: list[Any] = field(default_factory=list)  # the model hooks that begin/end each forward
 
 
 def _expert_index(bundle: Bundle, expert: int | str | None) -> int | None:
@@ -204,7 +206,9 @@ def load_bundle(
 ) -> nn.Module:
     """Wrap the bundle's modules of `model` with routed linears (in place) and return the model.
 
-    options are RouterConfig fields: weighting, temperature, combine, score, rank_normalize, apply.
+    options are RouterConfig fields: weighting, temperature, combine, score, rank_normalize, apply,
+    pool, smooth. Pooling and smoothing read attention_mask (2-D, by keyword) and the cache from the
+    model's forward call; they reset at each forward without a cache (a new prompt).
     """
     if getattr(model, "spectr", None) is not None:
         raise ValueError("model already has a bundle loaded; call unload_bundle(model) first")
@@ -214,13 +218,17 @@ def load_bundle(
     cfg.validate()
     _check_shapes(model, bundle)
     recorder = TraceRecorder()
+    forward = ForwardState(cfg)
     for m in bundle.modules:
         base = model.get_submodule(m)
         ref = base.weight
         bank = {f: (t if f == "rank" else t.to(ref.dtype)).to(ref.device) for f, t in bundle.bank(m).items()}
         parent, _, child = m.rpartition(".")
-        setattr(model.get_submodule(parent), child, RoutedLinear(base, m, bank, cfg, recorder))
-    model.spectr = RoutedState(bundle=bundle, config=cfg, recorder=recorder, modules=list(bundle.modules))
+        setattr(model.get_submodule(parent), child, RoutedLinear(base, m, bank, cfg, recorder, forward))
+    hooks = [model.register_forward_pre_hook(forward.begin, with_kwargs=True),
+             model.register_forward_hook(forward.end, always_call=True)]
+    model.spectr = RoutedState(bundle=bundle, config=cfg, recorder=recorder, modules=list(bundle.modules),
+                               forward=forward, hooks=hooks)
     return model
 
 
@@ -244,5 +252,7 @@ def unload_bundle(model: nn.Module) -> nn.Module:
     for m in state.modules:
         parent, _, child = m.rpartition(".")
         setattr(model.get_submodule(parent), child, model.get_submodule(m).base_layer)
+    for hook in state.hooks:
+        hook.remove()
     del model.spectr
     return model

@@ -17,6 +17,28 @@ top direction and needs no normalising. Padding with zero directions changes no 
 Factor merge with unequal ranks: the canonical factors are merged column by column after padding
 to r, i.e. z = sum_j w_j s_j V_j^T x in R^r and delta y = sum_i w_i U_i Sigma_i z; column c of a
 rank-r_i expert is zero for c >= r_i, so those coordinates of z reach only higher-rank experts.
+
+Pooling evidence (RouterConfig.pool, RouterConfig.smooth; both off by default = the reference code,
+which decides independently per token, per module, per layer):
+- Evidence. When an option is on, a module's selection uses its cosine scores g / ||x|| (a norm score is
+  then the fraction of the token's norm inside the expert's subspace, in [0, 1]): per token this is the
+  same ranking as g, but sums and averages of it no longer favour modules or tokens with large ||x||.
+  Differences in rank still need rank_normalize, exactly as without pooling.
+- pool="input": modules that read one input tensor (q, k, v; gate, up) share one decision per token,
+  the top-k of the sum of their evidence. An expert missing from one module adds nothing there.
+- pool="layer": one decision per layer per token. Causal, so it cannot wait for o_proj or down_proj
+  (their inputs exist only later): the first input group the layer calls (q, k, v) decides for the
+  whole layer, from its pooled evidence; every later module of the layer reuses that decision.
+- smooth=a: a causal exponential moving average over tokens of each module's evidence,
+  e'_t = (1 - a) e_t + a e'_{t-1}, with e'_0 = e_0 at the first real token of a prompt. Padding is
+  transparent (the average passes through it unchanged), and during generate() the average is
+  carried from one decode step to the next, so cached and uncached generation route alike. At a
+  domain switch at token t0, where the new expert's evidence margin is m_new after and the old one's
+  m_old before, the decision flips at token t0 + n for the first n with a^(n+1) < m_new / (m_old + m_new)
+  (a = 0.5, equal margins: n = 1): smoothing trades a delay of n tokens at a boundary for decisions
+  that no longer flicker on single ambiguous tokens.
+- Weights (uniform 1/k or softmax) always come from the module's own current scores at the chosen
+  experts; pooling and smoothing change which experts are chosen, not how a module mixes them.
 """
 from __future__ import annotations
 
@@ -26,6 +48,7 @@ ROUTERS = ("spectr", "arrow", "uniform", "fixed")
 SCORES = ("norm", "sigma")
 WEIGHTS = ("uniform", "softmax")
 COMBINES = ("factor", "mix")
+POOLS = ("module", "input", "layer")
 
 
 def project(x: torch.Tensor, Vt: torch.Tensor, E: int) -> torch.Tensor:
@@ -129,3 +152,49 @@ def apply_grouped(C: torch.Tensor, w: torch.Tensor, US: torch.Tensor) -> torch.T
         if rows.numel():
             out.index_add_(0, rows, C[rows, e] @ US[:, e * r : (e + 1) * r].T)
     return out
+
+
+def cosine(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Scores per unit of token norm, g / ||x|| (t, E); -inf stays -inf, a zero token scores 0."""
+    return g / x.float().norm(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def pool(evidence: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of several modules' (t, E) evidence; an expert absent (-inf) from one module adds nothing
+    there and stays -inf only where every module lacks it."""
+    present = torch.stack([torch.isfinite(e) for e in evidence]).any(0)
+    total = sum(e.masked_fill(~torch.isfinite(e), 0.0) for e in evidence)
+    return total.masked_fill(~present, float("-inf"))
+
+
+def ema(
+    e: torch.Tensor,
+    a: float,
+    real: torch.Tensor | None = None,
+    prev: torch.Tensor | None = None,
+    seen: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal moving average over tokens, e'_t = (1 - a) e_t + a e'_{t-1}, of e (B, T, E) (finite).
+
+    real (B, T) bool marks real tokens (None: all): padding passes the average through unchanged.
+    prev (B, E) / seen (B,) carry the average of earlier tokens (a decode step); without an earlier
+    real token the first real one starts the average (e'_t = e_t). Returns (e', last e' (B, E), seen).
+    Computed as a log-depth scan of y_t = c_t y_{t-1} + b_t: log2(T) vector steps, no loop over tokens.
+    """
+    B, T, _ = e.shape
+    real = torch.ones(B, T, dtype=torch.bool, device=e.device) if real is None else real.to(e.device, torch.bool)
+    before = (real.long().cumsum(1) - real.long()) > 0  # an earlier real token in this call
+    if seen is not None:
+        before = before | seen.to(e.device)[:, None]
+    blend = real & before
+    c = (~real).to(e.dtype).masked_fill(blend, a).unsqueeze(-1)  # (B, T, 1): a, 0 at a start, 1 on padding
+    b = torch.where(blend.unsqueeze(-1), (1 - a) * e, torch.where(real.unsqueeze(-1), e, 0.0))
+    d = 1
+    while d < T:  # compose (c, b) pairs over distances 1, 2, 4, ...: b_t += c_t b_{t-d}, c_t *= c_{t-d}
+        b = torch.cat([b[:, :d], b[:, d:] + c[:, d:] * b[:, :-d]], dim=1)
+        c = torch.cat([c[:, :d], c[:, d:] * c[:, :-d]], dim=1)
+        d *= 2
+    if prev is not None:
+        b = b + c * prev.to(b.dtype)[:, None]
+    now_seen = real.any(1) if seen is None else real.any(1) | seen.to(e.device)
+    return b, b[:, -1], now_seen
