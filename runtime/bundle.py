@@ -225,8 +225,11 @@ def load_bundle(
         bank = {f: (t if f == "rank" else t.to(ref.dtype)).to(ref.device) for f, t in bundle.bank(m).items()}
         parent, _, child = m.rpartition(".")
         setattr(model.get_submodule(parent), child, RoutedLinear(base, m, bank, cfg, recorder, forward))
-    hooks = [model.register_forward_pre_hook(forward.begin, with_kwargs=True),
-             model.register_forward_hook(forward.end, always_call=True)]
+    hooks = []
+    body = getattr(model, getattr(model, "base_model_prefix", "") or "_no_body", None)
+    for entry in (model, body) if isinstance(body, nn.Module) and body is not model else (model,):
+        hooks += [entry.register_forward_pre_hook(forward.begin, with_kwargs=True),
+                  entry.register_forward_hook(forward.end, always_call=True)]
     model.spectr = RoutedState(bundle=bundle, config=cfg, recorder=recorder, modules=list(bundle.modules),
                                forward=forward, hooks=hooks)
     return model

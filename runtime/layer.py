@@ -75,14 +75,16 @@ class ForwardState:
     (per input group and per layer, dropped after the forward) and the smoothing average carried
     between decode steps (dropped when a forward starts a new prompt, i.e. has an empty cache).
 
-    begin/end are the model's forward pre-hook and forward hook; they do nothing while pooling and
-    smoothing are off. Modules called outside a model forward pool and smooth over that call alone.
+    begin/end are forward pre-hook and forward hook on the model and on its body (model.model), so
+    calling either starts a forward; nested calls count once. While pooling and smoothing are off
+    they only count the nesting. Modules called outside a model forward pool and smooth over that call alone.
     """
 
     def __init__(self, cfg: RouterConfig):
         self.cfg = cfg
         self.members: dict[tuple[str, str], list[RoutedLinear]] = defaultdict(list)
         self.active = False
+        self.depth = 0  # nesting of hooked forwards (the model calls its body)
         self.real: torch.Tensor | None = None  # (B, T) real tokens of this forward; None = all
         self.groups: dict[tuple[str, str], tuple[torch.Tensor, dict[str, tuple], torch.Tensor]] = {}
         self.layers: dict[int, torch.Tensor] = {}
@@ -93,7 +95,8 @@ class ForwardState:
 
     def begin(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         cfg = self.cfg
-        if cfg.pool == "module" and cfg.smooth == 0:
+        self.depth += 1
+        if self.depth > 1 or (cfg.pool == "module" and cfg.smooth == 0):
             return
         tokens = kwargs.get("input_ids", args[0] if args else None)
         if tokens is None:
@@ -110,6 +113,9 @@ class ForwardState:
         self.active = True
 
     def end(self, *_: Any) -> None:
+        self.depth = max(self.depth - 1, 0)
+        if self.depth:
+            return
         self.active = False
         self.real = None
         self.groups.clear()

@@ -59,8 +59,10 @@ def test_bad_options_are_refused_and_unload_removes_hooks(bundle):
     assert model._forward_pre_hooks and model._forward_hooks
     with pytest.raises(ValueError, match="pool"):
         set_router(model, pool="tokens")
+    assert model.model._forward_pre_hooks and model.model._forward_hooks  # the body is hooked too
     unload_bundle(model)
     assert not model._forward_pre_hooks and not model._forward_hooks
+    assert not model.model._forward_pre_hooks and not model.model._forward_hooks
 
 
 # ---- the moving average --------------------------------------------------------------------------
@@ -225,6 +227,11 @@ def test_layer_pool_makes_one_decision_per_layer(bundle):
         assert len(mods) == 7
         assert all(torch.equal(choices(trace, m), decided[i]) for m in mods)
     assert not torch.equal(decided[0], decided[1])  # each layer decides for itself
+    # calling the body alone (as evaluation code does to skip the LM head) routes the same way
+    with trace_routing(model) as again:
+        model.model(input_ids=IDS)
+    assert all(torch.equal(choices(again, m), choices(trace, m)) for m in model.spectr.modules)
+    assert model.spectr.forward.depth == 0 and not model.spectr.forward.active
 
 
 # ---- generate and padding ------------------------------------------------------------------------
