@@ -69,9 +69,18 @@ def _write(path: Optional[Path], result: dict[str, Any]) -> None:
 
 
 def _grid(title: str, columns: list[str], rows: dict[str, dict[str, float]], fmt: str = "{:.3f}") -> None:
-    table = Table("", *columns, title=title)
+    table = Table("", title=title)
+    for c in columns:
+        table.add_column(c, overflow="fold")  # long domain names wrap rather than vanish behind "…"
     for name, vals in rows.items():
         table.add_row(name, *[fmt.format(vals[c]) if c in vals else "" for c in columns])
+    out.print(table)
+
+
+def _columns(title: str, rows: list[str], by_router: dict[str, dict[str, float]]) -> None:
+    table = Table("", *by_router, title=title)
+    for row in rows:
+        table.add_row(row, *[f"{v[row]:.3f}" for v in by_router.values()])
     out.print(table)
 
 
@@ -112,20 +121,23 @@ def routing(
     except ValueError as exc:
         _fail(exc)
     first = next(iter(result.values()))
-    cols = list(texts) + ["macro"]
-    k, chance = first["k"], first["chance_top1"]
-    _grid(f"top-1 routing accuracy (chance {chance:.3f})", cols, {r: v["top1"] for r, v in result.items()})
-    _grid(f"top-{k} hit rate (chance {first['chance_topk']:.3f})", cols, {r: v["topk"] for r, v in result.items()})
-    kinds = list(first["per_module"])
-    _grid("top-1 by module type (macro over domains)", kinds,
-          {r: {m: v["per_module"][m]["top1"]["macro"] for m in kinds} for r, v in result.items()})
-    layers = list(first["per_layer"])
-    _grid("top-1 by layer (macro over domains)", layers,
-          {r: {layer: v["per_layer"][layer]["top1"]["macro"] for layer in layers} for r, v in result.items()},
-          fmt="{:.2f}")
+    k = first["k"]
+    rows = list(texts) + ["macro"]
+    # Rows are domains, layers or module types and columns routers, so tables stay narrow.
+    _columns(f"top-1 routing accuracy (chance {first['chance_top1']:.3f})", rows,
+             {r: v["top1"] for r, v in result.items()})
+    _columns(f"top-{k} hit rate (chance {first['chance_topk']:.3f})", rows, {r: v["topk"] for r, v in result.items()})
+    _columns("top-1 by module type (macro over domains)", list(first["per_module"]),
+             {r: {m: a["top1"]["macro"] for m, a in v["per_module"].items()} for r, v in result.items()})
+    _columns("top-1 by layer (macro over domains)", list(first["per_layer"]),
+             {r: {layer: a["top1"]["macro"] for layer, a in v["per_layer"].items()} for r, v in result.items()})
     name = next(iter(result))
     experts = list(next(iter(first["confusion"].values())))
-    _grid(f"{name}: domain -> top-1 expert (fraction of decisions)", experts, first["confusion"], fmt="{:.2f}")
+    table = Table("domain", *[e[:8] for e in experts],
+                  title=f"{name}: domain -> top-1 expert (fraction of decisions)")
+    for d, row in first["confusion"].items():
+        table.add_row(d, *[f"{row[e]:.2f}" for e in experts])
+    out.print(table)
     _write(json_out, result)
     err.print(f"{sum(first['decisions'].values())} decisions per router, k = {k}, "
               f"{time.perf_counter() - t0:.1f} s")
