@@ -197,7 +197,7 @@ def save_expert(model: Any, folder: Path, args: argparse.Namespace, log: dict) -
     tmp.rename(folder)
 
 
-def test_files(args: argparse.Namespace, train: dict[str, Path]) -> dict[str, Path]:
+def held_out_files(args: argparse.Namespace, train: dict[str, Path]) -> dict[str, Path]:
     """domain -> test.jsonl: every <data>/<domain>/test.jsonl (trained or not), and test.jsonl beside each train file."""
     files = {}
     if args.data:
@@ -207,7 +207,7 @@ def test_files(args: argparse.Namespace, train: dict[str, Path]) -> dict[str, Pa
     return files
 
 
-def test_blocks(files: dict[str, Path], tokenizer: Any, args: argparse.Namespace) -> dict[str, torch.Tensor]:
+def held_out_blocks(files: dict[str, Path], tokenizer: Any, args: argparse.Namespace) -> dict[str, torch.Tensor]:
     """The first --eval-blocks packed blocks of each test file."""
     return {name: pack_blocks(read_texts(f), tokenizer, args.seq, f)[: args.eval_blocks] for name, f in files.items()}
 
@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     files = domain_files(args)
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     blocks = {name: pack_blocks(read_texts(f), tokenizer, args.seq, f) for name, f in selected(files, args.domains).items()}
-    tests = test_blocks(test_files(args, files), tokenizer, args) if args.eval else {}
+    tests = held_out_blocks(held_out_files(args, files), tokenizer, args) if args.eval else {}
     args.out.mkdir(parents=True, exist_ok=True)
     losses: dict[str, dict[str, float]] = {}
     if args.eval:
