@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -149,6 +149,7 @@ def routing_accuracy(
     top_k: int = 4,
     max_tokens: int = 128,
     batch_size: int = 16,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Routing accuracy of each router preset on a model with a bundle loaded.
 
@@ -179,6 +180,8 @@ def routing_accuracy(
                     c[1] += int((idx == e).any(-1)[real].sum())
                     c[2] += int(real.sum())
                     conf[d] += torch.bincount(top1, minlength=E)
+            if progress:
+                progress(f"{r} {d}")
         out[r] = _summarise(counts, conf, names, config)
     return out
 
@@ -265,6 +268,7 @@ def switching(
     sequences: int = 8,
     threshold: float = 0.9,
     batch_size: int = 16,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """How many tokens routing needs to switch to b's expert after an a -> b boundary (SWITCH_DEFINITION).
 
@@ -312,6 +316,8 @@ def switching(
             level = threshold * reference[b]
             j = switch_latency(cb[n_a:], level)
             lat.append(n_b if j is None else j)
+            if progress:
+                progress(f"{r} {a}->{b}")
             rows[f"{a}->{b}"] = {
                 "latency": j, "censored": j is None, "level": level, "reference": reference[b], "sequences": S,
                 "before_a": sum(ca[:n_a]) / n_a,  # fraction routed to a's expert on the a segment

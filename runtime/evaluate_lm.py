@@ -5,7 +5,7 @@ document but its first; pads excluded) divided by their count, i.e. a token-weig
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ def lm_losses(
     cross: bool = True,
     max_tokens: int = 128,
     batch_size: int = 8,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """The task-performance table: rows are configurations, columns domains plus "macro".
 
@@ -60,20 +61,22 @@ def lm_losses(
     rows: dict[str, dict[str, float]] = {}
     tokens: dict[str, int] = {}
 
-    def row(domains: list[str]) -> dict[str, float]:
+    def row(label: str, domains: list[str]) -> dict[str, float]:
         res = {}
         for d in domains:
             res[d], tokens[d] = mean_loss(model, docs[d], pad, batch_size)
+            if progress:
+                progress(f"{label} {d}")
         return res
 
-    rows["base"] = _macro(row(list(data)))
+    rows["base"] = _macro(row("base", list(data)))
     load_bundle(model, bundle, router="fixed", expert=0)
     try:
         for e in names:
             set_router(model, **{**_RESET, "router": "fixed", "expert": e})
             own = [d for d in data if cross or mapping[d] == e]
             if own:
-                got = row(own)
+                got = row(f"expert:{e}", own)
                 rows[f"expert:{e}"] = _macro(got) if cross else got
         rows["oracle"] = _macro({d: rows[f"expert:{mapping[d]}"][d] for d in data})
         configs = {"uniform": dict(router="uniform", combine="mix", top_k=E),
@@ -84,7 +87,7 @@ def lm_losses(
                 configs[f"spectr {combine} k={k}"] = dict(router="spectr", combine=combine, top_k=k)
         for label, kw in configs.items():
             set_router(model, **{**_RESET, **kw})
-            rows[label] = _macro(row(list(data)))
+            rows[label] = _macro(row(label, list(data)))
     finally:
         unload_bundle(model)
     return {"domains": list(data), "experts": names, "mapping": mapping, "tokens": tokens,

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -84,6 +85,18 @@ def _columns(title: str, rows: list[str], by_router: dict[str, dict[str, float]]
     out.print(table)
 
 
+@contextmanager
+def _steps(total: int | None) -> Iterator[Callable[[str], None]]:
+    """A transient progress line on stderr; the library calls back after each (configuration, domain)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = [BarColumn(), MofNCompleteColumn()] if total else [TextColumn("{task.completed} done")]
+    with Progress(*columns, TimeElapsedColumn(), TextColumn("{task.description}"), console=err,
+                  transient=True) as bar:
+        task = bar.add_task("loading", total=total)
+        yield lambda label: bar.update(task, advance=1, description=label)
+
+
 def _fail(exc: Exception) -> None:
     err.print(f"[red]error[/red] {exc}", soft_wrap=True, highlight=False)
     raise typer.Exit(1)
@@ -115,9 +128,10 @@ def routing(
         texts = _data(data, data_dir, split, max_docs)
         model, tokenizer = _load(base_model, device)
         load_bundle(model, bundle)
-        result = routing_accuracy(model, tokenizer, texts, mapping=_pairs_of(mapping, "--map"),
-                                  routers=[r for r in routers.split(",") if r], top_k=top_k,
-                                  max_tokens=max_tokens, batch_size=batch_size)
+        names = [r for r in routers.split(",") if r]
+        with _steps(len(names) * len(texts)) as step:
+            result = routing_accuracy(model, tokenizer, texts, mapping=_pairs_of(mapping, "--map"), routers=names,
+                                      top_k=top_k, max_tokens=max_tokens, batch_size=batch_size, progress=step)
     except ValueError as exc:
         _fail(exc)
     first = next(iter(result.values()))
@@ -168,9 +182,10 @@ def lm(
     try:
         texts = _data(data, data_dir, split, max_docs)
         model, tokenizer = _load(base_model, device)
-        result = lm_losses(model, tokenizer, texts, str(bundle), mapping=_pairs_of(mapping, "--map"),
-                           ks=tuple(int(k) for k in ks.split(",") if k), arrow_k=arrow_k, cross=cross,
-                           max_tokens=max_tokens, batch_size=batch_size)
+        with _steps(None) as step:
+            result = lm_losses(model, tokenizer, texts, str(bundle), mapping=_pairs_of(mapping, "--map"),
+                               ks=tuple(int(k) for k in ks.split(",") if k), arrow_k=arrow_k, cross=cross,
+                               max_tokens=max_tokens, batch_size=batch_size, progress=step)
     except ValueError as exc:
         _fail(exc)
     _grid("mean next-token loss (lower is better)", result["domains"] + ["macro"], result["rows"])
@@ -211,10 +226,13 @@ def switch(
                 raise ValueError(f"--pairs {pairs!r}: expected A:B,C:D")
         model, tokenizer = _load(base_model, device)
         load_bundle(model, bundle)
-        result = switching(model, tokenizer, texts, mapping=_pairs_of(mapping, "--map"),
-                           routers=[r for r in routers.split(",") if r], pairs=pair_list, top_k=top_k,
-                           prefix_tokens=prefix_tokens, suffix_tokens=suffix_tokens, sequences=sequences,
-                           threshold=threshold)
+        names = [r for r in routers.split(",") if r]
+        n_pairs = len(pair_list) if pair_list else len(texts) * (len(texts) - 1)
+        with _steps(len(names) * n_pairs) as step:
+            result = switching(model, tokenizer, texts, mapping=_pairs_of(mapping, "--map"), routers=names,
+                               pairs=pair_list, top_k=top_k, prefix_tokens=prefix_tokens,
+                               suffix_tokens=suffix_tokens, sequences=sequences, threshold=threshold,
+                               progress=step)
     except ValueError as exc:
         _fail(exc)
     for r, res in ((r, v) for r, v in result.items() if r != "definition"):
