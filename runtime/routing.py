@@ -29,6 +29,8 @@ which decides independently per token, per module, per layer):
 - pool="layer": one decision per layer per token. Causal, so it cannot wait for o_proj or down_proj
   (their inputs exist only later): the first input group the layer calls (q, k, v) decides for the
   whole layer, from its pooled evidence; every later module of the layer reuses that decision.
+  (Decisions are shared within one forward of the model or its body; a module called on its own
+  pools over its input group only.)
 - smooth=a: a causal exponential moving average over tokens of each module's evidence,
   e'_t = (1 - a) e_t + a e'_{t-1}, with e'_0 = e_0 at the first real token of a prompt. Padding is
   transparent (the average passes through it unchanged), and during generate() the average is
