@@ -245,6 +245,6 @@ def switch(
         out.print(table)
         out.print(f"{r}: mean latency {res['mean_latency']:.2f} tokens over {len(res['pairs'])} pairs "
                   f"({res['censored']} censored)")
-    err.print(result["definition"], soft_wrap=True)
+    err.print(result["definition"], soft_wrap=True, markup=False, highlight=False)
     _write(json_out, result)
     err.print(f"{time.perf_counter() - t0:.1f} s")

@@ -88,5 +88,6 @@ def test_eval_switch(setup):
     res = json.loads(out.read_text())
     pair = res["spectr"]["pairs"]["alpha->beta"]
     assert pair["latency"] == 0 and pair["curve_b"] == [1.0, 1.0, 1.0] and "latency" in res["definition"]
+    assert "curve_b[j]" in result.output  # the definition is printed verbatim, not eaten as markup
     bad = runner.invoke(app, _args(setup, "switch") + ["--data-dir", str(setup["root"] / "data"), "--pairs", "alpha"])
     assert bad.exit_code == 1 and "A:B" in bad.output
