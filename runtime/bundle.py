@@ -200,7 +200,7 @@ def load_bundle(
     bundle: Bundle | Path | str,
     *,
     router: str = "spectr",
-    top_k: int = 4,
+    top_k: int = 1,
     expert: int | str | None = None,
     **options: Any,
 ) -> nn.Module:

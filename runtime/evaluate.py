@@ -20,15 +20,17 @@ from runtime.bundle import set_router
 from runtime.trace import layer_of, trace_routing
 
 # Every field of RouterConfig that a preset may change, at its default, so presets never leak into each other.
+# The presets are the paper's reference code and PEFT's Arrow; "spectr-pooled" adds this project's default pooling.
 _RESET = dict(router="spectr", weighting="uniform", temperature=1.0, combine="factor", score="norm",
-              rank_normalize=False, expert=None)
+              rank_normalize=False, expert=None, pool="module", smooth=0.0)
 ROUTER_PRESETS: dict[str, dict[str, Any]] = {
     "spectr": dict(router="spectr", score="norm"),  # ||V^T x||, the paper's score
     "spectr-sigma": dict(router="spectr", score="sigma"),  # ||Sigma V^T x||
     "spectr-ranknorm": dict(router="spectr", score="norm", rank_normalize=True),  # ||V^T x|| / sqrt(r)
     "arrow": dict(router="arrow", weighting="softmax", combine="mix"),  # PEFT's Arrow: |v_1^T x|
+    "spectr-pooled": dict(router="spectr", score="norm", pool="input"),  # q,k,v and gate,up decide together
 }
-DEFAULT_ROUTERS = ("spectr", "spectr-sigma", "arrow")
+DEFAULT_ROUTERS = ("spectr", "spectr-sigma", "arrow", "spectr-pooled")
 
 
 def read_jsonl(path: Path | str, max_docs: int | None = None) -> list[str]:

@@ -85,6 +85,8 @@ def lm_losses(
         for k in sorted({min(k, E) for k in ks}):
             for combine in ("factor", "mix"):
                 configs[f"spectr {combine} k={k}"] = dict(router="spectr", combine=combine, top_k=k)
+        # The runtime's defaults (docs/RESULTS.md): top-1, q/k/v and gate/up deciding together.
+        configs["spectr pooled k=1 (default)"] = dict(router="spectr", pool="input", combine="mix", top_k=1)
         for label, kw in configs.items():
             set_router(model, **{**_RESET, **kw})
             rows[label] = _macro(row(label, list(data)))

@@ -178,7 +178,7 @@ def generate(
     bundle: Path = typer.Option(..., "--bundle", help="bundle folder from `spectr bundle create`"),
     prompt: str = typer.Option(..., "--prompt"),
     router: str = typer.Option("spectr", "--router", help="spectr | arrow | uniform | fixed:NAME"),
-    top_k: int = typer.Option(4, "--top-k"),
+    top_k: int = typer.Option(1, "--top-k", help="experts per token (1 had the lowest loss: docs/RESULTS.md)"),
     max_new_tokens: int = typer.Option(40, "--max-new-tokens"),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="wrap the prompt in the model's chat template"),
     trace: Optional[Path] = typer.Option(None, "--trace", help="save a routing heatmap (tokens x layers) here"),

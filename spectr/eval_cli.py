@@ -170,8 +170,9 @@ def lm(
     max_tokens: int = MAX_TOKENS,
     ks: str = typer.Option("1,2,4", "--ks", help="k values of the SpectR rows"),
     arrow_k: int = typer.Option(4, "--arrow-k"),
-    cross: bool = typer.Option(True, "--cross/--no-cross",
-                               help="each expert on every domain (--no-cross: only on its own, the oracle)"),
+    cross: bool = typer.Option(False, "--cross/--no-cross",
+                               help="each expert on every domain (default: only on its own, the oracle; "
+                                    "--cross costs E times as many forwards)"),
     batch_size: int = typer.Option(8, "--batch-size"),
     device: str = DEVICE,
 ) -> None:

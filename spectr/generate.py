@@ -28,7 +28,7 @@ def routed_generate(
     prompt: str,
     *,
     router: str = "spectr",
-    top_k: int = 4,
+    top_k: int = 1,
     max_new_tokens: int = 40,
     chat: bool = True,
     trace: Path | None = None,
@@ -38,7 +38,7 @@ def routed_generate(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from runtime import load_bundle, plot_routing, read_bundle, trace_routing
+    from runtime import PEFT_ARROW, load_bundle, plot_routing, read_bundle, trace_routing
 
     name, expert = parse_router(router)
     hf_logging.disable_progress_bar()  # the CLI prints the generated text, not loading bars
@@ -46,7 +46,9 @@ def routed_generate(
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).eval()
     loaded = read_bundle(bundle)
     top_k = min(top_k, len(loaded.expert_names))
-    load_bundle(model, loaded, router=name, top_k=top_k, expert=expert)
+    # "arrow" means PEFT's Arrow; the other routers take the runtime's defaults (docs/RESULTS.md).
+    options = {**PEFT_ARROW} if name == "arrow" else {"router": name}
+    load_bundle(model, loaded, **{**options, "top_k": top_k}, expert=expert)
     if chat and tokenizer.chat_template:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]

@@ -72,7 +72,8 @@ def test_eval_lm_json_rows(setup):
     assert result.exit_code == 0, result.output
     res = json.loads(out.read_text())
     assert set(res["rows"]) == {"base", "expert:alpha", "expert:beta", "oracle", "uniform", "arrow k=2",
-                                "spectr factor k=1", "spectr mix k=1", "spectr factor k=2", "spectr mix k=2"}
+                                "spectr factor k=1", "spectr mix k=1", "spectr factor k=2", "spectr mix k=2",
+                                "spectr pooled k=1 (default)"}
     assert res["tokens"] == {"alpha": 11 + 4 + 29, "beta": 11 + 4 + 29}
     assert res["rows"]["oracle"]["alpha"] == res["rows"]["expert:alpha"]["alpha"]
     assert "mean next-token loss" in result.output

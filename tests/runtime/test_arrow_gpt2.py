@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime import load_bundle, plot_routing, trace_routing
+from runtime import PEFT_ARROW, load_bundle, plot_routing, trace_routing
 from tests.conftest import build_tiny_llama
 from tests.runtime.helpers import bundle_from_adapters, spectra_from_adapter
 
@@ -52,13 +52,12 @@ def test_arrow_matches_peft_create_arrow_model(gapped, k, tau):
     peft = create_arrow_model(build_tiny_llama(), [str(f) for f in folders],
                               ArrowConfig(top_k=k, router_temperature=tau, rng_seed=0)).eval()
     want = peft(IDS).logits
-    ours = load_bundle(build_tiny_llama(), bundle, router="arrow", top_k=k, weighting="softmax",
-                       temperature=tau, combine="mix")(IDS).logits
+    ours = load_bundle(build_tiny_llama(), bundle, **{**PEFT_ARROW, "top_k": k, "temperature": tau})(IDS).logits
     base = build_tiny_llama()(IDS).logits
     assert (want - base).abs().max() > 1e-2
     assert (ours - want).abs().max() <= 1e-4
     # the comparison can tell routers apart: 1/k weights instead of the softmax miss by far
-    uniform = load_bundle(build_tiny_llama(), bundle, router="arrow", top_k=k, combine="mix")(IDS).logits
+    uniform = load_bundle(build_tiny_llama(), bundle, **{**PEFT_ARROW, "top_k": k, "weighting": "uniform"})(IDS).logits
     assert (uniform - want).abs().max() > 1e-2
 
 

@@ -199,7 +199,8 @@ def test_lm_loss_rows_match_transformers_and_peft(random_setup):
     assert not hasattr(model, "spectr")  # unloaded again
     rows = res["rows"]
     assert list(rows) == ["base", "expert:eval-red", "expert:eval-blue", "oracle", "uniform", "arrow k=2",
-                          "spectr factor k=1", "spectr mix k=1", "spectr factor k=2", "spectr mix k=2"]
+                          "spectr factor k=1", "spectr mix k=1", "spectr factor k=2", "spectr mix k=2",
+                          "spectr pooled k=1 (default)"]
     for d, texts in data.items():
         assert rows["base"][d] == pytest.approx(_hand_loss(model, tok, texts), rel=1e-5)
         assert res["tokens"][d] == sum(len(t.split()) - 1 for t in texts)

@@ -173,8 +173,9 @@ def test_padded_batch_equals_single_rows(bundle_dir):
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_smoke(bundle_dir, dtype):
-    # fixed routing cannot flip a decision, so it must stay close to fp32; spectr may flip near-ties
-    for kw in (dict(router="fixed", expert="gamma"), dict(router="spectr", top_k=2)):
+    # fixed routing cannot flip a decision; spectr at its defaults (top-1) may flip a near-tie now and then.
+    # (At k > 1 with softmax weights, bf16 flips near-ties of the weights too: see docs/RESULTS.md.)
+    for kw in (dict(router="fixed", expert="gamma"), dict(router="spectr")):
         ref = load_bundle(build_tiny_llama(), bundle_dir, **kw)(IDS).logits
         model = load_bundle(build_tiny_llama().to(dtype), bundle_dir, **kw)
         assert model.model.layers[0].self_attn.q_proj.Vt.dtype == dtype
@@ -183,7 +184,7 @@ def test_half_precision_smoke(bundle_dir, dtype):
         if kw["router"] == "fixed":
             assert (got.float() - ref).abs().max() < 0.1 * ref.abs().max()
         else:
-            assert (got.float().argmax(-1) == ref.argmax(-1)).float().mean() >= 0.7
+            assert (got.float() - ref).abs().max() < 0.25 * ref.abs().max()
 
 
 def test_runtime_imports_no_heavy_packages():

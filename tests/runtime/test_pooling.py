@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from pipeline.types import AdapterSpectra, ModuleSpectrum
-from runtime import RouterConfig, load_bundle, read_bundle, routing, set_router, trace_routing, unload_bundle
+from runtime import REFERENCE, RouterConfig, load_bundle, read_bundle, routing, set_router, trace_routing, unload_bundle
 from runtime import write_bundle
 from tests.conftest import build_tiny_llama
 from tests.runtime.helpers import bundle_from_adapters
@@ -23,7 +23,8 @@ def bundle(make_adapter, tmp_path_factory):
 
 
 def routed(bundle, **kw):
-    return load_bundle(build_tiny_llama(), bundle, router=kw.pop("router", "spectr"), top_k=kw.pop("top_k", 2), **kw)
+    """The reference configuration at k=2, changed by kw."""
+    return load_bundle(build_tiny_llama(), bundle, **{**REFERENCE, "top_k": 2, **kw})
 
 
 def choices(trace, module):
@@ -33,9 +34,8 @@ def choices(trace, module):
 # ---- defaults and options ------------------------------------------------------------------------
 
 @torch.no_grad()
-def test_defaults_are_the_reference_and_leave_no_state(bundle):
-    cfg = RouterConfig()
-    assert (cfg.pool, cfg.smooth) == ("module", 0.0)
+def test_reference_is_bit_exact_and_leaves_no_state(bundle):
+    assert (RouterConfig().pool, RouterConfig(**REFERENCE).pool, RouterConfig(**REFERENCE).smooth) == ("input", "module", 0.0)
     model = routed(bundle)
     q = model.model.layers[1].self_attn.q_proj
     x = torch.randn(9, 64, generator=torch.Generator().manual_seed(0))
