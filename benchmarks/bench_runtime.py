@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.types import AdapterSpectra  # noqa: E402
-from runtime import load_bundle, write_bundle  # noqa: E402
+from runtime import REFERENCE, load_bundle, write_bundle  # noqa: E402
 from runtime.bundle import module_shape  # noqa: E402
 
 
@@ -146,7 +146,7 @@ def library_accuracy(base_dir: Path, shared: Path, docs: int, tokens: int) -> li
              "", "| router | top-1 | top-4 |", "|---|---|---|"]
     for label, kw in [("spectr ‖Vᵀx‖", dict(router="spectr", score="norm")), ("arrow abs(v₁ᵀx)", dict(router="arrow")),
                       ("spectr ‖ΣVᵀx‖", dict(router="spectr", score="sigma"))]:
-        set_router(model, top_k=4, **kw)
+        set_router(model, **{**REFERENCE, "top_k": 4, **kw})
         top1, topk = [], []
         for e, d in enumerate(domains):
             c1 = ck = n = 0
@@ -207,7 +207,9 @@ def main() -> None:
                 ("arrow mix dense", dict(router="arrow", combine="mix", weighting="softmax", apply="dense")),
                 ("arrow mix grouped", dict(router="arrow", combine="mix", weighting="softmax", apply="grouped")),
             ]:
-                t[label] = timed(load_bundle(base_model(a.layers), bundle, top_k=k, **kw), ids, a.repeats)
+                # the paper's reference settings unless the row says otherwise
+                t[label] = timed(load_bundle(base_model(a.layers), bundle, **{**REFERENCE, "top_k": k, **kw}), ids, a.repeats)
+            t["spectr default (k=1, pool=input)"] = timed(load_bundle(base_model(a.layers), bundle), ids, a.repeats)
             peft = create_arrow_model(base_model(a.layers), [str(f) for f in folders],
                                       ArrowConfig(top_k=k, router_temperature=1.0, rng_seed=0)).eval()
             t["peft arrow"] = timed(peft, ids, a.repeats)
