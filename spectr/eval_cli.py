@@ -113,8 +113,9 @@ def routing(
     json_out: Optional[Path] = JSON_OUT,
     max_docs: int = MAX_DOCS,
     max_tokens: int = MAX_TOKENS,
-    routers: str = typer.Option("spectr,spectr-sigma,arrow", "--routers",
-                                help="comma-separated: spectr, spectr-sigma, spectr-ranknorm, arrow"),
+    routers: str = typer.Option("spectr,spectr-sigma,arrow,spectr-pooled", "--routers",
+                                help="comma-separated: spectr (the paper's reference), spectr-sigma, "
+                                     "spectr-ranknorm, arrow (PEFT's), spectr-pooled"),
     top_k: int = typer.Option(4, "--top-k", help="k of every router (the routed forward uses it)"),
     batch_size: int = typer.Option(16, "--batch-size"),
     device: str = DEVICE,
