@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -62,13 +63,14 @@ def test_rejection_is_an_outcome_and_changes_nothing(prefect_harness, spectr_hom
     cfg["use_dora"] = True
     (bad / "adapter_config.json").write_text(json.dumps(cfg))
     registry = Registry()
-    blobs_before = sorted(registry.blobs.path(r[2]) for r in [])
 
     outcomes = ingest(sources=[str(bad), str(good)], base_model=str(tiny_base_dir))
     assert [o["status"] for o in outcomes] == ["rejected", "new"]
     assert "DoRA" in outcomes[0]["reason"] or "use_dora" in outcomes[0]["reason"]
     assert [r[0] for r in _registry_rows(registry)] == ["good"]
-    assert blobs_before == []
+    # The rejected adapter left no blob behind: the only blob is the good one's.
+    stored = sorted(Path(registry.blobs.root).rglob("*.safetensors"))
+    assert stored == [Path(registry.blobs.path(registry.get_version("good").blob_sha256))]
     runs = registry.get_run(registry_last_run(registry))
     assert (runs["accepted"], runs["rejected"], runs["new_versions"]) == (1, 1, 1)
 
