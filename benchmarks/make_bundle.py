@@ -32,9 +32,7 @@ def main() -> None:
         info = {"name": adapter.source.name, "version": 0, "content_sha256": adapter.content_sha256,
                 "rank": adapter.rank, "alpha": adapter.alpha, "source": str(folder)}
         experts.append((info, adapter_spectra(adapter)))
-    modules = {m: [s.in_features, s.out_features] for m, s in base.modules.items()}
-    write_bundle(args.out, base={"name": base.name, "architecture": base.architecture, "model_type": base.model_type,
-                                 "config_sha256": base.config_sha256, "modules": modules}, experts=experts)
+    write_bundle(args.out, base=base.manifest(), experts=experts)
     print(f"{args.out}: {len(experts)} experts")
 
 

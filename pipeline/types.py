@@ -43,6 +43,14 @@ class BaseModelInfo:
     modules: dict[str, ModuleShape]  # "model.layers.0.self_attn.q_proj" -> shape
     path: Path | None = None  # local folder holding config.json (and weights when present)
 
+    def manifest(self) -> dict[str, Any]:
+        """The base-model identity a runtime bundle records (runtime.write_bundle's `base`)."""
+        return {
+            "name": self.name, "architecture": self.architecture, "model_type": self.model_type,
+            "config_sha256": self.config_sha256,
+            "modules": {m: [s.in_features, s.out_features] for m, s in self.modules.items()},
+        }
+
 
 @dataclass
 class ModuleFactors:

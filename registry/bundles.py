@@ -48,9 +48,4 @@ def create_bundle(registry: Registry, selectors: list[str] | None, out: Path, na
             "source": v.source, "revision": v.revision,
         }
         experts.append((info, spectra_from_bytes(registry.blobs.get(v.blob_sha256))))
-    base_info = {
-        "name": base.name, "architecture": base.architecture, "model_type": base.model_type,
-        "config_sha256": base.config_sha256,
-        "modules": {m: [s.in_features, s.out_features] for m, s in base.modules.items()},
-    }
-    return write_bundle(Path(out), base=base_info, experts=experts)
+    return write_bundle(Path(out), base=base.manifest(), experts=experts)

@@ -43,10 +43,7 @@ def test_fixed_router_equals_peft_on(kind, tmp_path):
     assert len(adapter.modules) == 14  # 7 linear modules x 2 layers, Qwen2's q/k/v biases notwithstanding
     spectra = adapter_spectra(adapter)
     info = {"name": folder.name, "version": 1, "content_sha256": adapter.content_sha256, "rank": 4, "alpha": 8}
-    modules = {m: [s.in_features, s.out_features] for m, s in base.modules.items()}
-    bundle = write_bundle(tmp_path / "bundle", base={"name": base.name, "architecture": base.architecture,
-                                                     "model_type": base.model_type, "config_sha256": base.config_sha256,
-                                                     "modules": modules}, experts=[(info, spectra)])
+    bundle = write_bundle(tmp_path / "bundle", base=base.manifest(), experts=[(info, spectra)])
     before = model(IDS).logits
     routed = load_bundle(model, bundle, router="fixed", expert=folder.name)
     want = peft(IDS).logits
