@@ -25,11 +25,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime import load_bundle, read_bundle, set_router, trace_routing  # noqa: E402
-from runtime.evaluate import ROUTER_PRESETS, pad_batches, pad_id_of, read_jsonl, switching, tokenize  # noqa: E402
+from runtime.evaluate import RESET, ROUTER_PRESETS, pad_batches, pad_id_of, read_jsonl, switching, tokenize  # noqa: E402
 from runtime.trace import layer_of  # noqa: E402
 
-RESET = dict(router="spectr", weighting="uniform", temperature=1.0, combine="factor", score="norm",
-             rank_normalize=False, expert=None, pool="module", smooth=0.0)
 # name -> RouterConfig fields; "spectr k=4" is the reference code's behaviour.
 CONFIGS: dict[str, dict[str, Any]] = {
     "spectr k=4": dict(top_k=4),

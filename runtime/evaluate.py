@@ -17,12 +17,13 @@ import torch
 from torch import nn
 
 from runtime.bundle import set_router
+from runtime.layer import REFERENCE
 from runtime.trace import layer_of, trace_routing
 
-# Every field of RouterConfig that a preset may change, at its default, so presets never leak into each other.
-# The presets are the paper's reference code and PEFT's Arrow; "spectr-pooled" adds this project's default pooling.
-_RESET = dict(router="spectr", weighting="uniform", temperature=1.0, combine="factor", score="norm",
-              rank_normalize=False, expert=None, pool="module", smooth=0.0)
+# Every field of RouterConfig that a preset may change, at the paper's reference values, so presets never leak
+# into each other. The presets are the reference code and PEFT's Arrow; "spectr-pooled" adds this project's pooling.
+RESET = {**{f: v for f, v in REFERENCE.items() if f != "top_k"}, "temperature": 1.0, "rank_normalize": False,
+         "expert": None}
 ROUTER_PRESETS: dict[str, dict[str, Any]] = {
     "spectr": dict(router="spectr", score="norm"),  # ||V^T x||, the paper's score
     "spectr-sigma": dict(router="spectr", score="sigma"),  # ||Sigma V^T x||
@@ -110,7 +111,7 @@ def apply_preset(model: nn.Module, name: str, top_k: int) -> dict[str, Any]:
     if name not in ROUTER_PRESETS:
         raise ValueError(f"unknown router {name!r}; expected one of {sorted(ROUTER_PRESETS)}")
     k = min(top_k, len(model.spectr.bundle.expert_names))
-    cfg = set_router(model, **{**_RESET, **ROUTER_PRESETS[name], "top_k": k})
+    cfg = set_router(model, **{**RESET, **ROUTER_PRESETS[name], "top_k": k})
     return {f: getattr(cfg, f) for f in ("router", "top_k", "weighting", "combine", "score", "rank_normalize")}
 
 

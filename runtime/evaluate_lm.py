@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.bundle import Bundle, load_bundle, read_bundle, set_router, unload_bundle
-from runtime.evaluate import _RESET, _macro, pad_batches, pad_id_of, resolve_mapping, tokenize
+from runtime.evaluate import RESET, _macro, pad_batches, pad_id_of, resolve_mapping, tokenize
 
 
 @torch.no_grad()
@@ -73,7 +73,7 @@ def lm_losses(
     load_bundle(model, bundle, router="fixed", expert=0)
     try:
         for e in names:
-            set_router(model, **{**_RESET, "router": "fixed", "expert": e})
+            set_router(model, **{**RESET, "router": "fixed", "expert": e})
             own = [d for d in data if cross or mapping[d] == e]
             if own:
                 got = row(f"expert:{e}", own)
@@ -88,7 +88,7 @@ def lm_losses(
         # The runtime's defaults (docs/RESULTS.md): top-1, q/k/v and gate/up deciding together.
         configs["spectr pooled k=1 (default)"] = dict(router="spectr", pool="input", combine="mix", top_k=1)
         for label, kw in configs.items():
-            set_router(model, **{**_RESET, **kw})
+            set_router(model, **{**RESET, **kw})
             rows[label] = _macro(row(label, list(data)))
     finally:
         unload_bundle(model)

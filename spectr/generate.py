@@ -39,6 +39,7 @@ def routed_generate(
     from transformers.utils import logging as hf_logging
 
     from runtime import PEFT_ARROW, load_bundle, plot_routing, read_bundle, trace_routing
+    from runtime.evaluate import pad_id_of
 
     name, expert = parse_router(router)
     hf_logging.disable_progress_bar()  # the CLI prints the generated text, not loading bars
@@ -56,7 +57,7 @@ def routed_generate(
         ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad(), trace_routing(model) as recorder:
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                             pad_token_id=pad_id_of(tokenizer))
     # The last generated token is never fed back through the model, so it has no routing decision.
     routed = out[0, :-1].tolist()
     tokens = [tokenizer.decode([t]) for t in routed]
