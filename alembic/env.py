@@ -1,20 +1,13 @@
-"""Alembic environment for the spectr registry (target: registry.models' metadata)."""
+"""Alembic environment for the spectr registry (target: spectr.registry.models' metadata)."""
 from __future__ import annotations
 
-import sys
 from logging.config import fileConfig
-from pathlib import Path
 
 from alembic import context
 
-# The repo root holds the `registry` package; the CLI may be run from elsewhere.
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from registry.db import make_engine  # noqa: E402
-from registry.models import Base, UTCDateTime  # noqa: E402
-from registry.settings import registry_url  # noqa: E402
+from spectr.registry.db import make_engine
+from spectr.registry.models import Base, UTCDateTime
+from spectr.registry.settings import registry_url
 
 config = context.config
 # Only the CLI configures logging; programmatic calls (registry.db.upgrade) keep the caller's logging.

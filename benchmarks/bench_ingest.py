@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,14 +20,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.basemodel import resolve_base_model  # noqa: E402
-from pipeline.fetch import fetch  # noqa: E402
-from pipeline.spectra import adapter_spectra  # noqa: E402
-from pipeline.store import store_version, write_spectra_blob  # noqa: E402
-from pipeline.validate import adapter_content_sha256, load_adapter  # noqa: E402
-from registry.store import Registry  # noqa: E402
+from spectr.pipeline.basemodel import resolve_base_model  # noqa: E402
+from spectr.pipeline.fetch import fetch  # noqa: E402
+from spectr.pipeline.spectra import adapter_spectra  # noqa: E402
+from spectr.pipeline.store import store_version, write_spectra_blob  # noqa: E402
+from spectr.pipeline.validate import adapter_content_sha256, load_adapter  # noqa: E402
+from spectr.registry.store import Registry  # noqa: E402
 
 LLAMA3_8B_CONFIG = dict(
     architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=14336,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,11 +24,10 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from pipeline.types import AdapterSpectra  # noqa: E402
-from runtime import REFERENCE, load_bundle, write_bundle  # noqa: E402
-from runtime.bundle import module_shape  # noqa: E402
+from spectr.pipeline.types import AdapterSpectra  # noqa: E402
+from spectr.runtime import REFERENCE, load_bundle, write_bundle  # noqa: E402
+from spectr.runtime.bundle import module_shape  # noqa: E402
 
 
 def base_model(layers: int):
@@ -57,7 +55,7 @@ def make_experts(root: Path, E: int, layers: int) -> list[Path]:
 
 def expert(folder: Path) -> tuple[dict, AdapterSpectra]:
     """(manifest entry, exact spectra of every module) of a PEFT adapter folder (pipeline.spectra)."""
-    from pipeline.spectra import exact_spectrum
+    from spectr.pipeline.spectra import exact_spectrum
 
     cfg = json.loads((folder / "adapter_config.json").read_text())
     sd = load_file(folder / "adapter_model.safetensors")
@@ -99,7 +97,7 @@ def apply_sweep(device: str, tokens: int, repeats: int) -> list[str]:
     """One routed up_proj (576 -> 1536, rank 8, k = 4): dense apply vs grouped apply as E grows."""
     from torch import nn
 
-    from runtime.layer import RoutedLinear, RouterConfig
+    from spectr.runtime.layer import RoutedLinear, RouterConfig
 
     lines = ["", f"Apply step alone, one routed up_proj (576 -> 1536, r = 8, k = 4, {tokens} tokens, {device}): "
              "ms for dense / grouped.", "", "| E | E*r | dense | grouped |", "|---|---|---|---|"]
@@ -122,7 +120,7 @@ def library_accuracy(base_dir: Path, shared: Path, docs: int, tokens: int) -> li
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from runtime import set_router, trace_routing
+    from spectr.runtime import set_router, trace_routing
 
     domains = sorted(p.name for p in (shared / "experts").iterdir() if p.is_dir())
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()

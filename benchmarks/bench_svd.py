@@ -10,17 +10,15 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.blob import blob_sha256, spectra_to_bytes  # noqa: E402
-from pipeline.spectra import adapter_spectra  # noqa: E402
-from pipeline.types import (  # noqa: E402
+from spectr.pipeline.blob import blob_sha256, spectra_to_bytes  # noqa: E402
+from spectr.pipeline.spectra import adapter_spectra  # noqa: E402
+from spectr.pipeline.types import (  # noqa: E402
     AdapterSource, BaseModelInfo, LoadedAdapter, ModuleFactors, ModuleShape,
 )
 

@@ -7,16 +7,14 @@ Same validation and exact spectra as `spectr ingest`, same format as `spectr bun
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.basemodel import resolve_base_model  # noqa: E402
-from pipeline.fetch import fetch  # noqa: E402
-from pipeline.spectra import adapter_spectra  # noqa: E402
-from pipeline.validate import load_adapter  # noqa: E402
-from runtime import write_bundle  # noqa: E402
+from spectr.pipeline.basemodel import resolve_base_model  # noqa: E402
+from spectr.pipeline.fetch import fetch  # noqa: E402
+from spectr.pipeline.spectra import adapter_spectra  # noqa: E402
+from spectr.pipeline.validate import load_adapter  # noqa: E402
+from spectr.runtime import write_bundle  # noqa: E402
 
 
 def main() -> None:

@@ -22,11 +22,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtime import load_bundle, read_bundle, set_router, trace_routing  # noqa: E402
-from runtime.evaluate import RESET, ROUTER_PRESETS, pad_batches, pad_id_of, read_jsonl, switching, tokenize  # noqa: E402
-from runtime.trace import layer_of  # noqa: E402
+from spectr.runtime import load_bundle, read_bundle, set_router, trace_routing  # noqa: E402
+from spectr.runtime.evaluate import RESET, ROUTER_PRESETS, pad_batches, pad_id_of, read_jsonl, switching, tokenize  # noqa: E402
+from spectr.runtime.trace import layer_of  # noqa: E402
 
 # name -> RouterConfig fields; "spectr k=4" is the reference code's behaviour.
 CONFIGS: dict[str, dict[str, Any]] = {

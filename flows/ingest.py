@@ -14,13 +14,13 @@ from typing import Any, Callable
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.basemodel import base_model_from_config, resolve_base_model
-from pipeline.fetch import expand_sources, fetch
-from pipeline.spectra import adapter_spectra
-from pipeline.store import SpectraBlob, store_version, write_spectra_blob
-from pipeline.types import AdapterError, AdapterSource, BaseModelInfo, LoadedAdapter
-from pipeline.validate import load_adapter, read_adapter_config
-from registry.store import Registry
+from spectr.pipeline.basemodel import base_model_from_config, resolve_base_model
+from spectr.pipeline.fetch import expand_sources, fetch
+from spectr.pipeline.spectra import adapter_spectra
+from spectr.pipeline.store import SpectraBlob, store_version, write_spectra_blob
+from spectr.pipeline.types import AdapterError, AdapterSource, BaseModelInfo, LoadedAdapter
+from spectr.pipeline.validate import load_adapter, read_adapter_config
+from spectr.registry.store import Registry
 
 
 @dataclass
@@ -97,7 +97,7 @@ def validate_adapter(
     src: AdapterSource, base: BaseModelInfo, dense_base_dir: str | None = None, rank: int | None = None
 ) -> LoadedAdapter:
     if dense_base_dir is not None:
-        from pipeline.dense import load_dense
+        from spectr.pipeline.dense import load_dense
 
         if rank is None:
             raise AdapterError(f"{src.path}: a dense expert needs a target rank (--rank)")
@@ -130,7 +130,7 @@ def compute_spectra(
     niter: int = 4,
     device: str | None = None,
 ) -> dict:
-    from registry.blobs import BlobStore
+    from spectr.registry.blobs import BlobStore
 
     spectra = adapter_spectra(adapter, method=method, rank=rank, niter=niter, device=device)
     return write_spectra_blob(BlobStore(blob_url), adapter, spectra).to_dict()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from flows.ingest import ingest
+from spectr.flows.ingest import ingest
 
 
 def serve_ingest(

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.fetch import is_hub_id, split_revision
-from pipeline.types import AdapterError, BaseModelInfo, ModuleShape
+from spectr.pipeline.fetch import is_hub_id, split_revision
+from spectr.pipeline.types import AdapterError, BaseModelInfo, ModuleShape
 
 # Keys that change between saves of the same model without changing what it computes.
 _VOLATILE_KEYS = {

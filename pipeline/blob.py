@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from pipeline.types import AdapterSpectra, ModuleSpectrum
+from spectr.pipeline.types import AdapterSpectra, ModuleSpectrum
 
 FORMAT = "spectr.spectra/1"
 _PARTS = ("U", "S", "V", "scaling", "energy")

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from pipeline.types import AdapterError, AdapterSource, BaseModelInfo, LoadedAdapter
+from spectr.pipeline.types import AdapterError, AdapterSource, BaseModelInfo, LoadedAdapter
 
 _SINGLE = "model.safetensors"
 _INDEX = "model.safetensors.index.json"

@@ -5,7 +5,7 @@ import glob
 import re
 from pathlib import Path
 
-from pipeline.types import AdapterError, AdapterSource
+from spectr.pipeline.types import AdapterError, AdapterSource
 
 # Hub repo names: letters, digits, "-", "_", "."; revision: branch, tag or commit (may hold "/").
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}(@[\w./-]+)?$", re.ASCII)

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from pipeline.types import AdapterSpectra, LoadedAdapter, ModuleSpectrum
+from spectr.pipeline.types import AdapterSpectra, LoadedAdapter, ModuleSpectrum
 
 Progress = Callable[[int, int], None]
 

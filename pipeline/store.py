@@ -4,12 +4,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from pipeline.blob import spectra_to_bytes
-from pipeline.types import AdapterSpectra, LoadedAdapter
+from spectr.pipeline.blob import spectra_to_bytes
+from spectr.pipeline.types import AdapterSpectra, LoadedAdapter
 
 if TYPE_CHECKING:  # the registry imports SQLAlchemy; keep it out of plain pipeline imports
-    from registry.blobs import BlobStore
-    from registry.store import Registry, VersionInfo
+    from spectr.registry.blobs import BlobStore
+    from spectr.registry.store import Registry, VersionInfo
 
 
 @dataclass(frozen=True)

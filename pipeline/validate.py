@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from pipeline.basemodel import names_match, read_json_object
-from pipeline.types import AdapterError, AdapterSource, BaseModelInfo, LoadedAdapter, ModuleFactors
+from spectr.pipeline.basemodel import names_match, read_json_object
+from spectr.pipeline.types import AdapterError, AdapterSource, BaseModelInfo, LoadedAdapter, ModuleFactors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -8,20 +8,20 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "BlobError": "registry.blobs",
-    "BlobStore": "registry.blobs",
-    "ImmutableVersionError": "registry.models",
-    "Registry": "registry.store",
-    "VersionInfo": "registry.store",
-    "catalog_sql": "registry.catalog",
-    "blob_url": "registry.settings",
-    "registry_url": "registry.settings",
-    "spectr_home": "registry.settings",
+    "BlobError": "spectr.registry.blobs",
+    "BlobStore": "spectr.registry.blobs",
+    "ImmutableVersionError": "spectr.registry.models",
+    "Registry": "spectr.registry.store",
+    "VersionInfo": "spectr.registry.store",
+    "catalog_sql": "spectr.registry.catalog",
+    "blob_url": "spectr.registry.settings",
+    "registry_url": "spectr.registry.settings",
+    "spectr_home": "spectr.registry.settings",
 }
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
-        raise AttributeError(f"module 'registry' has no attribute {name!r}")
+        raise AttributeError(f"module 'spectr.registry' has no attribute {name!r}")
     return getattr(import_module(_EXPORTS[name]), name)

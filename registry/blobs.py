@@ -7,7 +7,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from registry.settings import blob_url
+from spectr.registry.settings import blob_url
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 

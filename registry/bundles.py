@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from registry.store import Registry, VersionInfo
+from spectr.registry.store import Registry, VersionInfo
 
 
 def parse_selector(selector: str) -> tuple[str, int | None]:
@@ -26,9 +26,9 @@ def select_versions(registry: Registry, selectors: list[str] | None) -> list[Ver
 
 def create_bundle(registry: Registry, selectors: list[str] | None, out: Path, name: str | None = None) -> Path:
     """Write the bundle folder `out`; all experts must share one base model. Returns out."""
-    from pipeline.basemodel import base_model_from_config
-    from pipeline.blob import spectra_from_bytes
-    from runtime.bundle import write_bundle
+    from spectr.pipeline.basemodel import base_model_from_config
+    from spectr.pipeline.blob import spectra_from_bytes
+    from spectr.runtime.bundle import write_bundle
 
     versions = select_versions(registry, selectors)
     if not versions:

@@ -8,8 +8,8 @@ from typing import Any
 import duckdb
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Integer, select
 
-from registry.models import Base
-from registry.store import Registry
+from spectr.registry.models import Base
+from spectr.registry.store import Registry
 
 TABLES = ("experts", "base_models", "adapters", "adapter_versions", "spectra", "ingestion_runs", "ingestion_results")
 _EXPERT_COLUMNS = [

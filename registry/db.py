@@ -1,15 +1,25 @@
 """Engines and migrations: `upgrade(url)` runs `alembic upgrade head` through alembic's command API."""
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
-from registry.settings import registry_url
+from spectr.registry.settings import registry_url
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+
+def migrations_dir() -> Path:
+    """The alembic scripts: `spectr/migrations` inside an installed wheel, the checkout's `alembic/` in an
+    editable install (setuptools' editable finder does not resolve that folder: it has no __init__.py, so
+    it can never shadow the `alembic` library when a checkout is on sys.path)."""
+    spec = importlib.util.find_spec("spectr.migrations")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parents[1] / "alembic"
 
 
 def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
@@ -33,14 +43,12 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
 
 
 def alembic_config(url: str | None = None):
-    """alembic Config for the repo's alembic.ini, pointed at `url` (default: the registry URL)."""
-    import sys
-
+    """alembic Config for the shipped migrations, pointed at `url` (default: the registry URL)."""
     from alembic.config import Config
 
     # alembic's default stdout is bound when alembic is imported; a test runner may have closed that stream since.
-    cfg = Config(str(REPO_ROOT / "alembic.ini"), stdout=sys.stdout)
-    cfg.set_main_option("script_location", str(REPO_ROOT / "alembic"))
+    cfg = Config(stdout=sys.stdout)
+    cfg.set_main_option("script_location", str(migrations_dir()))
     # Passed as an attribute, not an ini option: URLs may hold '%' that configparser would interpolate.
     cfg.attributes["url"] = url or registry_url()
     return cfg

@@ -13,9 +13,9 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from registry import db
-from registry.blobs import BlobStore
-from registry.models import (
+from spectr.registry import db
+from spectr.registry.blobs import BlobStore
+from spectr.registry.models import (
     Adapter,
     AdapterVersion,
     BaseModel,
@@ -24,10 +24,10 @@ from registry.models import (
     Spectra,
     utcnow,
 )
-from registry.settings import registry_url
+from spectr.registry.settings import registry_url
 
 if TYPE_CHECKING:  # only for hints: the registry itself never needs torch
-    from pipeline.types import BaseModelInfo, LoadedAdapter
+    from spectr.pipeline.types import BaseModelInfo, LoadedAdapter
 
 RESULT_STATUSES = ("new", "unchanged", "rejected")
 

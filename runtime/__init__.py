@@ -1,7 +1,7 @@
 """Runtime: load an expert bundle into a transformers causal LM and route every token (torch, safetensors only)."""
-from runtime.bundle import Bundle, load_bundle, read_bundle, set_router, unload_bundle, write_bundle
-from runtime.layer import PEFT_ARROW, REFERENCE, RoutedLinear, RouterConfig
-from runtime.trace import TraceRecorder, plot_routing, trace_routing
+from spectr.runtime.bundle import Bundle, load_bundle, read_bundle, set_router, unload_bundle, write_bundle
+from spectr.runtime.layer import PEFT_ARROW, REFERENCE, RoutedLinear, RouterConfig
+from spectr.runtime.trace import TraceRecorder, plot_routing, trace_routing
 
 __all__ = [
     "Bundle",

@@ -20,11 +20,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from runtime.layer import ForwardState, RoutedLinear, RouterConfig
-from runtime.trace import TraceRecorder
+from spectr.runtime.layer import ForwardState, RoutedLinear, RouterConfig
+from spectr.runtime.trace import TraceRecorder
 
 if TYPE_CHECKING:  # pipeline.types is only needed for type hints; keep runtime imports minimal
-    from pipeline.types import AdapterSpectra
+    from spectr.pipeline.types import AdapterSpectra
 
 FORMAT = "spectr-bundle/1"
 MANIFEST = "manifest.json"

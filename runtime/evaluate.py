@@ -16,9 +16,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from runtime.bundle import set_router
-from runtime.layer import REFERENCE
-from runtime.trace import layer_of, trace_routing
+from spectr.runtime.bundle import set_router
+from spectr.runtime.layer import REFERENCE
+from spectr.runtime.trace import layer_of, trace_routing
 
 # Every field of RouterConfig that a preset may change, at the paper's reference values, so presets never leak
 # into each other. The presets are the reference code and PEFT's Arrow; "spectr-pooled" adds this project's pooling.

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.bundle import Bundle, load_bundle, read_bundle, set_router, unload_bundle
-from runtime.evaluate import RESET, _macro, pad_batches, pad_id_of, resolve_mapping, tokenize
+from spectr.runtime.bundle import Bundle, load_bundle, read_bundle, set_router, unload_bundle
+from spectr.runtime.evaluate import RESET, _macro, pad_batches, pad_id_of, resolve_mapping, tokenize
 
 
 @torch.no_grad()

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from runtime import routing
-from runtime.trace import layer_of
+from spectr.runtime import routing
+from spectr.runtime.trace import layer_of
 
 # Sibling modules that read one input tensor in common architectures (the pool="input" groups);
 # any other module forms a group of its own.

@@ -43,9 +43,9 @@ def ingest(
     _quiet_prefect()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from flows import ingest as ingest_flows
-    from pipeline.fetch import expand_sources
-    from pipeline.types import AdapterError
+    from spectr.flows import ingest as ingest_flows
+    from spectr.pipeline.fetch import expand_sources
+    from spectr.pipeline.types import AdapterError
 
     if dense and rank is None:
         raise typer.BadParameter("--dense needs --rank (the truncation rank of the dense delta)")
@@ -88,11 +88,11 @@ def catalog(
     sql: Optional[str] = typer.Option(None, "--sql", help="a read-only DuckDB query over the registry's tables"),
 ) -> None:
     """List experts and their versions, or query the registry with DuckDB SQL."""
-    from registry.store import Registry
+    from spectr.registry.store import Registry
 
     registry = Registry()
     if sql:
-        from registry.catalog import catalog_sql
+        from spectr.registry.catalog import catalog_sql
 
         try:
             columns, rows = catalog_sql(sql, registry)
@@ -133,9 +133,9 @@ def base_add(
     name: Optional[str] = typer.Option(None, "--name", help="registered name, e.g. HuggingFaceTB/SmolLM2-135M-Instruct"),
 ) -> None:
     """Register a base model so adapters naming it validate without --base-model."""
-    from pipeline.basemodel import resolve_base_model
-    from pipeline.types import AdapterError
-    from registry.store import Registry
+    from spectr.pipeline.basemodel import resolve_base_model
+    from spectr.pipeline.types import AdapterError
+    from spectr.registry.store import Registry
 
     try:
         info = resolve_base_model(spec, name=name)
@@ -154,8 +154,8 @@ def bundle_create(
     output: Path = typer.Option(..., "-o", "--output", help="bundle folder to write"),
 ) -> None:
     """Export a chosen expert set (stacked spectra + manifest) for the runtime."""
-    from registry.bundles import create_bundle
-    from registry.store import Registry
+    from spectr.registry.bundles import create_bundle
+    from spectr.registry.store import Registry
 
     if all_experts == (experts is not None):
         raise typer.BadParameter("give exactly one of --experts or --all")
@@ -165,7 +165,7 @@ def bundle_create(
     except (KeyError, ValueError) as exc:
         err.print(f"[red]error[/red] {exc.args[0] if exc.args else exc}")
         raise typer.Exit(1)
-    from runtime.bundle import read_bundle
+    from spectr.runtime.bundle import read_bundle
 
     bundle = read_bundle(path)
     out.print(f"bundle {name} -> {path}: {len(bundle.expert_names)} experts "
@@ -200,8 +200,8 @@ def generate(
 @app.command()
 def migrate() -> None:
     """Upgrade the registry's schema to the latest revision (also done on first use)."""
-    from registry.db import current_revision, upgrade
-    from registry.settings import registry_url
+    from spectr.registry.db import current_revision, upgrade
+    from spectr.registry.settings import registry_url
 
     upgrade()
     out.print(f"{registry_url()} at revision {current_revision()}")
@@ -217,7 +217,7 @@ def serve_flows(
 ) -> None:
     """Serve a scheduled ingest deployment on the Prefect server at PREFECT_API_URL (blocks)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.schedule import serve_ingest
+    from spectr.flows.schedule import serve_ingest
 
     try:
         serve_ingest(list(sources), cron=cron, interval_seconds=interval, base_model=base_model, name=name)

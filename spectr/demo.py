@@ -18,10 +18,10 @@ def run_demo(home: Path | None = None) -> int:
         os.environ["SPECTR_HOME"] = str(Path(home).resolve())
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.ingest import ingest
-    from pipeline.basemodel import resolve_base_model
-    from registry.settings import spectr_home
-    from registry.store import Registry
+    from spectr.flows.ingest import ingest
+    from spectr.pipeline.basemodel import resolve_base_model
+    from spectr.registry.settings import spectr_home
+    from spectr.registry.store import Registry
     from spectr.smollm2 import HUB_NAME, build_smollm2
 
     base_dir = spectr_home() / "models" / "SmolLM2-135M-Instruct"
@@ -51,7 +51,7 @@ def run_demo(home: Path | None = None) -> int:
     if any(o["status"] == "rejected" for o in outcomes):
         return 1
 
-    from registry.bundles import create_bundle
+    from spectr.registry.bundles import create_bundle
     from spectr.generate import routed_generate
 
     bundle = create_bundle(registry, None, spectr_home() / "bundles" / "demo", name="demo")

@@ -39,7 +39,7 @@ def _pairs_of(specs: list[str], what: str) -> dict[str, str]:
 
 
 def _data(specs: list[str], data_dir: Optional[Path], split: str, max_docs: int) -> dict[str, list[str]]:
-    from runtime.evaluate import read_jsonl
+    from spectr.runtime.evaluate import read_jsonl
 
     files = {d: Path(f) for d, f in _pairs_of(specs, "--data").items()}
     if data_dir is not None:
@@ -121,8 +121,8 @@ def routing(
     device: str = DEVICE,
 ) -> None:
     """Routing accuracy inside the routed forward: top-1 and top-k per domain, layer, module type; macro."""
-    from runtime import load_bundle
-    from runtime.evaluate import routing_accuracy
+    from spectr.runtime import load_bundle
+    from spectr.runtime.evaluate import routing_accuracy
 
     t0 = time.perf_counter()
     try:
@@ -178,7 +178,7 @@ def lm(
     device: str = DEVICE,
 ) -> None:
     """Mean next-token loss per domain: base, each expert, oracle, uniform merge, Arrow, SpectR."""
-    from runtime.evaluate_lm import lm_losses
+    from spectr.runtime.evaluate_lm import lm_losses
 
     t0 = time.perf_counter()
     try:
@@ -215,8 +215,8 @@ def switch(
     device: str = DEVICE,
 ) -> None:
     """Mixed-domain sequences a|b: tokens after the boundary until routing reaches b's expert."""
-    from runtime import load_bundle
-    from runtime.evaluate import switching
+    from spectr.runtime import load_bundle
+    from spectr.runtime.evaluate import switching
 
     t0 = time.perf_counter()
     try:

@@ -38,8 +38,8 @@ def routed_generate(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from runtime import PEFT_ARROW, load_bundle, plot_routing, read_bundle, trace_routing
-    from runtime.evaluate import pad_id_of
+    from spectr.runtime import PEFT_ARROW, load_bundle, plot_routing, read_bundle, trace_routing
+    from spectr.runtime.evaluate import pad_id_of
 
     name, expert = parse_router(router)
     hf_logging.disable_progress_bar()  # the CLI prints the generated text, not loading bars

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks.train_experts import main, parse_args, run
-from pipeline.basemodel import resolve_base_model
-from pipeline.fetch import fetch
-from pipeline.validate import load_adapter
+from spectr.pipeline.basemodel import resolve_base_model
+from spectr.pipeline.fetch import fetch
+from spectr.pipeline.validate import load_adapter
 from tests.conftest import TINY_BASE_NAME
 
 

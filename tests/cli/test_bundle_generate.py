@@ -9,14 +9,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.basemodel import resolve_base_model
-from pipeline.blob import spectra_from_bytes
-from pipeline.fetch import fetch
-from pipeline.spectra import adapter_spectra
-from pipeline.store import store_version, write_spectra_blob
-from pipeline.validate import load_adapter
-from registry.store import Registry
-from runtime import read_bundle
+from spectr.pipeline.basemodel import resolve_base_model
+from spectr.pipeline.blob import spectra_from_bytes
+from spectr.pipeline.fetch import fetch
+from spectr.pipeline.spectra import adapter_spectra
+from spectr.pipeline.store import store_version, write_spectra_blob
+from spectr.pipeline.validate import load_adapter
+from spectr.registry.store import Registry
+from spectr.runtime import read_bundle
 from spectr.cli import app
 
 runner = CliRunner()

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from flows import ingest as ingest_module
-from flows.ingest import compute_spectra, fetch_adapter, ingest, validate_adapter
-from pipeline.basemodel import resolve_base_model
-from pipeline.blob import spectra_from_bytes
-from pipeline.spectra import exact_spectrum
-from registry.store import Registry
+from spectr.flows import ingest as ingest_module
+from spectr.flows.ingest import compute_spectra, fetch_adapter, ingest, validate_adapter
+from spectr.pipeline.basemodel import resolve_base_model
+from spectr.pipeline.blob import spectra_from_bytes
+from spectr.pipeline.spectra import exact_spectrum
+from spectr.registry.store import Registry
 from tests.pipeline.conftest import make_hub_cache
 
 
@@ -76,7 +76,7 @@ def test_rejection_is_an_outcome_and_changes_nothing(prefect_harness, spectr_hom
 
 
 def registry_last_run(registry: Registry) -> str:
-    from registry.catalog import catalog_sql
+    from spectr.registry.catalog import catalog_sql
 
     _, rows = catalog_sql("select id from ingestion_runs order by started_at desc limit 1", registry)
     return rows[0][0]

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from registry.store import Registry
+from spectr.registry.store import Registry
 
 pytestmark = pytest.mark.server
 BIN = Path(sys.executable).parent

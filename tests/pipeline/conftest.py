@@ -9,7 +9,7 @@ from typing import Callable
 import pytest
 from safetensors.torch import load_file, save_file
 
-from pipeline.types import BaseModelInfo
+from spectr.pipeline.types import BaseModelInfo
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
 
@@ -74,6 +74,6 @@ def offline_hub(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_base(tiny_base_dir) -> BaseModelInfo:
-    from pipeline.basemodel import resolve_base_model
+    from spectr.pipeline.basemodel import resolve_base_model
 
     return resolve_base_model(tiny_base_dir)

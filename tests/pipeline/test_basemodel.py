@@ -7,8 +7,8 @@ import time
 import pytest
 from torch import nn
 
-from pipeline.basemodel import base_model_from_config, names_match, resolve_base_model
-from pipeline.types import AdapterError, ModuleShape
+from spectr.pipeline.basemodel import base_model_from_config, names_match, resolve_base_model
+from spectr.pipeline.types import AdapterError, ModuleShape
 from tests.conftest import TINY_LLAMA, build_tiny_llama
 from tests.pipeline.conftest import SMOLLM2_CONFIG, make_hub_cache
 

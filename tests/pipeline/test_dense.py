@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.dense import load_dense
-from pipeline.spectra import adapter_spectra
-from pipeline.types import AdapterError, AdapterSource
+from spectr.pipeline.dense import load_dense
+from spectr.pipeline.spectra import adapter_spectra
+from spectr.pipeline.types import AdapterError, AdapterSource
 from tests.conftest import build_tiny_llama
 from tests.pipeline.test_spectra import base_info
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.fetch import expand_sources, fetch, is_hub_id
-from pipeline.types import AdapterError
-from pipeline.validate import load_adapter
+from spectr.pipeline.fetch import expand_sources, fetch, is_hub_id
+from spectr.pipeline.types import AdapterError
+from spectr.pipeline.validate import load_adapter
 from tests.pipeline.conftest import clone, make_hub_cache
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -7,10 +7,10 @@ import struct
 import pytest
 import torch
 
-from pipeline.basemodel import base_model_from_config
-from pipeline.fetch import fetch
-from pipeline.types import AdapterError, AdapterSource
-from pipeline.validate import adapter_content_sha256, load_adapter, read_adapter_config
+from spectr.pipeline.basemodel import base_model_from_config
+from spectr.pipeline.fetch import fetch
+from spectr.pipeline.types import AdapterError, AdapterSource
+from spectr.pipeline.validate import adapter_content_sha256, load_adapter, read_adapter_config
 from tests.conftest import TINY_LLAMA, build_tiny_llama
 from tests.pipeline.conftest import SHARED, SMOLLM2_CONFIG, clone, edit_config, edit_weights
 
@@ -161,7 +161,7 @@ def test_base_bias_keys_accepted_with_bias_all(make_adapter):
 
 
 def test_name_mismatch_is_a_warning_when_shapes_match(make_adapter, tiny_base_dir):
-    from pipeline.basemodel import resolve_base_model
+    from spectr.pipeline.basemodel import resolve_base_model
 
     other = resolve_base_model(tiny_base_dir, name="other-org/other-model")
     ad = load_adapter(_src(make_adapter("plain")), other)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from pipeline.types import AdapterSource, BaseModelInfo, LoadedAdapter
-from registry import Registry
+from spectr.pipeline.types import AdapterSource, BaseModelInfo, LoadedAdapter
+from spectr.registry import Registry
 
 BASE = BaseModelInfo(
     name="tiny-org/tiny-llama",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from registry.blobs import BlobError, BlobStore
+from spectr.registry.blobs import BlobError, BlobStore
 
 
 def _files(root: Path) -> list[Path]:

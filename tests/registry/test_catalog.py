@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from registry import Registry
-from registry.catalog import TABLES, catalog_sql
+from spectr.registry import Registry
+from spectr.registry.catalog import TABLES, catalog_sql
 from tests.registry.conftest import loaded, spectra_bytes
 
 

@@ -9,8 +9,8 @@ from sqlalchemy import event, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from registry import ImmutableVersionError, Registry
-from registry.models import AdapterVersion, Spectra
+from spectr.registry import ImmutableVersionError, Registry
+from spectr.registry.models import AdapterVersion, Spectra
 from tests.registry.conftest import BASE, loaded, spectra_bytes
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pipeline.types import AdapterSpectra, ModuleSpectrum
-from runtime import write_bundle
-from runtime.bundle import module_shape
+from spectr.pipeline.types import AdapterSpectra, ModuleSpectrum
+from spectr.runtime import write_bundle
+from spectr.runtime.bundle import module_shape
 
 PREFIX = "base_model.model."
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from pipeline.basemodel import base_model_from_config
-from pipeline.spectra import adapter_spectra
-from pipeline.types import AdapterSource
-from pipeline.validate import load_adapter
-from runtime import load_bundle, unload_bundle, write_bundle
+from spectr.pipeline.basemodel import base_model_from_config
+from spectr.pipeline.spectra import adapter_spectra
+from spectr.pipeline.types import AdapterSource
+from spectr.pipeline.validate import load_adapter
+from spectr.runtime import load_bundle, unload_bundle, write_bundle
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)

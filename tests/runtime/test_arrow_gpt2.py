@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime import PEFT_ARROW, load_bundle, plot_routing, trace_routing
+from spectr.runtime import PEFT_ARROW, load_bundle, plot_routing, trace_routing
 from tests.conftest import build_tiny_llama
 from tests.runtime.helpers import bundle_from_adapters, spectra_from_adapter
 

@@ -8,17 +8,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.spectra import exact_spectrum
-from pipeline.types import AdapterSpectra
-from runtime import load_bundle, trace_routing, write_bundle
-from runtime.evaluate import (
+from spectr.pipeline.spectra import exact_spectrum
+from spectr.pipeline.types import AdapterSpectra
+from spectr.runtime import load_bundle, trace_routing, write_bundle
+from spectr.runtime.evaluate import (
     read_jsonl,
     resolve_mapping,
     routing_accuracy,
     switch_latency,
     switching,
 )
-from runtime.evaluate_lm import lm_losses
+from spectr.runtime.evaluate_lm import lm_losses
 from tests.conftest import build_tiny_llama
 from tests.runtime.helpers import base_of, bundle_from_adapters
 
@@ -173,7 +173,7 @@ def test_accuracy_matches_a_hand_count_per_document(random_setup):
         assert 0.0 < got["top1"]["macro"] < 1.0  # random experts: a real mix, not a degenerate answer
         assert got["top1"]["macro"] == pytest.approx((got["top1"]["eval-red"] + got["top1"]["eval-blue"]) / 2)
     finally:
-        from runtime import unload_bundle
+        from spectr.runtime import unload_bundle
 
         unload_bundle(model)
 

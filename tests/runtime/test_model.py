@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime import load_bundle, read_bundle, unload_bundle, write_bundle
-from runtime.layer import RoutedLinear
+from spectr.runtime import load_bundle, read_bundle, unload_bundle, write_bundle
+from spectr.runtime.layer import RoutedLinear
 from tests.conftest import build_tiny_llama
 from tests.runtime.helpers import bundle_from_adapters, spectra_from_adapter
 
@@ -132,7 +132,7 @@ def test_experts_lacking_a_module_and_unequal_ranks(make_adapter, tmp_path):
         full = routed.get_submodule(m)
         dy, vals, idx = full.delta(x)
         assert torch.isinf(vals[:, 1]).all() and (idx[:, 0] == 1).all()
-        from runtime import set_router
+        from spectr.runtime import set_router
 
         set_router(routed, router="fixed", expert="all-r6")
         torch.testing.assert_close(dy, full.delta(x)[0])
@@ -145,7 +145,7 @@ def test_experts_lacking_a_module_and_unequal_ranks(make_adapter, tmp_path):
 def test_generate_with_cache_equals_without(bundle_dir, router):
     model = load_bundle(build_tiny_llama(), bundle_dir, router=router, top_k=2)
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
-    from runtime import trace_routing
+    from spectr.runtime import trace_routing
 
     with trace_routing(model) as trace:
         cached = model.generate(IDS, use_cache=True, **kw)
@@ -189,8 +189,9 @@ def test_half_precision_smoke(bundle_dir, dtype):
 
 def test_runtime_imports_no_heavy_packages():
     code = (
-        "import sys, runtime; from runtime import load_bundle; "
-        "bad = [m for m in ('prefect', 'sqlalchemy', 'duckdb', 'registry', 'flows') if m in sys.modules]; "
+        "import sys; from spectr import load_bundle, RouterConfig; import spectr.runtime; "
+        "bad = [m for m in ('prefect', 'sqlalchemy', 'duckdb', 'spectr.registry', 'spectr.flows', "
+        "'spectr.pipeline') if m in sys.modules]; "
         "assert not bad, bad"
     )
     root = Path(__file__).resolve().parents[2]

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.types import AdapterSpectra, ModuleSpectrum
-from runtime import REFERENCE, RouterConfig, load_bundle, read_bundle, routing, set_router, trace_routing, unload_bundle
-from runtime import write_bundle
+from spectr.pipeline.types import AdapterSpectra, ModuleSpectrum
+from spectr.runtime import REFERENCE, RouterConfig, load_bundle, read_bundle, routing, set_router, trace_routing, unload_bundle
+from spectr.runtime import write_bundle
 from tests.conftest import build_tiny_llama
 from tests.runtime.helpers import bundle_from_adapters
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.types import AdapterSpectra, ModuleSpectrum
-from runtime import load_bundle, read_bundle, write_bundle
+from spectr.pipeline.types import AdapterSpectra, ModuleSpectrum
+from spectr.runtime import load_bundle, read_bundle, write_bundle
 
 D_IN, D_OUT, RANKS = 12, 10, (2, 3, 4, 3, 1)
 
@@ -106,7 +106,7 @@ def test_rank_normalised_score_removes_the_rank_bias(bundle):
     # random tokens: raw scores grow with rank (energy r/d); normalised ones do not
     net = load_bundle(Net(), bundle, router="spectr", top_k=len(RANKS))
     x = torch.randn(4000, D_IN, generator=torch.Generator().manual_seed(5))
-    from runtime import routing
+    from spectr.runtime import routing
 
     P = routing.project(x, net.proj.Vt, len(RANKS))
     raw = routing.scores(P, net.proj.S, net.proj.rank).pow(2).mean(0)
@@ -124,7 +124,7 @@ def test_uniform_and_fixed_routers(bundle):
     load_bundle(net, bundle, router="uniform", combine="mix")
     mean = sum(s * (U @ torch.diag(S) @ V.T) for U, S, V, s in experts) / len(experts)
     torch.testing.assert_close(net(x) - base, (x.double() @ mean.T).float(), atol=1e-5, rtol=1e-5)
-    from runtime import set_router
+    from spectr.runtime import set_router
 
     set_router(net, router="fixed", expert="e2")
     U, S, V, s = experts[2]
