@@ -73,7 +73,9 @@ def _cache_length(cache: Any) -> int:
         return 0
     if hasattr(cache, "get_seq_length"):
         return int(cache.get_seq_length())
-    return 1 if len(cache) else 0  # a legacy tuple cache: non-empty means a continuation
+    if isinstance(cache, (tuple, list)):
+        return 1 if len(cache) else 0  # a legacy tuple cache: non-empty means a continuation
+    return 1  # another kind (continuous batching's paged cache, shared by many requests): not a new prompt
 
 
 class ForwardState:
