@@ -95,6 +95,19 @@ class ForwardState:
         self.groups: dict[tuple[str, str], tuple[torch.Tensor, dict[str, tuple], torch.Tensor]] = {}
         self.layers: dict[int, torch.Tensor] = {}
         self.carry: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Which experts each token may use (set_expert_mask): bool (N, E) over the flattened token rows of
+        # the next forwards, or (E,) for every token; None = all. Kept until changed, not reset per forward.
+        self.expert_mask: torch.Tensor | None = None
+
+    def allowed(self, module: RoutedLinear, t: int) -> torch.Tensor | None:
+        """The expert mask for a call of `module` on t token rows: (t, E), (E,) or None."""
+        mask = self.expert_mask
+        if mask is None or mask.dim() == 1:
+            return mask
+        if mask.shape[0] != t:
+            raise ValueError(f"set_expert_mask: the mask has shape {tuple(mask.shape)} but module {module.name} "
+                             f"sees {t} token rows, i.e. needs ({t}, {mask.shape[1]}) or ({mask.shape[1]},)")
+        return mask
 
     def register(self, module: RoutedLinear) -> None:
         self.members[module.group].append(module)
@@ -179,13 +192,15 @@ class RoutedLinear(nn.Module):
                               rank_normalize=cfg.rank_normalize)
 
     def _evidence(self, x: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(P, own scores g, selection evidence): g / ||x||, moving-averaged when smoothing."""
+        """(P, own scores g, selection evidence): g / ||x||, moving-averaged when smoothing; both restricted
+        to the allowed experts (the average itself runs over every expert, so a mask change is seen at once)."""
         P = routing.project(x, self.Vt, self.E)
         g = self._scores(P)
         ev = routing.cosine(g, x)
         if self.cfg.smooth > 0:
             ev = self.routing_state.smooth(self, ev, shape)
-        return P, g, ev
+        allowed = self.routing_state.allowed(self, x.shape[0])
+        return P, routing.restrict(g, allowed), routing.restrict(ev, allowed)
 
     def _choose(
         self, x: torch.Tensor, shape: tuple[int, int], source: torch.Tensor
@@ -205,7 +220,7 @@ class RoutedLinear(nn.Module):
                 P, g = hit[1][self.name]
             else:
                 P = routing.project(x, self.Vt, self.E)
-                g = self._scores(P)
+                g = routing.restrict(self._scores(P), st.allowed(self, x.shape[0]))
             return P, g, idx
         if hit is not None and hit[0] is not source:
             raise ValueError(f"pool={cfg.pool!r}: module {self.name} got another input than its siblings "
@@ -235,7 +250,11 @@ class RoutedLinear(nn.Module):
         cfg, E = self.cfg, self.E
         x = x.to(self.Vt.dtype)
         if cfg.router == "fixed":
-            return routing.apply_fixed(x, self.Vt, self.US, self.s, cfg.expert, E), None, None
+            dy = routing.apply_fixed(x, self.Vt, self.US, self.s, cfg.expert, E)
+            allowed = self.routing_state.allowed(self, x.shape[0])
+            if allowed is not None:  # tokens that may not use the fixed expert get no delta
+                dy = dy * allowed[..., cfg.expert, None].to(dy.dtype)
+            return dy, None, None
         vals = idx = None
         if cfg.router in ("spectr", "arrow") and (cfg.pool != "module" or cfg.smooth > 0):
             P, g, idx = self._choose(x, shape or (1, x.shape[0]), x if source is None else source)
@@ -243,11 +262,12 @@ class RoutedLinear(nn.Module):
             w = routing.weights(vals, idx, E, mode=cfg.weighting, temperature=cfg.temperature)
         elif cfg.router in ("spectr", "arrow"):  # the reference: each module decides on its own
             P = routing.project(x, self.Vt, E)
-            vals, idx = routing.select(self._scores(P), cfg.top_k)
+            g = routing.restrict(self._scores(P), self.routing_state.allowed(self, x.shape[0]))
+            vals, idx = routing.select(g, cfg.top_k)
             w = routing.weights(vals, idx, E, mode=cfg.weighting, temperature=cfg.temperature)
         else:
             P = routing.project(x, self.Vt, E)
-            w = routing.all_weights(x.shape[0], self.rank)
+            w = routing.all_weights(x.shape[0], self.rank, self.routing_state.allowed(self, x.shape[0]))
         C = routing.coefficients(P, w, self.S, self.s, combine=cfg.combine)
         k = E if idx is None else idx.shape[1]
         dense = cfg.apply == "dense" or (
