@@ -225,6 +225,7 @@ def load_bundle(
         bank = {f: (t if f == "rank" else t.to(ref.dtype)).to(ref.device) for f, t in bundle.bank(m).items()}
         parent, _, child = m.rpartition(".")
         setattr(model.get_submodule(parent), child, RoutedLinear(base, m, bank, cfg, recorder, forward))
+    forward.link()
     hooks = []
     body = getattr(model, getattr(model, "base_model_prefix", "") or "_no_body", None)
     for entry in (model, body) if isinstance(body, nn.Module) and body is not model else (model,):
