@@ -225,6 +225,7 @@ def load_bundle(
         bank = {f: (t if f == "rank" else t.to(ref.dtype)).to(ref.device) for f, t in bundle.bank(m).items()}
         parent, _, child = m.rpartition(".")
         setattr(model.get_submodule(parent), child, RoutedLinear(base, m, bank, cfg, recorder, forward))
+    forward.link()
     hooks = []
     body = getattr(model, getattr(model, "base_model_prefix", "") or "_no_body", None)
     for entry in (model, body) if isinstance(body, nn.Module) and body is not model else (model,):
@@ -245,6 +246,32 @@ def set_router(model: nn.Module, **changes: Any) -> RouterConfig:
     for k, v in vars(new).items():
         setattr(state.config, k, v)
     return state.config
+
+
+def set_expert_mask(model: nn.Module, mask: torch.Tensor | None) -> None:
+    """Restrict, per token, which experts the routers may use in the next forwards (None clears it).
+
+    mask: bool, (N, E) with one row per token row the routed modules see (N = batch * seq, row-major; a
+    packed continuous-batching forward has batch 1), or (E,) for every token; True = allowed. spectr and
+    arrow pick their top-k among allowed experts only (pooled decisions too), weights are computed among
+    the chosen; uniform averages over the allowed experts; fixed keeps its expert where allowed. A token
+    with one allowed expert gets exactly that expert's LoRA delta; a token with none gets the base output.
+    The mask stays until the next call: during generate() use an (E,) mask, or set one per step.
+    """
+    state: RoutedState | None = getattr(model, "spectr", None)
+    if state is None or state.forward is None:
+        raise ValueError("set_expert_mask: model has no bundle loaded; call load_bundle(model, bundle) first")
+    if mask is None:
+        state.forward.expert_mask = None
+        return
+    E = len(state.bundle.expert_names)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise ValueError(f"set_expert_mask: mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask))}")
+    if mask.dim() not in (1, 2) or mask.shape[-1] != E:
+        raise ValueError(f"set_expert_mask: mask has shape {tuple(mask.shape)}; expected (N, {E}) or ({E},) "
+                         f"for the bundle's {E} experts")
+    device = model.get_submodule(state.modules[0]).Vt.device
+    state.forward.expert_mask = mask.to(device)
 
 
 def unload_bundle(model: nn.Module) -> nn.Module:

@@ -204,10 +204,10 @@ class Engine:
             if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n:
                 raise RequestError(f"spectr.top_k must be an integer from 1 to {n} (the experts it may choose "
                                    f"from), got {top_k!r}", param="spectr.top_k")
-            if top_k != self.top_k and top_k < n:
+            if min(top_k, n) != min(self.top_k, n):  # the effective k among the allowed experts
                 raise RequestError(f"spectr.top_k {top_k} is not supported: the server routes with top_k="
-                                   f"{self.top_k} (or give top_k = the number of allowed experts, {n})",
-                                   param="spectr.top_k")
+                                   f"{self.top_k} (per-request k is not in the runtime yet; start the server with "
+                                   f"--top-k {top_k})", param="spectr.top_k")
         routing = Routing(experts=allowed, top_k=top_k, summary=summary)
         if routing.experts is not None and _expert_mask_api() is None:
             raise RequestError("per-request experts need spectr.runtime.set_expert_mask, which this runtime lacks",
