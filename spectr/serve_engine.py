@@ -119,6 +119,7 @@ class Engine:
                         varlen_compile_config=compile_cfg, decode_compile_config=compile_cfg)
         self.manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
         self._live: dict[str, _Live] = {}
+        self.cancelled = 0  # requests whose client left before the end
         self._rows: list[tuple[_Live, int]] | None = None  # (request, next-token row) of the running forward
         self._hooks = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                        model.register_forward_hook(self._after_forward, always_call=True)]
@@ -136,6 +137,7 @@ class Engine:
         base_model: Path | str,
         bundle: Path | str | None = None,
         *,
+        top_k: int = 1,
         device: str | None = None,
         dtype: str | None = None,
         max_batch_tokens: int | None = None,
@@ -143,16 +145,19 @@ class Engine:
         compile: bool = False,
     ) -> "Engine":
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        from spectr.runtime import load_bundle, read_bundle
+
+        hf_logging.disable_progress_bar()  # the server logs requests, not loading bars
+        loaded = read_bundle(bundle) if bundle is not None else None  # a bad bundle fails before the weights load
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = getattr(torch, dtype) if dtype else (torch.float32 if device == "cpu" else torch.bfloat16)
         tokenizer = AutoTokenizer.from_pretrained(base_model)
         model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch_dtype, attn_implementation="sdpa")
         model = model.to(device).eval()
-        if bundle is not None:
-            from spectr.runtime import load_bundle
-
-            load_bundle(model, bundle)
+        if loaded is not None:
+            load_bundle(model, loaded, top_k=top_k)
         return cls(model, tokenizer, model_id=Path(base_model).name, max_batch_tokens=max_batch_tokens,
                    num_blocks=num_blocks, compile=compile)
 
@@ -241,6 +246,7 @@ class Engine:
                              summary=self._summary(live) if finished and routing.summary else None)
         finally:
             if not finished:  # the client left (or the task was cancelled): free the slot and the cache
+                self.cancelled += 1
                 self.manager.cancel_request(rid)
                 with self.manager.output_router._lock:
                     self.manager.output_router.result_handlers.pop(rid, None)
