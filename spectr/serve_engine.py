@@ -93,6 +93,7 @@ class Engine:
         max_batch_tokens: int | None = None,
         num_blocks: int | None = None,
         compile: bool = False,
+        stop_on_eos: bool = True,
     ):
         from transformers import GenerationConfig
 
@@ -108,6 +109,8 @@ class Engine:
         if eos is None:
             eos = tokenizer.eos_token_id
         self.eos: list[int] = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        if not stop_on_eos:  # benchmarks: every request generates exactly max_tokens
+            self.eos = []
         gen = GenerationConfig(do_sample=False, max_new_tokens=256, eos_token_id=self.eos[0] if self.eos else -1)
         compile_cfg = None
         if compile:
