@@ -5,8 +5,8 @@ in this process; the clients run in a second process (so they do not share the s
 clients, each sending its requests one after another over HTTP with "stream": true, prompt P tokens, exactly
 G generated tokens (EOS off). Throughput = generated tokens (from the responses' usage) / wall time of the
 level; TTFT = time from sending a request to its first content chunk, median over requests. The base model
-is served the same way (same engine, same settings, no bundle) in the same run, then the bundle is loaded
-into the same model and the levels run again.
+is served the same way (same engine, same settings, no bundle) in the same run: at each level the base runs,
+then the bundle is loaded into the same model and the level runs again, then it is unloaded.
 
 CPU, SmolLM2-135M-Instruct and the shared library (E = 8):
     python benchmarks/make_bundle.py --base SMOL --experts ../shared/experts -o /tmp/lib-bundle
@@ -174,12 +174,13 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     import transformers
 
-    from spectr.runtime import load_bundle, read_bundle
+    from spectr.runtime import load_bundle, read_bundle, unload_bundle
     from spectr.serve_engine import Engine
 
     tmp = tempfile.TemporaryDirectory()
     if a.random_8b:
-        model, tokenizer, bundle = random_8b(a.layers, a.experts, 16, a.device, Path(tmp.name), a.smoke)
+        model, tokenizer, path = random_8b(a.layers, a.experts, 16, a.device, Path(tmp.name), a.smoke)
+        bundle = read_bundle(path)
         what = f"random Llama-3-8B-shaped model ({a.layers} layers, bf16), {a.experts} random rank-16 experts"
     else:
         model, tokenizer = saved(a.base, a.device)
@@ -191,13 +192,18 @@ def main() -> None:
     levels = [(c, a.requests or (4 if c == 1 else 2)) for c in (int(x) for x in a.clients.split(","))]
     kw = dict(model_id="bench", max_batch_tokens=a.max_batch_tokens, num_blocks=a.num_blocks, stop_on_eos=False)
 
-    rows = {}
-    for label in ("base", "routed"):
-        if label == "routed":
-            load_bundle(model, bundle)
-        engine = Engine(model, tokenizer, **kw)
-        rows[label] = run_levels(engine, prompts, levels, a.gen_tokens)
-        for r in rows[label]:
+    # Each level runs base then routed back to back (the bundle loaded and unloaded in place), so a drift
+    # in the machine's load (a shared CPU) hits both sides of a ratio alike.
+    rows: dict[str, list[dict]] = {"base": [], "routed": []}
+    for level in levels:
+        for label in ("base", "routed"):
+            if label == "routed":
+                load_bundle(model, bundle)
+            engine = Engine(model, tokenizer, **kw)
+            r = run_levels(engine, prompts, [level], a.gen_tokens)[0]
+            if label == "routed":
+                unload_bundle(model)
+            rows[label].append(r)
             print(f"{label:>6} C={r['clients']:>3}: {r['tokens_per_s']:8.1f} tok/s, TTFT {r['ttft_median_ms']:8.1f} ms "
                   f"({r['requests']} requests, {r['wall_s']:.1f} s)", flush=True)
     device = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
