@@ -167,6 +167,7 @@ def main() -> None:
     ap.add_argument("--max-batch-tokens", type=int, default=None)
     ap.add_argument("--num-blocks", type=int, default=None)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--compile", action="store_true", help="the engine's --compile (continuous batching's compiled forward)")
     ap.add_argument("--label", default=None, help="results file name part (default: cpu or h200)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     a = ap.parse_args()
@@ -190,7 +191,8 @@ def main() -> None:
     vocab = min(len(tokenizer), model.config.vocab_size)
     prompts = [torch.randint(10, vocab, (a.prompt_tokens,), generator=g).tolist() for _ in range(256)]
     levels = [(c, a.requests or (4 if c == 1 else 2)) for c in (int(x) for x in a.clients.split(","))]
-    kw = dict(model_id="bench", max_batch_tokens=a.max_batch_tokens, num_blocks=a.num_blocks, stop_on_eos=False)
+    kw = dict(model_id="bench", max_batch_tokens=a.max_batch_tokens, num_blocks=a.num_blocks, stop_on_eos=False,
+              compile=a.compile)
 
     # Each level runs base then routed back to back (the bundle loaded and unloaded in place), so a drift
     # in the machine's load (a shared CPU) hits both sides of a ratio alike.
@@ -207,14 +209,16 @@ def main() -> None:
             print(f"{label:>6} C={r['clients']:>3}: {r['tokens_per_s']:8.1f} tok/s, TTFT {r['ttft_median_ms']:8.1f} ms "
                   f"({r['requests']} requests, {r['wall_s']:.1f} s)", flush=True)
     device = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
-    label = a.label or ("h200" if a.device.startswith("cuda") else "cpu")
+    label = a.label or ("h200" if a.device.startswith("cuda") else "cpu") + ("_compile" if a.compile else "")
     cmd = "python benchmarks/bench_serve.py " + (
         f"--random-8b --layers {a.layers} --device {a.device}" if a.random_8b else
         f"--base {a.base.name} --bundle {a.bundle.name} --device {a.device}") + (
-        f" --prompt-tokens {a.prompt_tokens} --gen-tokens {a.gen_tokens} --clients {a.clients}")
+        f" --prompt-tokens {a.prompt_tokens} --gen-tokens {a.gen_tokens} --clients {a.clients}") + (
+        " --compile" if a.compile else "")
     lines = [f"# spectr serve under load ({label})", "", f"`{cmd}`", "",
              f"{what}; {device}; torch {torch.__version__}, transformers {transformers.__version__}, "
-             f"{platform.python_version()}. Continuous batching (sync, no CUDA graphs, no prefix sharing), "
+             f"{platform.python_version()}. Continuous batching (sync, no CUDA graphs, no prefix sharing"
+             f"{', torch.compile of the batched forward' if a.compile else ''}), "
              f"greedy, prompt {a.prompt_tokens} tokens, {a.gen_tokens} generated tokens per request (EOS off), "
              "streamed over HTTP; clients in a second process. Routed = the runtime's defaults (spectr, top-1, "
              "pool=input), no per-request fields. Ratios are routed / base from this run.", "",

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from spectr.serve_engine import Engine, Output, RequestError
 
-DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions; chat takes the same so replies stay bounded
+DEFAULT_MAX_TOKENS = {"completions": 16, "chat": 512}  # OpenAI's default for completions; chat: bounded
 
 
 def _error(message: str, status: int = 400, param: str | None = None) -> JSONResponse:
@@ -62,10 +62,11 @@ def _completion_prompt(engine: Engine, prompt: Any) -> list[int]:
     raise RequestError("'prompt' must be a string, a list of one string, or a list of token ids", param="prompt")
 
 
-def _max_tokens(body: dict) -> int:
+def _max_tokens(body: dict, chat: bool, room: int | None) -> int:
     value = body.get("max_completion_tokens", body.get("max_tokens"))
     if value is None:
-        return DEFAULT_MAX_TOKENS
+        default = DEFAULT_MAX_TOKENS["chat" if chat else "completions"]
+        return max(1, min(default, room)) if room is not None else default
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise RequestError(f"max_tokens must be a positive integer, got {value!r}", param="max_tokens")
     return value
@@ -137,7 +138,8 @@ def create_app(engine: Engine):
             ids = _completion_prompt(engine, body.get("prompt"))
         if body.get("n", 1) != 1:
             raise RequestError("only n=1 is supported", param="n")
-        max_new = _max_tokens(body)
+        room = engine.max_context - len(ids) if engine.max_context else None
+        max_new = _max_tokens(body, chat, room)
         engine.check_length(len(ids), max_new)
         routing = engine.routing(body.get("spectr"))
         created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex

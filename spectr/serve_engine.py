@@ -124,8 +124,10 @@ class Engine:
         self._live: dict[str, _Live] = {}
         self.cancelled = 0  # requests whose client left before the end
         self._rows: list[tuple[_Live, int]] | None = None  # (request, next-token row) of the running forward
-        self._hooks = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-                       model.register_forward_hook(self._after_forward, always_call=True)]
+        # Plain Python over the batch's request list: kept out of a compiled forward (a graph break, not guards)
+        before, after = torch.compiler.disable(self._before_forward), torch.compiler.disable(self._after_forward)
+        self._hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
+                       model.register_forward_hook(after, always_call=True)]
         self._counter = None
         self._masked = False
         if state is not None:
@@ -240,8 +242,11 @@ class Engine:
         self.manager.register_result_handler(rid, queue.put_nowait)
         finished = False
         try:
-            self.manager.add_request(list(prompt_ids), request_id=rid, max_new_tokens=max_new_tokens,
-                                     streaming=stream, eos_token_id=self.eos or -1)
+            added = self.manager.add_request(list(prompt_ids), request_id=rid, max_new_tokens=max_new_tokens,
+                                             streaming=stream, eos_token_id=self.eos or -1)
+            if added is None:  # the manager is stopping and takes no new requests
+                finished = True
+                raise RequestError("the server is shutting down", status=503)
             while not finished:
                 out = await queue.get()
                 finished = out.is_finished()
@@ -251,8 +256,8 @@ class Engine:
             if not finished:  # the client left (or the task was cancelled): free the slot and the cache
                 self.cancelled += 1
                 self.manager.cancel_request(rid)
-                with self.manager.output_router._lock:
-                    self.manager.output_router.result_handlers.pop(rid, None)
+            with self.manager.output_router._lock:
+                self.manager.output_router.result_handlers.pop(rid, None)
             self._live.pop(rid, None)
 
     def _summary(self, live: _Live) -> dict[str, float]:
