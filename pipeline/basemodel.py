@@ -1,7 +1,6 @@
 """The base model's linear-module shapes, read from its config alone (meta device, no weights)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from spectr.digest import sha256_json
 from spectr.pipeline.fetch import is_hub_id, split_revision
 from spectr.pipeline.types import AdapterError, BaseModelInfo, ModuleShape
 
@@ -50,8 +50,7 @@ def _strip_volatile(obj: Any) -> Any:
 
 def config_sha256(config: dict[str, Any]) -> str:
     """sha256 of the config's canonical JSON, volatile keys removed."""
-    canon = json.dumps(_strip_volatile(config), sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canon.encode()).hexdigest()
+    return sha256_json(_strip_volatile(config))
 
 
 def _collect_modules(model: nn.Module) -> dict[str, ModuleShape]:

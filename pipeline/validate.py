@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from spectr.digest import canonical_json, update_with_file
 from spectr.pipeline.basemodel import names_match, read_json_object
 from spectr.pipeline.types import AdapterError, AdapterSource, BaseModelInfo, LoadedAdapter, ModuleFactors
 
@@ -57,23 +58,16 @@ def read_adapter_config(folder: Path) -> dict:
     return read_json_object(Path(folder) / CONFIG_FILE, CONFIG_FILE)
 
 
-def _canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
-
-
 def adapter_content_sha256(folder: Path) -> str:
     """sha256 over the canonical config JSON, then the safetensors weights file's bytes."""
     folder = Path(folder)
     h = hashlib.sha256()
-    h.update(b"adapter_config.json\0" + _canonical(read_adapter_config(folder)) + b"\0")
+    h.update(b"adapter_config.json\0" + canonical_json(read_adapter_config(folder)).encode() + b"\0")
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise AdapterError(f"{weights}: missing {WEIGHTS_FILE}")
     h.update(WEIGHTS_FILE.encode() + b"\0")
-    with open(weights, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return update_with_file(h, weights).hexdigest()
 
 
 def _is_set(value: Any) -> bool:

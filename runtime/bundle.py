@@ -23,8 +23,8 @@ from torch import nn
 from spectr.runtime.layer import ForwardState, RoutedLinear, RouterConfig
 from spectr.runtime.trace import TraceRecorder
 
-if TYPE_CHECKING:  # pipeline.types is only needed for type hints; keep runtime imports minimal
-    from spectr.pipeline.types import AdapterSpectra
+if TYPE_CHECKING:  # only for type hints
+    from spectr.runtime.spectrum import AdapterSpectra
 
 FORMAT = "spectr-bundle/1"
 MANIFEST = "manifest.json"

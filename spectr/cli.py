@@ -154,7 +154,7 @@ def bundle_create(
     output: Path = typer.Option(..., "-o", "--output", help="bundle folder to write"),
 ) -> None:
     """Export a chosen expert set (stacked spectra + manifest) for the runtime."""
-    from spectr.registry.bundles import create_bundle
+    from spectr.pipeline.export import create_bundle
     from spectr.registry.store import Registry
 
     if all_experts == (experts is not None):

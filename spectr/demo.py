@@ -51,7 +51,7 @@ def run_demo(home: Path | None = None) -> int:
     if any(o["status"] == "rejected" for o in outcomes):
         return 1
 
-    from spectr.registry.bundles import create_bundle
+    from spectr.pipeline.export import create_bundle
     from spectr.generate import routed_generate
 
     bundle = create_bundle(registry, None, spectr_home() / "bundles" / "demo", name="demo")

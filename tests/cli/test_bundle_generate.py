@@ -10,10 +10,10 @@ import torch
 from typer.testing import CliRunner
 
 from spectr.pipeline.basemodel import resolve_base_model
-from spectr.pipeline.blob import spectra_from_bytes
+from spectr.registry.spectra_format import spectra_from_bytes
 from spectr.pipeline.fetch import fetch
 from spectr.pipeline.spectra import adapter_spectra
-from spectr.pipeline.store import store_version, write_spectra_blob
+from spectr.pipeline.persist import store_version, write_spectra_blob
 from spectr.pipeline.validate import load_adapter
 from spectr.registry.store import Registry
 from spectr.runtime import read_bundle

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from spectr.pipeline.spectra import exact_spectrum
-from spectr.pipeline.types import AdapterSpectra
+from spectr.runtime.spectrum import AdapterSpectra
 from spectr.runtime import load_bundle, trace_routing, write_bundle
 from spectr.runtime.evaluate import (
     read_jsonl,
