@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import os
 import platform
 import statistics
 import tempfile
@@ -197,6 +198,7 @@ def main() -> None:
     # Each level runs base then routed back to back (the bundle loaded and unloaded in place), so a drift
     # in the machine's load (a shared CPU) hits both sides of a ratio alike.
     rows: dict[str, list[dict]] = {"base": [], "routed": []}
+    load_start = os.getloadavg()
     for level in levels:
         for label in ("base", "routed"):
             if label == "routed":
@@ -208,6 +210,7 @@ def main() -> None:
             rows[label].append(r)
             print(f"{label:>6} C={r['clients']:>3}: {r['tokens_per_s']:8.1f} tok/s, TTFT {r['ttft_median_ms']:8.1f} ms "
                   f"({r['requests']} requests, {r['wall_s']:.1f} s)", flush=True)
+    load = f"load average {load_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     device = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     label = a.label or ("h200" if a.device.startswith("cuda") else "cpu") + ("_compile" if a.compile else "")
     cmd = "python benchmarks/bench_serve.py " + (
@@ -216,7 +219,7 @@ def main() -> None:
         f" --prompt-tokens {a.prompt_tokens} --gen-tokens {a.gen_tokens} --clients {a.clients}") + (
         " --compile" if a.compile else "")
     lines = [f"# spectr serve under load ({label})", "", f"`{cmd}`", "",
-             f"{what}; {device}; torch {torch.__version__}, transformers {transformers.__version__}, "
+             f"{what}; {device} ({load}); torch {torch.__version__}, transformers {transformers.__version__}, "
              f"{platform.python_version()}. Continuous batching (sync, no CUDA graphs, no prefix sharing"
              f"{', torch.compile of the batched forward' if a.compile else ''}), "
              f"greedy, prompt {a.prompt_tokens} tokens, {a.gen_tokens} generated tokens per request (EOS off), "
