@@ -228,7 +228,7 @@ def serve(
     with tempfile.TemporaryDirectory(prefix="spectr-serve-") as tmp:
         try:
             if experts is not None:
-                from spectr.registry.bundles import create_bundle
+                from spectr.pipeline.export import create_bundle
                 from spectr.registry.store import Registry
 
                 selectors = [e for e in experts.split(",") if e.strip()]

@@ -207,3 +207,33 @@ def test_serve_cli_refuses_bad_arguments(tmp_path, served):
     assert result.exit_code == 1 and "no config.json" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["serve", "--base-model", str(base), "--bundle", str(tmp_path / "nothing")])
     assert result.exit_code == 1 and "nothing" in result.output and "Traceback" not in result.output
+
+
+def test_serve_cli_builds_the_bundle_from_the_registry(served, spectr_home, make_adapter, monkeypatch):
+    """--experts NAME@V,...: the registry's versions become the served bundle (the server itself is not started)."""
+    from spectr.pipeline.basemodel import resolve_base_model
+    from spectr.pipeline.fetch import fetch
+    from spectr.pipeline.persist import store_version, write_spectra_blob
+    from spectr.pipeline.spectra import adapter_spectra
+    from spectr.pipeline.validate import load_adapter
+    from spectr.registry.store import Registry
+
+    _, _, base, _, _ = served
+    registry = Registry()
+    info = resolve_base_model(base, name="tiny-org/tiny-llama")
+    for name in ("red", "green"):
+        adapter = load_adapter(fetch(str(make_adapter(name, seed=40 + EXPERTS.index(name)))), info)
+        store_version(registry, adapter, write_spectra_blob(registry.blobs, adapter, adapter_spectra(adapter)))
+    seen = {}
+
+    def fake_serve(engine, host, port):
+        seen.update(experts=engine.expert_names, top_k=engine.top_k, host=host, port=port)
+        engine.stop()
+
+    monkeypatch.setattr("spectr.serve.serve", fake_serve)
+    result = runner.invoke(app, ["serve", "--base-model", str(base), "--experts", "green,red@1", "--port", "8123",
+                                 "--top-k", "2", "--device", "cpu", "--num-blocks", "8"])
+    assert result.exit_code == 0, result.output
+    assert seen == {"experts": ["green", "red"], "top_k": 2, "host": "127.0.0.1", "port": 8123}
+    result = runner.invoke(app, ["serve", "--base-model", str(base), "--experts", "red@7"])
+    assert result.exit_code == 1 and "no version 7" in result.output and "Traceback" not in result.output
