@@ -101,6 +101,8 @@ def test_generate_routes_and_draws(filled, tiny_with_tokenizer, tmp_path):
 
     gen = routed_generate(tiny_with_tokenizer, bundle, "w5 w6 w7", chat=False, max_new_tokens=4, top_k=1)
     assert gen.tokens[:3] == ["w5", "w6", "w7"] and 3 <= len(gen.tokens) <= 6
+    assert 1 <= gen.new_tokens <= 4 and gen.tokens_per_s > 0  # throughput of the generate() call
+    assert "tokens/s" in result.output
 
     fixed = runner.invoke(app, args + ["--router", "fixed:blue"])
     assert fixed.exit_code == 0, fixed.output
