@@ -40,7 +40,8 @@ MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-SMOKE = False  # --smoke: tiny shapes, for checking the script itself
+SMOKE = False  # --smoke: tiny shapes, for checking the script itself (on the CPU when there is no GPU)
+DEV = "cuda"
 
 
 def base_model(layers: int):
@@ -50,7 +51,7 @@ def base_model(layers: int):
         dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8)
     cfg = LlamaConfig(**size, num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=4096)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(DEV):
         model = LlamaForCausalLM(cfg)
     return model.to(torch.bfloat16).eval()
 
@@ -59,14 +60,14 @@ def make_factors(model, E: int, layers: int) -> list[dict[str, tuple[torch.Tenso
     """E experts: {module: (A (r, in), B (out, r))}, random, on the GPU."""
     experts = []
     for i in range(E):
-        g = torch.Generator(device="cuda").manual_seed(1000 + i)
+        g = torch.Generator(device=DEV).manual_seed(1000 + i)
         factors = {}
         for layer in range(layers):
             for m in MODULES:
                 name = f"model.layers.{layer}.{m}"
                 d_in, d_out = module_shape(model.get_submodule(name))
-                A = torch.randn(RANK, d_in, device="cuda", generator=g) / d_in ** 0.5
-                B = torch.randn(d_out, RANK, device="cuda", generator=g) * 0.02
+                A = torch.randn(RANK, d_in, device=DEV, generator=g) / d_in ** 0.5
+                B = torch.randn(d_out, RANK, device=DEV, generator=g) * 0.02
                 factors[name] = (A, B)
         experts.append(factors)
     return experts
@@ -78,11 +79,13 @@ def write_experts(root: Path, model, factors: list[dict]) -> tuple[Path, list[Pa
     for i, f in enumerate(factors):
         mods = {}
         for name, (A, B) in f.items():
-            sp = exact_spectrum(A, B, ALPHA / RANK, device="cuda")
+            sp = exact_spectrum(A.cpu(), B.cpu(), ALPHA / RANK, device="cpu")  # many tiny QRs: faster on the CPU
             mods[name] = type(sp)(U=sp.U.float().cpu(), S=sp.S.float().cpu(), V=sp.V.float().cpu(),
                                   scaling=sp.scaling, energy=sp.energy)
         infos.append(({"name": f"e{i}", "version": 1, "content_sha256": "", "rank": RANK, "alpha": ALPHA},
                       AdapterSpectra(mods, "exact", {})))
+        if i >= 8:  # PEFT Arrow is measured at E = 8
+            continue
         folder = root / f"e{i}"
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {}
@@ -116,8 +119,17 @@ def subset_bundle(root: Path, full, E: int) -> Path:
     return Bundle(path=root / f"bundle{E}", manifest=manifest, tensors=tensors)
 
 
+def device_name() -> str:
+    return torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
+
+
 @torch.no_grad()
 def timed(fn, ids: torch.Tensor, warmup: int = 3, reps: int = 20, mark: bool = False) -> float:
+    if DEV == "cpu":
+        fn(ids)
+        t0 = time.perf_counter()
+        fn(ids)
+        return (time.perf_counter() - t0) * 1e3
     for _ in range(warmup):
         if mark:
             torch.compiler.cudagraph_mark_step_begin()
@@ -142,9 +154,11 @@ def measure(model, compiled: bool, label: str) -> dict[str, float]:
         torch._dynamo.reset()
         fwd = torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
     out = {}
-    g = torch.Generator(device="cuda").manual_seed(7)
+    g = torch.Generator(device=DEV).manual_seed(7)
     for shape, (B, T) in SHAPES.items():
-        ids = torch.randint(0, 32000, (B, T), device="cuda", generator=g)
+        ids = torch.randint(0, 32000, (B, T), device=DEV, generator=g)
+        if SMOKE and DEV == "cpu":
+            ids = ids[:, :16]
         t0 = time.perf_counter()
         out[shape] = timed(lambda i: fwd(input_ids=i, use_cache=False).logits, ids, mark=compiled)
         print(f"  {label} {'compiled' if compiled else 'eager'} {shape}: {out[shape]:.3f} ms "
@@ -157,7 +171,7 @@ def profile(model, path: Path, label: str) -> None:
 
     lines = []
     for shape, (B, T) in SHAPES.items():
-        ids = torch.randint(0, 32000, (B, T), device="cuda")
+        ids = torch.randint(0, 32000, (B, T), device=DEV)
         with torch.no_grad():
             for _ in range(2):
                 model(input_ids=ids, use_cache=False)
@@ -181,8 +195,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: check the script, not the speed")
     a = ap.parse_args()
-    global SMOKE
+    global SMOKE, DEV
     SMOKE = a.smoke
+    DEV = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = True
     sizes = [int(e) for e in a.experts.split(",")]
     want_compiled = set() if a.compiled == "none" else set(a.compiled.split(","))
@@ -197,7 +212,7 @@ def main() -> None:
     rows: list[dict] = []
     t_start = time.perf_counter()
     base = base_model(a.layers)
-    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}; base built", flush=True)
+    print(f"{device_name()} torch {torch.__version__}; base built", flush=True)
 
     def record(label, E, opts_compiled, result):
         rows.append({"variant": label, "E": E, "compiled": opts_compiled, **result})
@@ -220,8 +235,13 @@ def main() -> None:
                 if f"{short[label]}:{E}" in want_compiled:
                     try:
                         record(label, E, True, measure(model, True, f"{label} E={E}"))
-                    except Exception as exc:  # noqa: BLE001 - a benchmark reports and goes on
-                        print(f"  {label} E={E} compiled failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                    except Exception as exc:  # noqa: BLE001 - a benchmark reports, then tries without the kernel
+                        print(f"  {label} E={E} compiled failed: {type(exc).__name__}: {str(exc)[:600]}", flush=True)
+                        from spectr.runtime import kernels
+
+                        if kernels.route is not None:
+                            kernels.route = None
+                            record(label + " (no Triton kernel)", E, True, measure(model, True, f"{label} E={E}"))
                 if a.profile and label in ("defaults", "defaults, impl=plain") and E == sizes[0]:
                     a.profile.mkdir(parents=True, exist_ok=True)
                     profile(model, a.profile / f"profile_{short[label]}_E{E}.txt", f"{label} E={E}")
@@ -246,7 +266,7 @@ def write_results(rows: list[dict], a, seconds: float) -> None:
     lines = [
         "# Routed forward on one GPU (benchmarks/bench_gpu.py)", "",
         f"`python benchmarks/bench_gpu.py --experts {a.experts} --compiled {a.compiled}` on "
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16; Llama-3-8B layer shapes, {a.layers} layers, "
+        f"{device_name()}, torch {torch.__version__}, bf16; Llama-3-8B layer shapes, {a.layers} layers, "
         f"random weights, rank-{RANK} experts on 7 linear modules; median of 20 forwards after 3 warm-ups (CUDA events). "
         f"Ratios: eager rows to the eager base, compiled rows to the compiled base (mode=reduce-overhead, "
         f"fullgraph=True). Whole run {seconds:.0f} s.", "",

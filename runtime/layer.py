@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spectr.runtime import routing
+from spectr.runtime import kernels, routing
 from spectr.runtime.trace import layer_of
 
 # Sibling modules that read one input tensor in common architectures (the pool="input" groups);
@@ -133,6 +133,10 @@ class ForwardState:
             if len(members) > 1 and len({m.Vt.shape[1] for m in members}) == 1:
                 lead.register_buffer("Vt_group", torch.cat([m.Vt for m in members]), persistent=False)
                 lead.group_sizes = [m.Vt.shape[0] for m in members]
+                if len({m.S.shape[1] for m in members}) == 1:  # one rank: the GPU kernel takes the group
+                    for f in ("S", "rank", "s"):
+                        lead.register_buffer(f"{f}_group", torch.stack([getattr(m, f) for m in members]),
+                                             persistent=False)
 
     def _clear_handoffs(self) -> None:
         for members in self.members.values():
@@ -346,6 +350,9 @@ class RoutedLinear(nn.Module):
         cfg, st, t = self.cfg, self.routing_state, x.shape[0]
         members = self._group()
         allowed = st.allowed(self, t)
+        if x.is_cuda and kernels.route is not None and cfg.router != "uniform" and cfg.smooth == 0 \
+                and cfg.pool != "layer" and (len(members) == 1 or hasattr(members[0], "S_group")):
+            return self._decide_group_kernel(members, x, allowed)
         Ps = self._project_group(members, x)
         if cfg.router == "uniform":
             return [(routing.coefficients(P, routing.all_weights(t, m.rank, allowed), m.S, m.s,
@@ -369,6 +376,22 @@ class RoutedLinear(nn.Module):
             w = routing.weights(vals, idx, m.E, mode=cfg.weighting, temperature=cfg.temperature)
             out.append((routing.coefficients(P, w, m.S, m.s, combine=cfg.combine).reshape(t, -1), vals, idx))
         return out
+
+    def _decide_group_kernel(self, members: list[RoutedLinear], x: torch.Tensor,
+                             allowed: torch.Tensor | None) -> list[tuple]:
+        """_decide_group in one Triton launch after the group's scoring GEMM (kernels.py)."""
+        cfg, lead, M = self.cfg, members[0], len(members)
+        if M == 1:
+            P = x @ self.Vt.T
+            S, rank, s = self.S.unsqueeze(0), self.rank.unsqueeze(0), self.s.unsqueeze(0)
+        else:
+            P = x @ lead.Vt_group.T
+            S, rank, s = lead.S_group, lead.rank_group, lead.s_group
+        C, idx, vals = kernels.route(P, S, rank, s, allowed, M=M, E=self.E, k=cfg.top_k, router=cfg.router,
+                                     score=cfg.score, rank_normalize=cfg.rank_normalize, weighting=cfg.weighting,
+                                     temperature=cfg.temperature, combine=cfg.combine)
+        Cs = C.split(lead.group_sizes, dim=1) if M > 1 else (C,)
+        return [(Cm, vals[:, m], idx) for m, Cm in enumerate(Cs)]
 
     def _fused_coefficients(self, x: torch.Tensor, shape: tuple[int, int]) -> tuple:
         """This module's (C, vals, idx): handed over by the sibling that decided first, or decided here

@@ -139,6 +139,12 @@ def test_cuda_fused_equals_plain_fp32_choices_and_bf16_logits(bundle, name):
     assert (got - want).abs().max() <= 1e-3
     for m in want_idx:
         assert torch.equal(got_idx[m], want_idx[m]), m
+    rows = torch.rand(IDS.numel(), 4, generator=torch.Generator().manual_seed(3)) > 0.5  # per-token masks
+    for model in (fused, plain):
+        set_expert_mask(model, rows)
+    assert (run(fused, ids)[0] - run(plain, ids)[0]).abs().max() <= 1e-3
+    for model in (fused, plain):
+        set_expert_mask(model, None)
     fused.to(torch.bfloat16), plain.to(torch.bfloat16)
     got, want = run(fused, ids)[0].float(), run(plain, ids)[0].float()
     assert (got - want).norm() / want.norm() <= 2e-2
