@@ -216,6 +216,7 @@ def main() -> None:
 
     def record(label, E, opts_compiled, result):
         rows.append({"variant": label, "E": E, "compiled": opts_compiled, **result})
+        write_results(rows, a, time.perf_counter() - t_start, quiet=True)  # a run cut short keeps its rows
 
     record("base", None, False, measure(base, False, "base"))
     if "base" in want_compiled:
@@ -260,7 +261,7 @@ def main() -> None:
     write_results(rows, a, time.perf_counter() - t_start)
 
 
-def write_results(rows: list[dict], a, seconds: float) -> None:
+def write_results(rows: list[dict], a, seconds: float, quiet: bool = False) -> None:
     base = {c: next(r for r in rows if r["variant"] == "base" and r["compiled"] == c) for c in (False, True)
             if any(r["variant"] == "base" and r["compiled"] == c for r in rows)}
     lines = [
@@ -292,7 +293,8 @@ def write_results(rows: list[dict], a, seconds: float) -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "gpu_h200.md").write_text("\n".join(lines) + "\n")
     (a.out / "gpu_h200.json").write_text(json.dumps(rows, indent=1) + "\n")
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":
