@@ -1,13 +1,12 @@
 """The registry: base models, experts and their immutable versions, spectra blobs, ingestion runs."""
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -18,16 +17,43 @@ from spectr.registry.blobs import BlobStore
 from spectr.registry.models import (
     Adapter,
     AdapterVersion,
-    BaseModel,
+    BaseModelRow,
     IngestionResult,
     IngestionRun,
     Spectra,
     utcnow,
 )
+from spectr.digest import canonical_json, sha256_json
 from spectr.registry.settings import registry_url
 
-if TYPE_CHECKING:  # only for hints: the registry itself never needs torch
-    from spectr.pipeline.types import BaseModelInfo, LoadedAdapter
+
+# What the registry reads from the pipeline's objects (pipeline.types.BaseModelInfo and LoadedAdapter).
+# Structural types, so the registry imports nothing from the pipeline (arrows point down).
+class BaseModelInfo(Protocol):
+    name: str
+    architecture: str
+    model_type: str
+    config: dict[str, Any]
+    config_sha256: str
+
+
+class AdapterSourceInfo(Protocol):
+    name: str
+    source: str
+    revision: str | None
+
+
+class LoadedAdapter(Protocol):
+    source: AdapterSourceInfo
+    base: BaseModelInfo
+    config: dict[str, Any]
+    content_sha256: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    modules_to_save: list[str]
+    modules: dict[str, Any]
+    dense_deltas: dict[str, Any]
 
 RESULT_STATUSES = ("new", "unchanged", "rejected")
 
@@ -53,11 +79,7 @@ class VersionInfo:
 
 def _jsonable(obj: Any) -> Any:
     # Configs may carry tuples or dtypes; store what json can represent, deterministically.
-    return json.loads(json.dumps(obj, sort_keys=True, default=str))
-
-
-def _sha_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+    return json.loads(canonical_json(obj))
 
 
 def _loose(name: str) -> tuple[str, str]:
@@ -97,10 +119,10 @@ class Registry:
                 if attempt:
                     raise
 
-    def _ensure_base(self, s: Session, info: BaseModelInfo) -> BaseModel:
-        row = s.scalar(select(BaseModel).where(BaseModel.name == info.name))
+    def _ensure_base(self, s: Session, info: BaseModelInfo) -> BaseModelRow:
+        row = s.scalar(select(BaseModelRow).where(BaseModelRow.name == info.name))
         if row is None:
-            row = BaseModel(
+            row = BaseModelRow(
                 name=info.name,
                 architecture=info.architecture,
                 model_type=info.model_type,
@@ -119,11 +141,11 @@ class Registry:
     def base_model_config(self, name: str) -> tuple[str, dict] | None:
         """(stored name, config) by exact name, else names equal or same last path part, case-insensitive."""
         with self._session() as s:
-            row = s.scalar(select(BaseModel).where(BaseModel.name == name))
+            row = s.scalar(select(BaseModelRow).where(BaseModelRow.name == name))
             if row is not None:
                 return row.name, row.config
             full, last = _loose(name)
-            for row in s.scalars(select(BaseModel).order_by(BaseModel.id)):
+            for row in s.scalars(select(BaseModelRow).order_by(BaseModelRow.id)):
                 f, l_ = _loose(row.name)
                 if f == full or l_ == last:
                     return row.name, row.config
@@ -213,7 +235,7 @@ class Registry:
                     blob_sha256=blob,
                     method=method,
                     params=params_json,
-                    params_sha256=_sha_json(params_json),
+                    params_sha256=sha256_json(params_json),
                     energy=float(energy),
                     n_modules=int(n_modules),
                     size_bytes=int(size_bytes),
