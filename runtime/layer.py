@@ -426,8 +426,11 @@ class RoutedLinear(nn.Module):
         if self.recorder is not None and self.recorder.enabled and idx is not None:
             lead = x.shape[:-1]
             self.recorder.record(self.name, idx.view(*lead, -1), vals.view(*lead, -1))
-        # y + C US^T in one GEMM whose epilogue adds the base output: one pass over y, not three
-        return torch.addmm(y2, C.to(y.dtype), US.T.to(y.dtype)).view_as(y)
+        # y += C US^T in one GEMM whose epilogue adds into the base output: in place, so y is read and written
+        # once (out of place, addmm first copies y); autograd keeps the out-of-place form
+        if y.requires_grad:
+            return torch.addmm(y2, C.to(y.dtype), US.T.to(y.dtype)).view_as(y)
+        return y2.addmm_(C.to(y.dtype), US.T.to(y.dtype)).view_as(y)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
