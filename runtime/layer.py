@@ -38,9 +38,10 @@ class RouterConfig:
     dense_max: int = 4096  # auto: dense when E*r <= dense_max or 2k >= E (dense won every size measured)
     pool: str = "input"  # input (q,k,v; gate,up decide together) | module (the paper's code) | layer
     smooth: float = 0.0  # causal moving average of evidence over tokens; 0 = off (see routing.py)
-    # fused: one scoring GEMM per input group, decisions handed to siblings by module attributes, the apply
-    # added in the base output's GEMM epilogue; compiles with fullgraph=True and captures into CUDA graphs.
-    # plain: the readable per-module code, the reference the fused path is tested against.
+    # fused: one scoring GEMM per input group, decisions handed to siblings by module attributes, the dense
+    # apply added into the base output (addmm_), on a GPU one Triton kernel for the routing math; compiles
+    # with fullgraph=True and captures into CUDA graphs. plain: the readable per-module code, the reference
+    # the fused path is tested against (and the grouped apply, which the fused path leaves to it).
     impl: str = "fused"
 
     def validate(self) -> None:
@@ -436,7 +437,11 @@ class RoutedLinear(nn.Module):
         y = self.base_layer(x, *args, **kwargs)
         lead = x.shape[:-1]
         shape = (1, lead[0]) if len(lead) == 1 else (lead[:-1].numel(), lead[-1])
-        if self.cfg.impl == "fused":
+        cfg = self.cfg
+        # The fused path applies densely; a grouped apply (apply="grouped", or "auto" at large E*r) takes the
+        # plain path, whose per-expert gathers have data-dependent shapes (not for torch.compile).
+        if cfg.impl == "fused" and cfg.apply != "grouped" and (
+                cfg.apply == "dense" or self.Vt.shape[0] <= cfg.dense_max or 2 * cfg.top_k >= self.E):
             return self._fused_forward(x, y, shape)
         dy, vals, idx = self.delta(x.reshape(-1, x.shape[-1]), shape, x)
         if self.recorder is not None and self.recorder.enabled and idx is not None:
