@@ -218,6 +218,7 @@ class RoutedState:
     modules: list[str]
     forward: ForwardState | None = None  # shared by the routed modules: pooling and smoothing state
     hooks: list[Any] = field(default_factory=list)  # the model hooks that begin/end each forward
+    generation: dict[str, Any] | None = None  # generation_config fields compile=True replaced (restored on unload)
 
 
 def _expert_index(bundle: Bundle, expert: int | str | None) -> int | None:
@@ -232,15 +233,21 @@ def load_bundle(
     model: nn.Module,
     bundle: Bundle | Path | str,
     preset: str = DEFAULT_PRESET,
+    *,
+    compile: bool = False,
     **overrides: Any,
 ) -> nn.Module:
     """Wrap the bundle's modules of `model` with routed linears (in place) and return the model.
 
     preset: a name in runtime.presets.PRESETS ("default", "reference", "peft-arrow", "uniform", "fixed", ...);
     overrides are RouterConfig fields (router, top_k, expert, weighting, temperature, combine, score,
-    rank_normalize, apply, pool, smooth). top_k is clipped to the bundle's number of experts. Pooling and
+    rank_normalize, apply, pool, smooth, impl). top_k is clipped to the bundle's number of experts. Pooling and
     smoothing read attention_mask (2-D, by keyword) and the cache from the model's forward call; they reset at
     each forward without a cache (a new prompt).
+
+    compile=True makes generate() use a static KV cache, with which transformers compiles each decode
+    step (torch.compile, fullgraph=True, CUDA graphs on a GPU). For your own forward calls, the recipe is
+    torch.compile(model, mode="reduce-overhead", fullgraph=True) (the routed path has no graph breaks).
     """
     if getattr(model, "spectr", None) is not None:
         raise ValueError("model already has a bundle loaded; call unload_bundle(model) first")
@@ -265,9 +272,24 @@ def load_bundle(
     for entry in (model, body) if isinstance(body, nn.Module) and body is not model else (model,):
         hooks += [entry.register_forward_pre_hook(forward.begin, with_kwargs=True),
                   entry.register_forward_hook(forward.end, always_call=True)]
+    generation = _compile_generation(model) if compile else None
     model.spectr = RoutedState(bundle=bundle, config=cfg, recorder=recorder, modules=list(bundle.modules),
-                               forward=forward, hooks=hooks)
+                               forward=forward, hooks=hooks, generation=generation)
     return model
+
+
+def _compile_generation(model: nn.Module) -> dict[str, Any]:
+    """Static cache + fullgraph compile config for generate(); returns the fields it replaced."""
+    from transformers import CompileConfig
+
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        raise ValueError(f"load_bundle(compile=True): {type(model).__name__} has no generation_config; "
+                         "compile it yourself: torch.compile(model, mode='reduce-overhead', fullgraph=True)")
+    old = {"cache_implementation": gen.cache_implementation, "compile_config": gen.compile_config}
+    gen.cache_implementation = "static"
+    gen.compile_config = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead")
+    return old
 
 
 def _warn_other_base(model: nn.Module, bundle: Bundle) -> None:
@@ -333,5 +355,7 @@ def unload_bundle(model: nn.Module) -> nn.Module:
         setattr(model.get_submodule(parent), child, model.get_submodule(m).base_layer)
     for hook in state.hooks:
         hook.remove()
+    for k, v in (state.generation or {}).items():
+        setattr(model.generation_config, k, v)
     del model.spectr
     return model

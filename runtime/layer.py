@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spectr.runtime import routing
+from spectr.runtime import kernels, routing
 from spectr.runtime.trace import layer_of
 
 # Sibling modules that read one input tensor in common architectures (the pool="input" groups);
@@ -38,9 +38,10 @@ class RouterConfig:
     dense_max: int = 4096  # auto: dense when E*r <= dense_max or 2k >= E (dense won every size measured)
     pool: str = "input"  # input (q,k,v; gate,up decide together) | module (the paper's code) | layer
     smooth: float = 0.0  # causal moving average of evidence over tokens; 0 = off (see routing.py)
-    # fused: one scoring GEMM per input group, decisions handed to siblings by module attributes, the apply
-    # added in the base output's GEMM epilogue; compiles with fullgraph=True and captures into CUDA graphs.
-    # plain: the readable per-module code, the reference the fused path is tested against.
+    # fused: one scoring GEMM per input group, decisions handed to siblings by module attributes, the dense
+    # apply added into the base output (addmm_), on a GPU one Triton kernel for the routing math; compiles
+    # with fullgraph=True and captures into CUDA graphs. plain: the readable per-module code, the reference
+    # the fused path is tested against (and the grouped apply, which the fused path leaves to it).
     impl: str = "fused"
 
     def validate(self) -> None:
@@ -135,6 +136,10 @@ class ForwardState:
             if len(members) > 1 and len({m.Vt.shape[1] for m in members}) == 1:
                 lead.register_buffer("Vt_group", torch.cat([m.Vt for m in members]), persistent=False)
                 lead.group_sizes = [m.Vt.shape[0] for m in members]
+                if len({m.S.shape[1] for m in members}) == 1:  # one rank: the GPU kernel takes the group
+                    for f in ("S", "rank", "s"):
+                        lead.register_buffer(f"{f}_group", torch.stack([getattr(m, f) for m in members]),
+                                             persistent=False)
 
     def _clear_handoffs(self) -> None:
         for members in self.members.values():
@@ -348,6 +353,9 @@ class RoutedLinear(nn.Module):
         cfg, st, t = self.cfg, self.routing_state, x.shape[0]
         members = self._group()
         allowed = st.allowed(self, t)
+        if x.is_cuda and kernels.route is not None and cfg.router != "uniform" and cfg.smooth == 0 \
+                and cfg.pool != "layer" and (len(members) == 1 or hasattr(members[0], "S_group")):
+            return self._decide_group_kernel(members, x, allowed)
         Ps = self._project_group(members, x)
         if cfg.router == "uniform":
             return [(routing.coefficients(P, routing.all_weights(t, m.rank, allowed), m.S, m.s,
@@ -371,6 +379,22 @@ class RoutedLinear(nn.Module):
             w = routing.weights(vals, idx, m.E, mode=cfg.weighting, temperature=cfg.temperature)
             out.append((routing.coefficients(P, w, m.S, m.s, combine=cfg.combine).reshape(t, -1), vals, idx))
         return out
+
+    def _decide_group_kernel(self, members: list[RoutedLinear], x: torch.Tensor,
+                             allowed: torch.Tensor | None) -> list[tuple]:
+        """_decide_group in one Triton launch after the group's scoring GEMM (kernels.py)."""
+        cfg, lead, M = self.cfg, members[0], len(members)
+        if M == 1:
+            P = x @ self.Vt.T
+            S, rank, s = self.S.unsqueeze(0), self.rank.unsqueeze(0), self.s.unsqueeze(0)
+        else:
+            P = x @ lead.Vt_group.T
+            S, rank, s = lead.S_group, lead.rank_group, lead.s_group
+        C, idx, vals = kernels.route(P, S, rank, s, allowed, M=M, E=self.E, k=cfg.top_k, router=cfg.router,
+                                     score=cfg.score, rank_normalize=cfg.rank_normalize, weighting=cfg.weighting,
+                                     temperature=cfg.temperature, combine=cfg.combine)
+        Cs = C.split(lead.group_sizes, dim=1) if M > 1 else (C,)
+        return [(Cm, vals[:, m], idx) for m, Cm in enumerate(Cs)]
 
     def _fused_coefficients(self, x: torch.Tensor, shape: tuple[int, int]) -> tuple:
         """This module's (C, vals, idx): handed over by the sibling that decided first, or decided here
@@ -405,14 +429,21 @@ class RoutedLinear(nn.Module):
         if self.recorder is not None and self.recorder.enabled and idx is not None:
             lead = x.shape[:-1]
             self.recorder.record(self.name, idx.view(*lead, -1), vals.view(*lead, -1))
-        # y + C US^T in one GEMM whose epilogue adds the base output: one pass over y, not three
-        return torch.addmm(y2, C.to(y.dtype), US.T.to(y.dtype)).view_as(y)
+        # y += C US^T in one GEMM whose epilogue adds into the base output: in place, so y is read and written
+        # once (out of place, addmm first copies y); autograd keeps the out-of-place form
+        if y.requires_grad:
+            return torch.addmm(y2, C.to(y.dtype), US.T.to(y.dtype)).view_as(y)
+        return y2.addmm_(C.to(y.dtype), US.T.to(y.dtype)).view_as(y)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
         lead = x.shape[:-1]
         shape = (1, lead[0]) if len(lead) == 1 else (lead[:-1].numel(), lead[-1])
-        if self.cfg.impl == "fused":
+        cfg = self.cfg
+        # The fused path applies densely; a grouped apply (apply="grouped", or "auto" at large E*r) takes the
+        # plain path, whose per-expert gathers have data-dependent shapes (not for torch.compile).
+        if cfg.impl == "fused" and cfg.apply != "grouped" and (
+                cfg.apply == "dense" or self.Vt.shape[0] <= cfg.dense_max or 2 * cfg.top_k >= self.E):
             return self._fused_forward(x, y, shape)
         dy, vals, idx = self.delta(x.reshape(-1, x.shape[-1]), shape, x)
         if self.recorder is not None and self.recorder.enabled and idx is not None:

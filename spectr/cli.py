@@ -184,17 +184,20 @@ def generate(
     max_new_tokens: int = typer.Option(40, "--max-new-tokens"),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="wrap the prompt in the model's chat template"),
     trace: Optional[Path] = typer.Option(None, "--trace", help="save a routing heatmap (tokens x layers) here"),
+    compile: bool = typer.Option(False, "--compile", help="on a GPU: bf16, static cache, decode steps compiled "
+                                 "into CUDA graphs (the first, untimed run compiles)"),
 ) -> None:
     """Generate with the bundle's experts routed per token, per module, per layer."""
     from spectr.generate import routed_generate
 
     try:
         result = routed_generate(base_model, bundle, prompt, preset=preset, top_k=top_k,
-                                 max_new_tokens=max_new_tokens, chat=chat, trace=trace)
+                                 max_new_tokens=max_new_tokens, chat=chat, trace=trace, compile=compile)
     except ValueError as exc:
         err.print(f"[red]error[/red] {exc}")
         raise typer.Exit(1)
     print(result.text)
+    err.print(f"{result.new_tokens} tokens in {result.seconds:.2f} s: {result.tokens_per_s:.1f} tokens/s")
     if result.trace_path is not None:
         err.print(f"routing picture: {result.trace_path}")
 
