@@ -1,17 +1,25 @@
-"""Read-only SQL over the registry through an in-memory DuckDB loaded with the registry's rows."""
+"""Read-only SQL over the registry: DuckDB over a snapshot of the registry's rows, rebuilt only after the
+registry changed (see _stamp), so a query at 10,000 versions does not copy the registry each time."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
 import threading
+from collections.abc import Iterable, Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import duckdb
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Integer, select
 
 from spectr.registry.models import Base
+from spectr.registry.settings import spectr_home
 from spectr.registry.store import Registry
+
+SNAPSHOT_FORMAT = 1  # bump when what a snapshot holds changes
 
 TABLES = ("experts", "base_models", "adapters", "adapter_versions", "spectra", "ingestion_runs", "ingestion_results")
 _EXPERT_COLUMNS = [
@@ -32,41 +40,177 @@ def _duck_type(sa_type: Any) -> str:
     return _duck_type(impl) if impl is not None else "VARCHAR"
 
 
-def _load(con: duckdb.DuckDBPyConnection, table: str, columns: list[tuple[str, str]], rows: list[list]) -> None:
+def _tables(registry: Registry) -> Iterator[tuple[str, list[tuple[str, str]], Iterable[list]]]:
+    """What the catalog holds: every registry table as stored, then the `experts` view (as Registry.catalog())."""
+    with registry.engine.connect() as sql:
+        for table in Base.metadata.sorted_tables:
+            columns = [(c.name, _duck_type(c.type)) for c in table.columns]
+            yield table.name, columns, (list(r) for r in sql.execute(select(table)))
+    experts = ([datetime.fromisoformat(d[c]) if c == "created_at" else d[c] for c, _ in _EXPERT_COLUMNS]
+               for d in registry.catalog())
+    yield "experts", _EXPERT_COLUMNS, experts
+
+
+def _cell(value: Any, duck_type: str) -> Any:
+    # JSON goes in as the text json.dumps writes (read as VARCHAR, so DuckDB keeps that text exactly).
+    if duck_type == "JSON":
+        return None if value is None else json.dumps(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def _load(con: duckdb.DuckDBPyConnection, table: str, columns: list[tuple[str, str]], rows: Iterable[list],
+          scratch: Path) -> None:
+    """One table, bulk-loaded through a newline-delimited JSON file: DuckDB's row-at-a-time executemany
+    took seconds per thousand rows, read_json takes milliseconds."""
     cols = ", ".join(f'"{c}" {t}' for c, t in columns)
     con.execute(f'CREATE TABLE "{table}" ({cols})')
-    if rows:
-        marks = ", ".join("?" for _ in columns)
-        con.executemany(f'INSERT INTO "{table}" VALUES ({marks})', rows)
+    path = scratch / f"{table}.jsonl"
+    n = 0
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps({c: _cell(v, t) for (c, t), v in zip(columns, row)}))
+            fh.write("\n")
+            n += 1
+    if n:
+        read_as = ", ".join(f"'{c}': '{'VARCHAR' if t == 'JSON' else t}'" for c, t in columns)
+        con.execute(f"INSERT INTO \"{table}\" SELECT * FROM read_json(?, format='newline_delimited', "
+                    f"columns={{{read_as}}})", [str(path)])
+    path.unlink()
 
 
-def _connect(registry: Registry) -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect(":memory:")
+def _build(con: duckdb.DuckDBPyConnection, registry: Registry) -> None:
+    _utc(con)
+    with tempfile.TemporaryDirectory(prefix="spectr-catalog-") as scratch:
+        for name, columns, rows in _tables(registry):
+            _load(con, name, columns, rows, Path(scratch))
+
+
+def _utc(con: duckdb.DuckDBPyConnection) -> None:
     try:
         con.execute("SET TimeZone = 'UTC'")
     except duckdb.Error:  # without ICU timestamps still load; they print in local time
         pass
-    with registry.engine.connect() as sql:
-        for table in Base.metadata.sorted_tables:
-            columns = [(c.name, _duck_type(c.type)) for c in table.columns]
-            json_at = [i for i, (_, t) in enumerate(columns) if t == "JSON"]
-            rows = []
-            for r in sql.execute(select(table)):
-                row = list(r)
-                for i in json_at:
-                    row[i] = None if row[i] is None else json.dumps(row[i])
-                rows.append(row)
-            _load(con, table.name, columns, rows)
-    experts = [
-        [datetime.fromisoformat(d[c]) if c == "created_at" else d[c] for c, _ in _EXPERT_COLUMNS]
-        for d in registry.catalog()
-    ]
-    _load(con, "experts", _EXPERT_COLUMNS, experts)
-    # The user's query may not touch files or change settings; the database is a throwaway copy anyway.
+
+
+def _sandbox(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
+    # The user's query may not touch files or change settings.
     con.execute("SET enable_external_access = false")
     con.execute(f"SET memory_limit = '{os.environ.get('SPECTR_SQL_MEMORY', '2GB')}'")
     con.execute("SET lock_configuration = true")
     return con
+
+
+# -- the snapshot: a DuckDB file per registry state, so a query only copies the registry after it changed --------
+def _sqlite_stamp(database: str) -> str:
+    """SQLite's own change markers, read from the files: the header's file change counter (bumped by every
+    committed write in rollback-journal mode) and, in WAL mode, the WAL's size and header (frames append;
+    a restarted WAL gets new salts). Sizes and mtimes go in too: they only ever add refreshes."""
+    parts = []
+    for suffix in ("", "-wal"):
+        p = database + suffix
+        try:
+            st = os.stat(p)
+            with open(p, "rb") as fh:
+                head = fh.read(100 if not suffix else 32)
+        except FileNotFoundError:
+            parts.append(f"{suffix}:none")
+            continue
+        marker = head[24:28] + head[92:96] if not suffix else head
+        parts.append(f"{suffix}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{marker.hex()}")
+    return "|".join(parts)
+
+
+def _stamp(registry: Registry) -> str | None:
+    """A string that changes whenever the registry's data may have changed (None: no cheap way to tell,
+    so no snapshot). Read BEFORE the copy: a write racing the copy then changes the stamp, never hides."""
+    url = registry.engine.url
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        db = url.database
+        if not db or db == ":memory:" or db.startswith("file:") or not os.path.isfile(db):
+            return None
+        return "sqlite|" + _sqlite_stamp(os.path.abspath(db))
+    if backend == "postgresql":
+        # The current snapshot (xmin:xmax:in-progress xids) moves on with every transaction that writes,
+        # anywhere in the cluster; read-only transactions leave it as it is.
+        with registry.engine.connect() as sql:
+            try:
+                snap = sql.exec_driver_sql("SELECT pg_current_snapshot()::text").scalar()
+            except Exception:  # PostgreSQL < 13
+                sql.rollback()
+                snap = sql.exec_driver_sql("SELECT txid_current_snapshot()::text").scalar()
+        return f"postgresql|{snap}"
+    return None
+
+
+def _shape() -> str:
+    # The snapshot's layout: a new spectr with other tables or columns must not read an old file.
+    tables = [(t.name, [(c.name, _duck_type(c.type)) for c in t.columns]) for t in Base.metadata.sorted_tables]
+    return json.dumps([SNAPSHOT_FORMAT, tables, _EXPERT_COLUMNS])
+
+
+def snapshot_dir() -> Path:
+    """Where catalog snapshots live: SPECTR_CATALOG_CACHE, default $SPECTR_HOME/cache/catalog."""
+    raw = os.environ.get("SPECTR_CATALOG_CACHE")
+    return Path(raw).expanduser() if raw else spectr_home() / "cache" / "catalog"
+
+
+def _snapshot(registry: Registry) -> Path | None:
+    """The snapshot file for the registry's current state, built if missing; None when the backend has
+    no change marker or the cache folder is not writable (the caller then builds in memory)."""
+    stamp = _stamp(registry)
+    if stamp is None:
+        return None
+    key = hashlib.sha256(registry.engine.url.render_as_string(hide_password=False).encode()).hexdigest()[:16]
+    state = hashlib.sha256((_shape() + stamp).encode()).hexdigest()[:24]
+    folder = snapshot_dir()
+    path = folder / f"{key}-{state}.duckdb"
+    if path.is_file():
+        return path
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            con = duckdb.connect(str(tmp))
+            try:
+                _build(con, registry)
+                con.execute("CHECKPOINT")
+            finally:
+                con.close()
+            os.replace(tmp, path)  # readers see a whole file or none
+        finally:
+            for leftover in (tmp, Path(f"{tmp}.wal")):
+                if leftover.exists():
+                    leftover.unlink()
+        for old in folder.glob(f"{key}-*.duckdb"):  # earlier states of this registry
+            if old != path:
+                try:
+                    old.unlink()
+                except OSError:
+                    pass
+    except OSError:
+        return None
+    return path
+
+
+def _connect(registry: Registry) -> duckdb.DuckDBPyConnection:
+    """A sandboxed DuckDB connection over the registry's tables: the current snapshot, opened read-only,
+    or an in-memory copy where no snapshot can be kept."""
+    path = _snapshot(registry)
+    if path is not None:
+        try:
+            con = duckdb.connect(str(path), read_only=True)
+        except (duckdb.IOException, OSError):  # removed by a newer writer between the check and the open
+            path = _snapshot(registry)
+            con = duckdb.connect(str(path), read_only=True) if path else None
+        if con is not None:
+            _utc(con)
+            return _sandbox(con)
+    con = duckdb.connect(":memory:")
+    _build(con, registry)
+    return _sandbox(con)
 
 
 def sql_timeout() -> float:
@@ -140,3 +284,24 @@ def catalog_sql(
 
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def catalog_page(registry: Registry, limit: int | None, offset: int = 0) -> tuple[list[dict], int]:
+    """One page of the `experts` view (name, version order) as Registry.catalog() dicts, and the total count:
+    read from the snapshot, so listing page 1 of 10,000 versions does not load the other 9,950."""
+    if limit is not None and limit < 0 or offset < 0:
+        raise ValueError(f"--limit and --offset must be >= 0, got {limit} and {offset}")
+    con = _connect(registry)
+    try:
+        total = con.execute("SELECT count(*) FROM experts").fetchone()[0]
+        cur = con.execute("SELECT * FROM experts ORDER BY name, version LIMIT ? OFFSET ?",
+                          [total if limit is None else limit, offset])
+        cols = [d[0] for d in cur.description]
+        rows = []
+        for r in cur.fetchall():
+            d = dict(zip(cols, r))
+            d["created_at"] = d["created_at"].isoformat()
+            rows.append(d)
+        return rows, total
+    finally:
+        con.close()

@@ -86,6 +86,8 @@ def ingest(
 def catalog(
     as_json: bool = typer.Option(False, "--json", help="print a JSON list of expert versions"),
     sql: Optional[str] = typer.Option(None, "--sql", help="a read-only DuckDB query over the registry's tables"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="versions per page (table default 100; 0: all)"),
+    offset: int = typer.Option(0, "--offset", help="skip this many versions (name, version order)"),
 ) -> None:
     """List experts and their versions, or query the registry with DuckDB SQL."""
     from spectr.registry.store import Registry
@@ -104,12 +106,24 @@ def catalog(
         else:
             _table(columns, rows)
         return
-    rows = registry.catalog()
+    from spectr.registry.catalog import catalog_page
+
+    if limit is None and not as_json:
+        limit = 100  # a terminal table of 10,000 rows helps nobody; JSON stays complete unless asked
+    try:
+        rows, total = catalog_page(registry, limit or None, offset)
+    except ValueError as exc:
+        err.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(2)
     if as_json:
         print(json.dumps(rows, default=str, indent=1))
         return
     columns = ["name", "version", "base_model", "rank", "modules", "method", "energy", "content_sha256", "source"]
-    _table(columns, [[_cell(c, r.get(c)) for c in columns] for r in rows], title=f"{len(rows)} expert versions")
+    title = f"{total} expert versions"
+    if rows and len(rows) < total:
+        title += f" (showing {offset + 1}-{offset + len(rows)}"
+        title += f"; --offset {offset + len(rows)} for more)" if offset + len(rows) < total else ")"
+    _table(columns, [[_cell(c, r.get(c)) for c in columns] for r in rows], title=title)
 
 
 def _cell(column: str, value) -> str:
