@@ -80,7 +80,12 @@ class BlobStore:
             if size != len(data):
                 raise BlobError(f"blob {dest} exists with {size} bytes, expected {len(data)}; remove it")
             return sha
-        # Object stores write whole objects; a temp name + move keeps half-writes invisible elsewhere.
+        if _atomic_objects(fs):
+            # An object store makes a PUT (or a completed multipart upload) visible whole or not at all:
+            # one request, no temp object to copy and delete.
+            fs.pipe_file(dest, data)
+            return sha
+        # Other filesystems (sftp, smb, ...) may show a half-written file: write a temp name, then move.
         tmp = f"{dest}.tmp-{os.getpid()}"
         fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
         fs.pipe_file(tmp, data)
@@ -109,6 +114,14 @@ class BlobStore:
                 self._fs.rm_file(p)
         elif os.path.isfile(p):
             os.unlink(p)
+
+
+_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"}
+
+
+def _atomic_objects(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return bool(_OBJECT_STORES.intersection(protocols))
 
 
 def _fsync_dir(folder: str) -> None:

@@ -69,3 +69,18 @@ def test_fsspec_memory_store():
     assert store.path(sha).endswith(f"/sha256/{sha[:2]}/{sha[2:]}.safetensors")
     store.delete(sha)
     assert not store.exists(sha)
+
+
+def test_object_store_put_is_one_write_no_temp_no_move(monkeypatch):
+    """memory:// stands in for S3 here (same rule: an object appears whole); S3 itself: test_s3_postgres."""
+    import uuid
+
+    store = BlobStore(f"memory://spectr-{uuid.uuid4().hex}")
+    writes = []
+    real_pipe = store._fs.pipe_file
+    monkeypatch.setattr(store._fs, "pipe_file", lambda path, data, **kw: (writes.append(path), real_pipe(path, data)))
+    for forbidden in ("mv", "copy", "rm_file"):
+        monkeypatch.setattr(store._fs, forbidden, lambda *a, **k: pytest.fail("no temp object, copy or delete"))
+    sha = store.put(b"spectra")
+    assert writes == [store.path(sha)]
+    assert store.get(sha) == b"spectra" and store.put(b"spectra") == sha and len(writes) == 1
