@@ -1,7 +1,6 @@
 """The base model's linear-module shapes, read from its config alone (meta device, no weights)."""
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -9,48 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from spectr.digest import sha256_json
-from spectr.pipeline.fetch import is_hub_id, split_revision
+from spectr.pipeline.fetch import is_hub_id, locate_base_config, split_revision
+from spectr.pipeline.files import config_sha256, read_json_object  # noqa: F401  (config_sha256: public here too)
 from spectr.pipeline.types import AdapterError, BaseModelInfo, ModuleShape
-
-# Keys that change between saves of the same model without changing what it computes.
-_VOLATILE_KEYS = {
-    "transformers_version",
-    "_name_or_path",
-    "name_or_path",
-    "_commit_hash",
-    "dtype",
-    "torch_dtype",
-    "quantization_config",
-    "use_cache",
-    "output_attentions",
-    "output_hidden_states",
-    "return_dict",
-    "_attn_implementation",
-    "_attn_implementation_autoset",
-    "_attn_implementation_internal",
-    "_experts_implementation",
-    "attn_implementation",
-}
 
 _CACHE: dict[str, tuple[str, str, dict[str, ModuleShape]]] = {}
 _CACHE_LOCK = threading.Lock()
-
-
-def _strip_volatile(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        out = {k: _strip_volatile(v) for k, v in obj.items() if k not in _VOLATILE_KEYS}
-        if isinstance(out.get("architectures"), list):
-            out["architectures"] = sorted(out["architectures"])
-        return out
-    if isinstance(obj, (list, tuple)):
-        return [_strip_volatile(v) for v in obj]
-    return obj
-
-
-def config_sha256(config: dict[str, Any]) -> str:
-    """sha256 of the config's canonical JSON, volatile keys removed."""
-    return sha256_json(_strip_volatile(config))
 
 
 def _collect_modules(model: nn.Module) -> dict[str, ModuleShape]:
@@ -109,48 +72,20 @@ def base_model_from_config(config: dict, name: str, path: Path | None = None) ->
     )
 
 
-def read_json_object(file: Path, what: str) -> dict[str, Any]:
-    """A JSON object from file; AdapterError naming the file and `what` it should have been otherwise."""
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise AdapterError(f"{file}: {what} not found (missing)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{file}: invalid JSON in {what}: {e}") from None
-    if not isinstance(data, dict):
-        raise AdapterError(f"{file}: {what} is not a JSON object")
-    return data
-
-
 def _read_config(file: Path) -> dict[str, Any]:
     return read_json_object(file, "base model config.json")
 
 
 def resolve_base_model(spec: str | Path, name: str | None = None) -> BaseModelInfo:
-    """A base model from a local folder holding config.json, or a hub id "org/name[@rev]"."""
-    p = Path(spec).expanduser()
-    if p.is_file() and p.name == "config.json":
-        p = p.parent
-    if p.is_dir():
-        config = _read_config(p / "config.json")
-        if name is None:
-            guess = config.get("_name_or_path")
-            name = guess if isinstance(guess, str) and is_hub_id(guess) else p.resolve().name
-        return base_model_from_config(config, name, p.resolve())
-    if p.exists():
-        raise AdapterError(f"{spec}: base model must be a folder holding config.json")
-    if not is_hub_id(str(spec)):
-        raise AdapterError(f"{spec}: base model is neither a folder with config.json nor a hub id org/name[@rev]")
-    repo_id, revision = split_revision(str(spec))
-    from huggingface_hub import hf_hub_download
-
-    try:
-        file = Path(hf_hub_download(repo_id, "config.json", revision=revision))
-    except Exception as e:  # offline and not cached, missing repo, ...
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise AdapterError(f"{repo_id}/config.json: cannot fetch base model config: {type(e).__name__}: {reason}") from None
+    """A base model from a local folder holding config.json, or a hub id "org/name[@rev]" (cache first)."""
+    file = locate_base_config(spec)
     config = _read_config(file)
-    return base_model_from_config(config, name or repo_id, file.parent)
+    local = Path(spec).expanduser().exists()
+    folder = file.parent.resolve() if local else file.parent  # a hub snapshot keeps its cache path
+    if name is None and local:
+        guess = config.get("_name_or_path")
+        name = guess if isinstance(guess, str) and is_hub_id(guess) else folder.name
+    return base_model_from_config(config, name or split_revision(str(spec))[0], folder)
 
 
 def _last(name: str) -> str:

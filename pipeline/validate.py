@@ -5,7 +5,6 @@ and pickle files are refused without being opened.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -16,12 +15,10 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from spectr.digest import canonical_json, update_with_file
-from spectr.pipeline.basemodel import names_match, read_json_object
+from spectr.pipeline.basemodel import names_match
+from spectr.pipeline.files import CONFIG_FILE, WEIGHTS_FILE, adapter_content_sha256, read_adapter_config
 from spectr.pipeline.types import AdapterError, AdapterSource, BaseModelInfo, LoadedAdapter, ModuleFactors
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 KEY_PREFIX = "base_model.model."
@@ -51,23 +48,6 @@ _UNSUPPORTED = {
 _LORA_KEY = re.compile(r"^(?P<mod>.+)\.(?P<kind>lora_A|lora_B)\.(?P<param>weight|bias)$")
 _OTHER_LORA = re.compile(r"\.(lora_magnitude_vector|lora_embedding_[AB]|lora_[A-Za-z]+)(\.|$)")
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
-
-
-def read_adapter_config(folder: Path) -> dict:
-    """adapter_config.json as a dict; AdapterError if it is missing or not a JSON object."""
-    return read_json_object(Path(folder) / CONFIG_FILE, CONFIG_FILE)
-
-
-def adapter_content_sha256(folder: Path) -> str:
-    """sha256 over the canonical config JSON, then the safetensors weights file's bytes."""
-    folder = Path(folder)
-    h = hashlib.sha256()
-    h.update(b"adapter_config.json\0" + canonical_json(read_adapter_config(folder)).encode() + b"\0")
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise AdapterError(f"{weights}: missing {WEIGHTS_FILE}")
-    h.update(WEIGHTS_FILE.encode() + b"\0")
-    return update_with_file(h, weights).hexdigest()
 
 
 def _is_set(value: Any) -> bool:
@@ -203,11 +183,16 @@ def _load_tensor(f: Any, key: str, header: dict[str, dict], file: Path, module: 
     return t
 
 
-def load_adapter(src: AdapterSource, base: BaseModelInfo) -> LoadedAdapter:
-    """Validate src against base and return its factors (float32, oriented y = W x); AdapterError if bad."""
+def load_adapter(
+    src: AdapterSource, base: BaseModelInfo, *, config: dict | None = None, content_sha256: str | None = None
+) -> LoadedAdapter:
+    """Validate src against base and return its factors (float32, oriented y = W x); AdapterError if bad.
+
+    config / content_sha256: adapter_config.json and the content hash when the caller has read them already.
+    """
     folder = Path(src.path)
     cfg_file = folder / CONFIG_FILE
-    cfg = read_adapter_config(folder)
+    cfg = read_adapter_config(folder) if config is None else config
     _check_config(cfg, cfg_file)
     file = _weights_file(folder)
     header = read_safetensors_header(file)
@@ -294,7 +279,7 @@ def load_adapter(src: AdapterSource, base: BaseModelInfo) -> LoadedAdapter:
         config=cfg,
         base=base,
         modules=modules,
-        content_sha256=adapter_content_sha256(folder),
+        content_sha256=content_sha256 or adapter_content_sha256(folder, cfg),
         rank=r_default,
         alpha=alpha_default,
         target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),

@@ -10,7 +10,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="spectr: a registry and runtime for composing LoRA experts with spectral routing.",
+from spectr.errors import OPTIONS, Group, configure_logging
+from spectr.errors import fail as _fail
+
+app = typer.Typer(cls=Group, help="spectr: a registry and runtime for composing LoRA experts with spectral routing.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 base_app = typer.Typer(help="Register base models (their config is enough to validate adapters).", no_args_is_help=True)
 bundle_app = typer.Typer(help="Export chosen expert sets for the runtime.", no_args_is_help=True)
@@ -23,10 +26,42 @@ out = Console()
 err = Console(stderr=True)
 
 
-def _quiet_prefect() -> None:
-    # One-off flow runs print their own INFO lines; the CLI prints its own report instead.
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+@app.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="show the traceback of an error"),
+    verbose: bool = typer.Option(False, "--verbose", help="show INFO logs (Prefect's too) on stderr"),
+) -> None:
+    OPTIONS.update(debug=debug, verbose=verbose)
+    configure_logging(verbose, debug)
+
+
+def prefect_server_configured() -> bool:
+    """PREFECT_API_URL in the environment or in the active Prefect profile (read without importing prefect)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    from spectr.registry.settings import spectr_home
+
+    home = Path(os.environ.get("PREFECT_HOME") or spectr_home() / "prefect").expanduser()
+    profiles = home / "profiles.toml"
+    if not profiles.is_file():
+        return False
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        return "PREFECT_API_URL" in profiles.read_text()
+    data = tomllib.loads(profiles.read_text())
+    active = os.environ.get("PREFECT_PROFILE") or data.get("active", "ephemeral")
+    return bool(data.get("profiles", {}).get(active, {}).get("PREFECT_API_URL"))
+
+
+def _print_outcome(o) -> None:
+    if o.status == "rejected":
+        out.print(f"[red]rejected[/red] {o.source}: {o.reason}", soft_wrap=True, highlight=False)
+    else:
+        word = "accepted" if o.status == "new" else "accepted (unchanged)"
+        out.print(f"[green]{word}[/green] {o.name} v{o.version}", soft_wrap=True, highlight=False)
+    for w in o.warnings:
+        out.print(f"  [yellow]warning[/yellow] {o.name}: {w}", soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -39,46 +74,38 @@ def ingest(
     niter: int = typer.Option(4, "--niter", help="power iterations of the randomized SVD"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)"),
 ) -> None:
-    """Validate adapters, compute their spectra and store new versions. Exit 1 if any is rejected."""
-    _quiet_prefect()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """Validate adapters, compute their spectra and store new versions. Exit 1 if any is rejected.
 
-    from spectr.flows import ingest as ingest_flows
-    from spectr.pipeline.fetch import expand_sources
-    from spectr.pipeline.types import AdapterError
+    With a Prefect server configured (PREFECT_API_URL) the run is a flow run there; otherwise the same
+    pipeline runs in this process without Prefect.
+    """
+    from spectr.pipeline.fetch import expand_sources, locate_base_config
 
     if dense and rank is None:
-        raise typer.BadParameter("--dense needs --rank (the truncation rank of the dense delta)")
+        _fail("--dense needs --rank (the truncation rank of the dense delta)", 2)
     try:
-        total = len(expand_sources(sources))
-    except AdapterError as exc:
-        err.print(f"[red]rejected[/red] {exc}")
-        raise typer.Exit(1)
-    lines: list = []
-    with Progress(TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as progress:
-        bar = progress.add_task("ingest", total=total)
+        expand_sources(sources)
+        if base_model:
+            locate_base_config(base_model)
+    except ValueError as exc:  # AdapterError: nothing is recorded for a mistake in the arguments
+        _fail(exc)
+    args = dict(base_model=base_model, base_name=base_name, dense=dense, rank=rank, niter=niter, device=device)
+    if prefect_server_configured():
+        from spectr.flows.ingest import ingest as ingest_flow
+        from spectr.pipeline.ingest import Outcome
 
-        def show(o) -> None:
-            lines.append(o)
-            progress.advance(bar)
-            if o.status == "rejected":
-                out.print(f"[red]rejected[/red] {o.source}: {o.reason}", soft_wrap=True, highlight=False)
-            else:
-                word = "accepted" if o.status == "new" else "accepted (unchanged)"
-                out.print(f"[green]{word}[/green] {o.name} v{o.version}", soft_wrap=True, highlight=False)
-            for w in o.warnings:
-                out.print(f"  [yellow]warning[/yellow] {o.name}: {w}", soft_wrap=True, highlight=False)
+        # The outcomes print when the flow run returns; its logs are on the server (and here with --verbose).
+        lines = [Outcome(**o) for o in ingest_flow(sources=list(sources), **args)]
+        for o in lines:
+            _print_outcome(o)
+    else:
+        from spectr.pipeline.ingest import ingest_sources
 
-        ingest_flows.listeners.append(show)
-        try:
-            ingest_flows.ingest(sources=list(sources), base_model=base_model, base_name=base_name,
-                                dense=dense, rank=rank, niter=niter, device=device)
-        finally:
-            ingest_flows.listeners.remove(show)
+        lines = ingest_sources(list(sources), on_outcome=_print_outcome, **args)
     new = sum(o.status == "new" for o in lines)
     rejected = sum(o.status == "rejected" for o in lines)
-    err.print(f"{len(lines)} adapters: {new} new versions, {len(lines) - new - rejected} unchanged, {rejected} rejected")
+    err.print(f"{len(lines)} adapters: {new} new versions, {len(lines) - new - rejected} unchanged, {rejected} rejected",
+              soft_wrap=True, highlight=False)
     raise typer.Exit(1 if rejected else 0)
 
 
@@ -97,8 +124,7 @@ def catalog(
         try:
             columns, rows = catalog_sql(sql, registry)
         except ValueError as exc:
-            err.print(f"[red]error[/red] {exc}")
-            raise typer.Exit(2)
+            _fail(exc, 2)
         if as_json:
             print(json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=1))
         else:
@@ -141,8 +167,7 @@ def base_add(
         info = resolve_base_model(spec, name=name)
         Registry().ensure_base_model(info)
     except (AdapterError, ValueError) as exc:
-        err.print(f"[red]error[/red] {exc}")
-        raise typer.Exit(1)
+        _fail(exc)
     out.print(f"base model {info.name} ({info.architecture}, {len(info.modules)} linear modules)")
 
 
@@ -158,13 +183,12 @@ def bundle_create(
     from spectr.registry.store import Registry
 
     if all_experts == (experts is not None):
-        raise typer.BadParameter("give exactly one of --experts or --all")
+        _fail("give exactly one of --experts NAME,NAME@VERSION or --all", 2)
     selectors = None if all_experts else [e for e in experts.split(",") if e.strip()]
     try:
         path = create_bundle(Registry(), selectors, output, name=name)
     except (KeyError, ValueError) as exc:
-        err.print(f"[red]error[/red] {exc.args[0] if exc.args else exc}")
-        raise typer.Exit(1)
+        _fail(exc)
     from spectr.runtime.bundle import read_bundle
 
     bundle = read_bundle(path)
@@ -192,8 +216,7 @@ def generate(
         result = routed_generate(base_model, bundle, prompt, preset=preset, top_k=top_k,
                                  max_new_tokens=max_new_tokens, chat=chat, trace=trace)
     except ValueError as exc:
-        err.print(f"[red]error[/red] {exc}")
-        raise typer.Exit(1)
+        _fail(exc)
     print(result.text)
     if result.trace_path is not None:
         err.print(f"routing picture: {result.trace_path}")
@@ -218,13 +241,15 @@ def serve_flows(
     name: str = typer.Option("scheduled-ingest", "--name", help="deployment name"),
 ) -> None:
     """Serve a scheduled ingest deployment on the Prefect server at PREFECT_API_URL (blocks)."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if not prefect_server_configured():
+        _fail("serve-flows needs a Prefect server: start one (`prefect server start`) and set "
+              "PREFECT_API_URL=http://127.0.0.1:4200/api", 2)
     from spectr.flows.schedule import serve_ingest
 
     try:
         serve_ingest(list(sources), cron=cron, interval_seconds=interval, base_model=base_model, name=name)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc))
+        _fail(exc, 2)
 
 
 @app.command()
