@@ -1,6 +1,8 @@
 """The base model's linear-module shapes, read from its config alone (meta device, no weights)."""
 from __future__ import annotations
 
+import json
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -51,13 +53,52 @@ def _instantiate(config: dict[str, Any], name: str) -> tuple[str, str, dict[str,
     return architecture, cfg.model_type, _collect_modules(model)
 
 
+def _disk_cache(digest: str) -> Path:
+    # Keyed by the config and the transformers version that built the table (a new version may add modules).
+    from importlib.metadata import version
+
+    from spectr.registry.settings import spectr_home
+
+    return spectr_home() / "cache" / "base-modules" / f"{digest}-transformers-{version('transformers')}.json"
+
+
+def _load_cached(digest: str) -> tuple[str, str, dict[str, ModuleShape]] | None:
+    """The module table from the disk cache: importing transformers costs 2-7 s on the shared box."""
+    try:
+        data = json.loads(_disk_cache(digest).read_text())
+        modules = {m: ModuleShape(int(i), int(o), bool(c)) for m, (i, o, c) in data["modules"].items()}
+        return str(data["architecture"]), str(data["model_type"]), modules
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _store_cached(digest: str, table: tuple[str, str, dict[str, ModuleShape]]) -> None:
+    architecture, model_type, modules = table
+    file = _disk_cache(digest)
+    data = {"architecture": architecture, "model_type": model_type,
+            "modules": {m: [s.in_features, s.out_features, s.conv1d] for m, s in modules.items()}}
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, sort_keys=True))
+        os.replace(tmp, file)
+    except OSError:  # a read-only home only loses the cache
+        pass
+
+
 def base_model_from_config(config: dict, name: str, path: Path | None = None) -> BaseModelInfo:
-    """Build the model on the meta device from its config and record every linear module's shape."""
+    """Build the model on the meta device from its config and record every linear module's shape.
+
+    The table is cached per config (in memory and under $SPECTR_HOME/cache), so a known base model does
+    not need transformers at all."""
     digest = config_sha256(config)
     with _CACHE_LOCK:
         cached = _CACHE.get(digest)
     if cached is None:
-        cached = _instantiate(config, name)
+        cached = _load_cached(digest)
+        if cached is None:
+            cached = _instantiate(config, name)
+            _store_cached(digest, cached)
         with _CACHE_LOCK:
             _CACHE[digest] = cached
     architecture, model_type, modules = cached
