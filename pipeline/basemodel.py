@@ -66,7 +66,7 @@ def _load_cached(digest: str) -> tuple[str, str, dict[str, ModuleShape]] | None:
     """The module table from the disk cache: importing transformers costs 2-7 s on the shared box."""
     try:
         data = json.loads(_disk_cache(digest).read_text())
-        modules = {m: ModuleShape(int(i), int(o), bool(c)) for m, (i, o, c) in data["modules"].items()}
+        modules = {m: ModuleShape(int(i), int(o), bool(c)) for m, i, o, c in data["modules"]}
         return str(data["architecture"]), str(data["model_type"]), modules
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -76,11 +76,11 @@ def _store_cached(digest: str, table: tuple[str, str, dict[str, ModuleShape]]) -
     architecture, model_type, modules = table
     file = _disk_cache(digest)
     data = {"architecture": architecture, "model_type": model_type,
-            "modules": {m: [s.in_features, s.out_features, s.conv1d] for m, s in modules.items()}}
+            "modules": [[m, s.in_features, s.out_features, s.conv1d] for m, s in modules.items()]}  # model order
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, sort_keys=True))
+        tmp.write_text(json.dumps(data))
         os.replace(tmp, file)
     except OSError:  # a read-only home only loses the cache
         pass

@@ -140,3 +140,4 @@ def test_module_table_is_cached_on_disk(tiny_base_dir, spectr_home, monkeypatch)
     again = basemodel.base_model_from_config(cfg, "cached")
     assert (again.modules, again.architecture, again.model_type) == (first.modules, first.architecture,
                                                                      first.model_type)
+    assert list(again.modules) == list(first.modules)  # the model's order, which validation reports in
