@@ -265,6 +265,15 @@ def load_adapter(
             raise AdapterError(f"{file}: module {module}: {have} without its {miss}")
         if "lora_A.bias" in parts:
             raise AdapterError(f"{file}: module {module}: unknown weight key {parts['lora_A.bias']}")
+    # Routing applies scaling * U diag(S) V^T per expert and nothing else: a trained bias would be loaded and
+    # then silently dropped, so such adapters are refused rather than served as something they are not.
+    biased = sorted(m for m, parts in lora.items() if "lora_B.bias" in parts)
+    if biased:
+        raise AdapterError(f"{file}: lora_bias: module {biased[0]} (and {len(biased) - 1} more) trains a bias on "
+                           "lora_B, which spectral routing cannot apply; retrain with lora_bias=False")
+    if has_bias:
+        raise AdapterError(f"{file}: bias={cfg.get('bias')!r}: the adapter trains base-module biases, which "
+                           "spectral routing cannot apply; retrain with bias='none'")
 
     r_default, alpha_default = int(cfg["r"]), float(cfg.get("lora_alpha", 8))  # PEFT's default alpha
     layers = cfg.get("layers_to_transform")
@@ -347,8 +356,6 @@ def load_adapter(
     saved = sorted(cfg.get("modules_to_save") or [])
     if saved:
         warnings.append(f"modules_to_save {saved}: kept in the record, not routed")
-    if has_bias:
-        warnings.append(f"bias={cfg['bias']}: trained base-module biases are kept in the file, not routed")
     return LoadedAdapter(
         source=src,
         config=cfg,

@@ -218,7 +218,7 @@ def load_bundle(
     cfg = RouterConfig(**{**settings, "expert": _expert_index(bundle, settings.get("expert"))})
     cfg.validate()
     _check_shapes(model, bundle)
-    recorder = TraceRecorder()
+    recorder = TraceRecorder(expert_names=list(bundle.expert_names))
     forward = ForwardState(cfg)
     for m in bundle.modules:
         base = model.get_submodule(m)
