@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -33,25 +32,6 @@ def _options(
 ) -> None:
     OPTIONS.update(debug=debug, verbose=verbose)
     configure_logging(verbose, debug)
-
-
-def prefect_server_configured() -> bool:
-    """PREFECT_API_URL in the environment or in the active Prefect profile (read without importing prefect)."""
-    if os.environ.get("PREFECT_API_URL"):
-        return True
-    from spectr.registry.settings import spectr_home
-
-    home = Path(os.environ.get("PREFECT_HOME") or spectr_home() / "prefect").expanduser()
-    profiles = home / "profiles.toml"
-    if not profiles.is_file():
-        return False
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        return "PREFECT_API_URL" in profiles.read_text()
-    data = tomllib.loads(profiles.read_text())
-    active = os.environ.get("PREFECT_PROFILE") or data.get("active", "ephemeral")
-    return bool(data.get("profiles", {}).get(active, {}).get("PREFECT_API_URL"))
 
 
 def _print_outcome(o) -> None:
@@ -89,19 +69,11 @@ def ingest(
             locate_base_config(base_model)
     except ValueError as exc:  # AdapterError: nothing is recorded for a mistake in the arguments
         _fail(exc)
-    args = dict(base_model=base_model, base_name=base_name, dense=dense, rank=rank, niter=niter, device=device)
-    if prefect_server_configured():
-        from spectr.flows.ingest import ingest as ingest_flow
-        from spectr.pipeline.ingest import Outcome
+    from spectr.orchestration import run_ingest
 
-        # The outcomes print when the flow run returns; its logs are on the server (and here with --verbose).
-        lines = [Outcome(**o) for o in ingest_flow(sources=list(sources), **args)]
-        for o in lines:
-            _print_outcome(o)
-    else:
-        from spectr.pipeline.ingest import ingest_sources
-
-        lines = ingest_sources(list(sources), on_outcome=_print_outcome, **args)
+    # With a Prefect server the lines print when the flow run returns; its logs are on the server.
+    lines = run_ingest(list(sources), on_outcome=_print_outcome, base_model=base_model, base_name=base_name,
+                       dense=dense, rank=rank, niter=niter, device=device)
     new = sum(o.status == "new" for o in lines)
     rejected = sum(o.status == "rejected" for o in lines)
     err.print(f"{len(lines)} adapters: {new} new versions, {len(lines) - new - rejected} unchanged, {rejected} rejected",
@@ -241,6 +213,8 @@ def serve_flows(
     name: str = typer.Option("scheduled-ingest", "--name", help="deployment name"),
 ) -> None:
     """Serve a scheduled ingest deployment on the Prefect server at PREFECT_API_URL (blocks)."""
+    from spectr.orchestration import prefect_server_configured
+
     if not prefect_server_configured():
         _fail("serve-flows needs a Prefect server: start one (`prefect server start`) and set "
               "PREFECT_API_URL=http://127.0.0.1:4200/api", 2)

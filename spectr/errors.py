@@ -33,7 +33,14 @@ def report(message: str) -> None:
 def configure_logging(verbose: bool, debug: bool) -> None:
     """Library code logs through `logging`; the CLI shows WARNING and above, INFO with --verbose."""
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    # The level sits on the handler too: records of loggers that set their own level (Prefect's run loggers
+    # log INFO for the server) still reach the root's handlers by propagation.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(level)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    for chatty in ("httpx", "httpcore"):  # one line per HTTP request to the Prefect server
+        logging.getLogger(chatty).setLevel(max(level, logging.WARNING))
     # Prefect (only imported when a server is configured): its console output only with --verbose; its API
     # handler still sends every run log to the server.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
