@@ -30,12 +30,24 @@ def report(message: str) -> None:
     click.echo(f"error: {message}", err=True)
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a test runner swaps it per command)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def configure_logging(verbose: bool, debug: bool) -> None:
     """Library code logs through `logging`; the CLI shows WARNING and above, INFO with --verbose."""
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     # The level sits on the handler too: records of loggers that set their own level (Prefect's run loggers
     # log INFO for the server) still reach the root's handlers by propagation.
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     handler.setLevel(level)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
