@@ -33,7 +33,8 @@ def run_demo(home: Path | None = None) -> int:
     how = "as a Prefect flow run" if prefect_server_configured() else "in-process (no Prefect server configured)"
     console.rule(f"2. ingest {EXPERTS.relative_to(REPO)}/* {how}")
     sources = sorted(str(p) for p in EXPERTS.iterdir() if p.is_dir())
-    for o in run_ingest(sources):
+    outcomes = run_ingest(sources)
+    for o in outcomes:
         line = f"{o.status:9} {o.name} v{o.version}" if o.status != "rejected" else f"rejected  {o.reason}"
         console.print(line, highlight=False)
 
@@ -46,7 +47,7 @@ def run_demo(home: Path | None = None) -> int:
                       r["method"], r["content_sha256"][:12])
     console.print(table)
     console.print(f"registry: {registry.url}; blobs: {registry.blobs.url}")
-    if any(o["status"] == "rejected" for o in outcomes):
+    if any(o.status == "rejected" for o in outcomes):
         return 1
 
     from spectr.pipeline.export import create_bundle
