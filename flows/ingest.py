@@ -111,3 +111,60 @@ def ingest(
         registry_url=registry_url, blob_url=blob_url, steps=STEPS, logger=get_run_logger(),
     )
     return [o.to_dict() for o in outcomes]
+
+
+# -- distributed: every adapter's validate + SVD + blob write as one task on the flow's task runner -----------
+@task(cache_policy=NO_CACHE, persist_result=False, task_run_name="process {job.src.name}")
+def process_adapter(job: pipeline_ingest.Job) -> pipeline_ingest.Computed | AdapterError:
+    return pipeline_ingest.compute_job(job)
+
+
+def _compute_all(jobs: list[pipeline_ingest.Job]) -> list[Any]:
+    futures = [process_adapter.submit(job) for job in jobs]  # all at once: the runner spreads them
+    out: list[Any] = []
+    for job, future in zip(jobs, futures):
+        try:
+            out.append(future.result())
+        except Exception as exc:  # a worker lost, a task crashed
+            out.append(AdapterError(f"{job.spec}: {type(exc).__name__}: {exc}"))
+    return out
+
+
+DISTRIBUTED_STEPS = pipeline_ingest.Steps(fetch_all=_fetch_all, compute_all=_compute_all)
+
+
+@flow(name="spectr-ingest-distributed", validate_parameters=True)
+def ingest_distributed(
+    sources: list[str],
+    base_model: str | None = None,
+    base_name: str | None = None,
+    dense: bool = False,
+    rank: int | None = None,
+    niter: int = 4,
+    device: str | None = None,
+    registry_url: str | None = None,
+    blob_url: str | None = None,
+) -> list[dict]:
+    """As `ingest`, with each adapter's work a task on the flow's task runner (Dask: see dask_runner);
+    this process alone writes the registry, in the sources' order, so versions match a plain run."""
+    outcomes = pipeline_ingest.ingest_sources(
+        sources, base_model=base_model, base_name=base_name, dense=dense, rank=rank, niter=niter, device=device,
+        registry_url=registry_url, blob_url=blob_url, steps=DISTRIBUTED_STEPS, logger=get_run_logger(),
+    )
+    return [o.to_dict() for o in outcomes]
+
+
+def dask_runner(address: str | None = None, workers: int | None = None) -> Any:
+    """Prefect's DaskTaskRunner on an existing scheduler (address, e.g. tcp://host:8786) or on a local
+    cluster of `workers` single-threaded processes (each SVD already uses the process's cores via torch)."""
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers or 1, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})
+
+
+def ingest_on_dask(sources: list[str], address: str | None = None, workers: int | None = None,
+                   **args: Any) -> list[dict]:
+    return ingest_distributed.with_options(task_runner=dask_runner(address, workers))(sources=sources, **args)

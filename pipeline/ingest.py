@@ -94,6 +94,9 @@ class Steps:
     fetch_all: Callable[[list[str]], list[Any]] = _fetch_each
     validate: Callable[..., Any] = validate
     spectra: Callable[..., dict] = compute_and_write
+    # Set for distributed runs (flows/ingest.py on Dask): runs every Job's compute_job, in any order or
+    # place, and returns their results in the jobs' order. Registry writes stay in this process.
+    compute_all: Callable[[list["Job"]], list[Any]] | None = None
 
 
 def _value(result: Any) -> Any:
@@ -206,6 +209,113 @@ def ingest_one(
         return Outcome(spec, "rejected", name, reason=f"{type(exc).__name__}: {exc}", seconds=seconds)
 
 
+@dataclass
+class Job:
+    """One adapter's heavy work, shipped to a worker: everything it needs, no registry connection."""
+
+    spec: str
+    src: AdapterSource
+    base: BaseModelInfo
+    blob_url: str
+    dense_dir: str | None = None
+    rank: int | None = None
+    niter: int = 4
+    device: str | None = None
+    config: dict | None = None
+    content_sha256: str | None = None
+
+
+@dataclass
+class Computed:
+    """What a worker sends back: the adapter without its factors (the registry stores metadata only) and
+    the written blob's description."""
+
+    adapter: LoadedAdapter
+    blob: dict
+    seconds: dict[str, float]
+
+
+def compute_job(job: Job) -> Computed | AdapterError:
+    """Validate, SVD and write the blob (content-addressed, so workers racing on one blob are harmless)."""
+    import dataclasses
+
+    seconds: dict[str, float] = {}
+    try:
+        t0 = time.perf_counter()
+        adapter = validate(job.src, job.base, job.dense_dir, job.rank, job.config, job.content_sha256)
+        seconds["validate"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        blob = compute_and_write(adapter, job.blob_url, method_for(adapter, job.rank), job.rank, job.niter,
+                                 job.device)
+        seconds["spectra"] = time.perf_counter() - t0
+    except AdapterError as exc:
+        return exc
+    except Exception as exc:  # a bug or an I/O error on a worker: this adapter's rejection, not the run's end
+        return AdapterError(f"{job.spec}: {type(exc).__name__}: {exc}")
+    light = dataclasses.replace(adapter, modules=dict.fromkeys(adapter.modules),
+                                dense_deltas=dict.fromkeys(adapter.dense_deltas))
+    return Computed(light, blob, seconds)
+
+
+def _plan(registry: Registry, spec: str, src: AdapterSource | Exception, resolve_base: BaseResolver, *,
+          dense: bool, rank: int | None, niter: int, device: str | None) -> Outcome | Job:
+    """The cheap part on the driver: an Outcome already (unchanged by hash, or rejected), else a Job."""
+    name = None
+    try:
+        src = _value(src)
+        name = src.name
+        config = sha = None
+        if not dense:
+            config = read_adapter_config(src.path)
+            sha = adapter_content_sha256(src.path, config)
+            found = registry.find_version(src.name, sha)
+            if found is not None and registry.blobs.exists(found.blob_sha256) and resolve_base.same_base(found.base_model):
+                warnings = registry.recorded_warnings(found.name, found.version) or []
+                return Outcome(spec, "unchanged", found.name, found.version, warnings=warnings)
+        base = resolve_base(src.path, config)
+        dense_dir = str(base.path) if dense and base.path else None
+        if dense and dense_dir is None:
+            raise AdapterError(f"{src.path}: --dense needs --base-model PATH (a folder with the base weights)")
+        return Job(spec, src, base, registry.blobs.url, dense_dir, rank, niter, device, config, sha)
+    except AdapterError as exc:
+        return Outcome(spec, "rejected", name, reason=str(exc))
+    except Exception as exc:
+        log.debug("ingest of %s failed", spec, exc_info=True)
+        return Outcome(spec, "rejected", name, reason=f"{type(exc).__name__}: {exc}")
+
+
+def _store(registry: Registry, job: Job, result: Any, run_id: str | None) -> Outcome:
+    """The registry write for one computed adapter, on the driver (one writer, versions in input order)."""
+    from spectr.pipeline.persist import SpectraBlob, store_version
+
+    name = job.src.name
+    try:
+        if isinstance(result, Exception):
+            raise result
+        adapter, seconds = result.adapter, dict(result.seconds)
+        existing = registry.find_version(name, adapter.content_sha256)
+        if existing is not None and registry.blobs.exists(existing.blob_sha256):
+            return Outcome(job.spec, "unchanged", name, existing.version, warnings=adapter.warnings, seconds=seconds)
+        t0 = time.perf_counter()
+        info, created = store_version(registry, adapter, SpectraBlob(**result.blob), run_id)
+        seconds["store"] = time.perf_counter() - t0
+        return Outcome(job.spec, "new" if created else "unchanged", info.name, info.version,
+                       warnings=adapter.warnings, seconds=seconds)
+    except AdapterError as exc:
+        return Outcome(job.spec, "rejected", name, reason=str(exc))
+    except Exception as exc:
+        log.debug("ingest of %s failed", job.spec, exc_info=True)
+        return Outcome(job.spec, "rejected", name, reason=f"{type(exc).__name__}: {exc}")
+
+
+def _ingest_distributed(registry: Registry, specs: list[str], sources: list[Any], resolve_base: BaseResolver,
+                        steps: Steps, run_id: str, **args: Any) -> list[Outcome]:
+    planned = [_plan(registry, spec, src, resolve_base, **args) for spec, src in zip(specs, sources)]
+    jobs = [p for p in planned if isinstance(p, Job)]
+    results = iter(steps.compute_all(jobs) if jobs else [])
+    return [p if isinstance(p, Outcome) else _store(registry, p, next(results), run_id) for p in planned]
+
+
 def ingest_sources(
     sources: list[str],
     *,
@@ -254,9 +364,14 @@ def ingest_sources(
         return [bad]
     run_id = registry.start_run(specs, params)
     outcomes = []
-    for spec, src in zip(specs, steps.fetch_all(specs)):
-        outcome = ingest_one(registry, spec, src, resolve_base, steps, dense=dense, rank=rank, niter=niter,
-                             device=device, run_id=run_id)
+    fetched = steps.fetch_all(specs)
+    if steps.compute_all is not None:
+        decided = _ingest_distributed(registry, specs, fetched, resolve_base, steps, run_id, dense=dense,
+                                      rank=rank, niter=niter, device=device)
+    else:  # one adapter at a time, each line printed as soon as it is decided
+        decided = (ingest_one(registry, spec, src, resolve_base, steps, dense=dense, rank=rank, niter=niter,
+                              device=device, run_id=run_id) for spec, src in zip(specs, fetched))
+    for spec, outcome in zip(specs, decided):
         registry.record_result(run_id, source=spec, name=outcome.name, status=outcome.status,
                                version=outcome.version, reason=outcome.reason, warnings=outcome.warnings)
         emit(outcome)

@@ -59,6 +59,10 @@ def ingest(
     rank: Optional[int] = typer.Option(None, "--rank", help="truncate to this rank (randomized SVD)"),
     niter: int = typer.Option(4, "--niter", help="power iterations of the randomized SVD"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)"),
+    dask: Optional[str] = typer.Option(None, "--dask", help="run each adapter's work on this Dask scheduler, "
+                                       "e.g. tcp://HOST:8786 (workers must reach the blob store)"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="run each adapter's work on a local Dask "
+                                          "cluster of N worker processes"),
 ) -> None:
     """Validate adapters, compute their spectra and store new versions. Exit 1 if any is rejected.
 
@@ -69,6 +73,10 @@ def ingest(
 
     if dense and rank is None:
         _fail("--dense needs --rank (the truncation rank of the dense delta)", 2)
+    if dask and workers:
+        _fail("--dask and --workers exclude each other: an existing cluster or a local one", 2)
+    if workers is not None and workers < 1:
+        _fail(f"--workers must be at least 1, got {workers}", 2)
     try:
         expand_sources(sources)
         if base_model:
@@ -78,8 +86,13 @@ def ingest(
     from spectr.orchestration import run_ingest
 
     # With a Prefect server the lines print when the flow run returns; its logs are on the server.
-    lines = run_ingest(list(sources), on_outcome=_print_outcome, base_model=base_model, base_name=base_name,
-                       dense=dense, rank=rank, niter=niter, device=device)
+    try:
+        lines = run_ingest(list(sources), on_outcome=_print_outcome, base_model=base_model, base_name=base_name,
+                           dense=dense, rank=rank, niter=niter, device=device, dask_address=dask, workers=workers)
+    except ValueError as exc:  # the dask extra is missing
+        if dask or workers:
+            _fail(exc)
+        raise
     new = sum(o.status == "new" for o in lines)
     rejected = sum(o.status == "rejected" for o in lines)
     err.print(f"{len(lines)} adapters: {new} new versions, {len(lines) - new - rejected} unchanged, {rejected} rejected",

@@ -33,18 +33,31 @@ def prefect_server_configured() -> bool:
     return bool(data.get("profiles", {}).get(active, {}).get("PREFECT_API_URL"))
 
 
-def run_ingest(sources: list[str], on_outcome: Callable[[Any], None] | None = None, **args: Any) -> list[Any]:
+def run_ingest(sources: list[str], on_outcome: Callable[[Any], None] | None = None, *,
+               dask_address: str | None = None, workers: int | None = None, **args: Any) -> list[Any]:
     """Ingest through the flow (a server is configured) or directly; returns pipeline.ingest.Outcome objects.
 
+    dask_address (an existing Dask scheduler) or workers (a local Dask cluster) run the distributed flow on
+    Prefect's Dask task runner (Prefect starts a temporary server for it when none is configured).
     on_outcome sees each outcome as it is decided in-process, or all of them when the flow run returns.
     """
     from spectr.pipeline.ingest import Outcome, ingest_sources
 
-    if not prefect_server_configured():
-        return ingest_sources(list(sources), on_outcome=on_outcome, **args)
-    from spectr.flows.ingest import ingest as ingest_flow
+    if dask_address or workers:
+        try:
+            import prefect_dask  # noqa: F401
+        except ImportError:
+            raise ValueError("--dask/--workers need Prefect's Dask task runner: pip install 'spectr[dask]'") from None
+        from spectr.flows.ingest import ingest_on_dask
 
-    outcomes = [Outcome(**o) for o in ingest_flow(sources=list(sources), **args)]
+        dicts = ingest_on_dask(list(sources), address=dask_address, workers=workers, **args)
+    elif not prefect_server_configured():
+        return ingest_sources(list(sources), on_outcome=on_outcome, **args)
+    else:
+        from spectr.flows.ingest import ingest as ingest_flow
+
+        dicts = ingest_flow(sources=list(sources), **args)
+    outcomes = [Outcome(**o) for o in dicts]
     for o in outcomes:
         if on_outcome is not None:
             on_outcome(o)
