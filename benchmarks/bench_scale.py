@@ -94,17 +94,101 @@ def main() -> None:
     i.add_argument("--adapters", type=int, default=1000)
     i.add_argument("--workers", default="1,2")
     i.add_argument("--out", type=Path)
+    i.add_argument("--root", type=Path, help="keep the generated adapters here (reused by later runs)")
     a = ap.parse_args()
     if a.what == "catalog":
         res = bench_catalog([int(s) for s in a.sizes.split(",")], a.repeats)
     else:
-        res = bench_ingest(a.adapters, [int(w) for w in a.workers.split(",")])
+        res = bench_ingest(a.adapters, [int(w) for w in a.workers.split(",")], a.root)
     if a.out:
         a.out.write_text(json.dumps(res, indent=1) + "\n")
 
 
-def bench_ingest(n: int, workers: list[int]) -> list[dict]:
-    raise SystemExit("ingest benchmark: see below")
+SMOLLM2_CONFIG = dict(  # HuggingFaceTB/SmolLM2-135M-Instruct's shapes (config.json only: nothing downloaded)
+    architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=576, intermediate_size=1536,
+    num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+    max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+)
+SMOLLM2_MODULES = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
+                   "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}
+
+
+def make_adapters(root: Path, n: int, rank: int = 8) -> tuple[Path, Path]:
+    """(base folder with SmolLM2's config.json, folder of n adapters in PEFT's layout: bf16 factors of every
+    linear module, as PEFT saves the shared library's experts), written with safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    base = root / "SmolLM2-135M-Instruct"
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "config.json").write_text(json.dumps(SMOLLM2_CONFIG))
+    lib = root / "adapters"
+    lib.mkdir(exist_ok=True)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
+              "target_modules": sorted(SMOLLM2_MODULES), "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
+              "bias": "none", "fan_in_fan_out": False, "lora_dropout": 0.0, "modules_to_save": None,
+              "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True}
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        folder = lib / f"gen-{i:04d}"
+        if (folder / "adapter_model.safetensors").is_file():
+            continue
+        folder.mkdir(exist_ok=True)
+        tensors = {}
+        for layer in range(SMOLLM2_CONFIG["num_hidden_layers"]):
+            for short, (out_f, in_f) in SMOLLM2_MODULES.items():
+                part = "self_attn" if short in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+                key = f"base_model.model.model.layers.{layer}.{part}.{short}"
+                tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, in_f, generator=g) / in_f**0.5).bfloat16()
+                tensors[f"{key}.lora_B.weight"] = (torch.randn(out_f, rank, generator=g) * 0.01).bfloat16()
+        save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+        (folder / "adapter_config.json").write_text(json.dumps(config, indent=1))
+    return base, lib
+
+
+def bench_ingest(n: int, workers: list[int], root: Path | None = None) -> list[dict]:
+    """The in-process runner, then Prefect's Dask task runner on local clusters of each worker count, each
+    into a fresh registry, one after the other in this run. One Prefect server is started first and
+    shared (without one configured, every Dask run would pay a temporary server's start)."""
+    import os
+    import platform
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    from spectr.flows.ingest import ingest_on_dask
+    from spectr.pipeline.ingest import ingest_sources
+
+    keep = root is not None
+    root = root or Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    t = time.perf_counter()
+    base, lib = make_adapters(root, n)
+    sources = [str(lib / f"gen-{i:04d}") for i in range(n)]
+    print(f"generated {n} adapters in {time.perf_counter() - t:.1f} s under {lib}", flush=True)
+    out = []
+    with prefect_test_harness(server_startup_timeout=120):
+        for how in ["in-process"] + [f"dask-{w}" for w in workers]:
+            home = root / f"home-{how}"
+            kw = dict(base_model=str(base), base_name="HuggingFaceTB/SmolLM2-135M-Instruct",
+                      registry_url=f"sqlite:///{home}/registry.db", blob_url=str(home / "blobs"))
+            t = time.perf_counter()
+            if how == "in-process":
+                statuses = [o.status for o in ingest_sources(sources, **kw)]
+            else:
+                statuses = [o["status"] for o in ingest_on_dask(sources, workers=int(how.split("-")[1]), **kw)]
+            wall = time.perf_counter() - t
+            r = dict(runner=how, adapters=n, new=statuses.count("new"), wall_s=round(wall, 1),
+                     adapters_per_s=round(n / wall, 2), load_avg_after=os.getloadavg()[0],
+                     cores=os.cpu_count(), machine=platform.platform())
+            print(json.dumps(r), flush=True)
+            out.append(r)
+    ref = next(r for r in out if r["runner"] == "dask-1")["wall_s"] if any(r["runner"] == "dask-1" for r in out) else None
+    for r in out:
+        r["speedup_vs_dask_1"] = round(ref / r["wall_s"], 2) if ref else None
+    if not keep:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+    return out
 
 
 if __name__ == "__main__":
