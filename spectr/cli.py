@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 # Before torch loads OpenMP: idle threads sleep instead of spinning. On this shared 2-core box the default
 # spinning made `spectr eval routing --max-docs 2 --max-tokens 64` take 156-178 s against 22-27 s (measured
@@ -27,8 +28,9 @@ app.add_typer(bundle_app, name="bundle")
 from spectr.eval_cli import eval_app  # noqa: E402  (spectr eval: routing, lm, switch)
 app.add_typer(eval_app, name="eval")
 
-out = Console()
-err = Console(stderr=True)
+# markup=False: names, paths and reasons come from users and the registry; '[x]' in them is text, not style.
+out = Console(markup=False, highlight=False)
+err = Console(stderr=True, markup=False, highlight=False)
 
 
 @app.callback()
@@ -42,12 +44,12 @@ def _options(
 
 def _print_outcome(o) -> None:
     if o.status == "rejected":
-        out.print(f"[red]rejected[/red] {o.source}: {o.reason}", soft_wrap=True, highlight=False)
+        out.print(Text.assemble(("rejected", "red"), f" {o.source}: {o.reason}"), soft_wrap=True)
     else:
         word = "accepted" if o.status == "new" else "accepted (unchanged)"
-        out.print(f"[green]{word}[/green] {o.name} v{o.version}", soft_wrap=True, highlight=False)
+        out.print(Text.assemble((word, "green"), f" {o.name} v{o.version}"), soft_wrap=True)
     for w in o.warnings:
-        out.print(f"  [yellow]warning[/yellow] {o.name}: {w}", soft_wrap=True, highlight=False)
+        out.print(Text.assemble("  ", ("warning", "yellow"), f" {o.name}: {w}"), soft_wrap=True)
 
 
 @app.command()

@@ -13,7 +13,7 @@ PROMPT = "Write a Python function that returns the sum of the squares of a list 
 
 def run_demo(home: Path | None = None) -> int:
     """Returns the process exit code."""
-    console = Console()
+    console = Console(markup=False, highlight=False)
     if home is not None:
         os.environ["SPECTR_HOME"] = str(Path(home).resolve())
     from spectr.orchestration import prefect_server_configured, run_ingest

@@ -101,6 +101,10 @@ class Group(TyperGroup):
             raise exc
         if isinstance(exc, USER_ERRORS):
             report(one_line(exc))
+        elif type(exc).__name__ == "OperationalError" and getattr(exc, "orig", None) is not None:
+            # SQLAlchemy's wrapper of the driver's error: read-only file, locked, unreachable server.
+            report(f"the registry database refused: {one_line(exc.orig)} (check SPECTR_REGISTRY_URL or "
+                   f"SPECTR_HOME and their permissions)")
         else:
             report(f"{type(exc).__name__}: {one_line(exc)} (an internal error: rerun with --debug for the traceback)")
         return 1

@@ -13,8 +13,9 @@ from rich.table import Table
 
 eval_app = typer.Typer(help="Measure routing quality and task performance of a bundle on a base model.",
                        no_args_is_help=True)
-out = Console()
-err = Console(stderr=True)
+# markup=False: names, paths and reasons come from users and the registry; '[x]' in them is text, not style.
+out = Console(markup=False, highlight=False)
+err = Console(stderr=True, markup=False, highlight=False)
 
 BASE = typer.Option(..., "--base-model", help="base model folder (transformers format, with its tokenizer)")
 BUNDLE = typer.Option(..., "--bundle", help="bundle folder from `spectr bundle create`")

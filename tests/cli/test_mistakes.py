@@ -124,3 +124,15 @@ def test_installed_command_answers_the_readme_eval_example_in_one_line(setup, tm
                           timeout=120)
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.splitlines() == [done.stderr.strip()] and done.stderr.startswith("error: --base-model smol")
+
+
+def test_read_only_registry_is_one_line(spectr_home, make_adapter, tiny_base_dir, monkeypatch):
+    from spectr.registry import Registry
+
+    Registry().close()  # a registry that exists, then opened read-only (root ignores file modes)
+    db = spectr_home / "registry.db"
+    before = db.read_bytes()
+    monkeypatch.setenv("SPECTR_REGISTRY_URL", f"sqlite:///file:{db}?mode=ro&uri=true")
+    result = runner.invoke(app, ["ingest", str(make_adapter("ro", seed=80)), "--base-model", str(tiny_base_dir)])
+    line = one_error(result, "the registry database refused", "readonly", "SPECTR_REGISTRY_URL")
+    assert "internal error" not in line and db.read_bytes() == before
