@@ -132,8 +132,7 @@ def catalog(
     try:
         rows, total = catalog_page(registry, limit or None, offset)
     except ValueError as exc:
-        err.print(f"[red]error[/red] {exc}")
-        raise typer.Exit(2)
+        _fail(exc, 2)
     if as_json:
         print(json.dumps(rows, default=str, indent=1))
         return
