@@ -152,6 +152,7 @@ def bench_ingest(n: int, workers: list[int], root: Path | None = None) -> list[d
     shared (without one configured, every Dask run would pay a temporary server's start)."""
     import os
     import platform
+    import shutil
 
     from prefect.testing.utilities import prefect_test_harness
 
@@ -168,6 +169,7 @@ def bench_ingest(n: int, workers: list[int], root: Path | None = None) -> list[d
     with prefect_test_harness(server_startup_timeout=120):
         for how in ["in-process"] + [f"dask-{w}" for w in workers]:
             home = root / f"home-{how}"
+            shutil.rmtree(home, ignore_errors=True)  # every runner starts from an empty registry
             kw = dict(base_model=str(base), base_name="HuggingFaceTB/SmolLM2-135M-Instruct",
                       registry_url=f"sqlite:///{home}/registry.db", blob_url=str(home / "blobs"))
             t = time.perf_counter()
@@ -185,8 +187,6 @@ def bench_ingest(n: int, workers: list[int], root: Path | None = None) -> list[d
     for r in out:
         r["speedup_vs_dask_1"] = round(ref / r["wall_s"], 2) if ref else None
     if not keep:
-        import shutil
-
         shutil.rmtree(root, ignore_errors=True)
     return out
 

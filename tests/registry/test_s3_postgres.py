@@ -87,3 +87,18 @@ def test_ingest_catalog_bundle_on_postgres_and_s3(prefect_harness, s3_endpoint, 
 
     bundle = read_bundle(out)
     assert sorted(bundle.expert_names) == ["s3-code", "s3-math"]
+
+    # The catalog's snapshot follows PostgreSQL: reused while nothing is written, rebuilt after a write.
+    from spectr.registry.catalog import snapshot_dir
+
+    count = ["catalog", "--json", "--sql", "select (select count(*) from experts) e, "
+             "(select count(*) from ingestion_runs) r"]
+    assert json.loads(runner.invoke(app, count).output) == [{"e": 2, "r": 1}]
+    snap = list(snapshot_dir().glob("*.duckdb"))
+    assert len(snap) == 1
+    inode = snap[0].stat().st_ino
+    assert json.loads(runner.invoke(app, count).output) == [{"e": 2, "r": 1}]
+    assert [p.stat().st_ino for p in snapshot_dir().glob("*.duckdb")] == [inode]
+    r = runner.invoke(app, ["ingest", str(make_adapter("s3-more", seed=33)), "--base-model", str(tiny_base_dir)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(runner.invoke(app, count).output) == [{"e": 3, "r": 2}]
