@@ -298,9 +298,14 @@ def catalog_page(registry: Registry, limit: int | None, offset: int = 0) -> tupl
                           [total if limit is None else limit, offset])
         cols = [d[0] for d in cur.description]
         rows = []
+        types = dict(_EXPERT_COLUMNS)
         for r in cur.fetchall():
             d = dict(zip(cols, r))
-            d["created_at"] = d["created_at"].isoformat()
+            for c, v in d.items():  # back to what Registry.catalog() hands out
+                if v is not None and types.get(c) == "TIMESTAMPTZ":
+                    d[c] = v.isoformat()
+                elif v is not None and types.get(c) == "JSON":
+                    d[c] = json.loads(v)
             rows.append(d)
         return rows, total
     finally:
