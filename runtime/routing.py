@@ -98,9 +98,25 @@ def restrict(g: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
     return g if allowed is None else g.masked_fill(~allowed, float("-inf"))
 
 
-def select(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k experts per token: (values, indices), each (t, k)."""
+def select(g: torch.Tensor, k: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k experts per token: (values, indices), each (t, k).
+
+    k per token, an int tensor (t,) (set_token_top_k): every expert is ranked, so the shape stays (t, E)
+    whatever the k (static, no host sync), and the values past each token's own k are -inf (cut()).
+    """
+    if isinstance(k, torch.Tensor):
+        vals, idx = torch.topk(g, g.shape[1], dim=1)
+        return cut(vals, k), idx
     return torch.topk(g, min(k, g.shape[1]), dim=1)
+
+
+def cut(vals: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """Ranked choices (t, K) with the ranks >= k_t of each token set to -inf: not chosen, never weighted,
+    not counted as decisions. An int k (one for every token) changes nothing."""
+    if not isinstance(k, torch.Tensor):
+        return vals
+    ranks = torch.arange(vals.shape[1], device=vals.device)
+    return vals.masked_fill(ranks >= k.to(vals.device)[:, None], float("-inf"))
 
 
 def weights(
