@@ -41,6 +41,8 @@ which decides independently per token, per module, per layer):
   that no longer flicker on single ambiguous tokens.
 - Weights (uniform 1/k or softmax) always come from the module's own current scores at the chosen
   experts; pooling and smoothing change which experts are chosen, not how a module mixes them.
+- A per-token k (set_token_top_k): select() ranks every expert and cut() sets the ranks past each token's
+  k to -inf, so a token's choices, weights and counted decisions are those of top_k = k_t, at static shapes.
 Measured on the real SmolLM2 library (8 experts, k = 4, CPU; small sample: 2 test documents per
 domain x 128 tokens, switching on 8 domain pairs x 2 sequences): top-1 accuracy / mean tokens to
 switch: reference 0.538 / 6.5, input 0.585 / 6.5, layer 0.559 / 5.6, smooth 0.5 0.592 / 7.4,

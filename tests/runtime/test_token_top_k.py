@@ -155,6 +155,19 @@ def test_fused_with_per_token_k_compiles_without_graph_breaks(bundle):
     assert (got - model(ids).logits).abs().max() <= 1e-5
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@torch.no_grad()
+def test_cuda_fused_with_per_token_k_equals_plain(bundle):
+    """On a GPU a per-token k bypasses the Triton kernel for the torch code: still equal to the plain path."""
+    ids, attn, pos = (t.cuda() for t in padded())
+    got = {}
+    for impl in ("plain", "fused"):
+        model = load_bundle(build_tiny_llama(), bundle, impl=impl).cuda()
+        set_token_top_k(model, KS.repeat_interleave(ids.shape[1]).cuda())
+        got[impl] = model(ids, attention_mask=attn, position_ids=pos).logits
+    assert (got["plain"] - got["fused"]).abs().max() <= 1e-3
+
+
 def test_bad_k_is_refused(bundle):
     model = load_bundle(build_tiny_llama(), bundle)
     with pytest.raises(ValueError, match=r"\(5,\).*12 token rows"):
