@@ -53,7 +53,7 @@ def per_row_k(model) -> None:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("opts", [m for m in MODES], ids=label)
+@pytest.mark.parametrize("opts", MODES, ids=label)
 def test_rows_with_k1_and_k2_equal_top_k_1_and_2_in_one_padded_batch(bundle, opts):
     ids, attn, pos = padded()
     want = [load_bundle(build_tiny_llama(), bundle, top_k=k, **opts)(ids, attention_mask=attn, position_ids=pos)
