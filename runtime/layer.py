@@ -367,7 +367,8 @@ class RoutedLinear(nn.Module):
         allowed = st.allowed(self, t)
         # the kernel has one static k: a per-token k (set_token_top_k) takes the torch code below
         if x.is_cuda and kernels.route is not None and cfg.router != "uniform" and cfg.smooth == 0 \
-                and cfg.pool != "layer" and st.token_k is None and (len(members) == 1 or hasattr(members[0], "S_group")):
+                and cfg.pool != "layer" and st.token_k is None \
+                and (len(members) == 1 or hasattr(members[0], "S_group")):
             return self._decide_group_kernel(members, x, allowed)
         Ps = self._project_group(members, x)
         if cfg.router == "uniform":
