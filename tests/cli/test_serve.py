@@ -230,7 +230,7 @@ def test_serve_cli_refuses_bad_arguments(tmp_path, served):
     result = runner.invoke(app, ["serve", "--base-model", str(base)])
     assert result.exit_code == 2 and "exactly one of --bundle" in result.output
     result = runner.invoke(app, ["serve", "--base-model", str(tmp_path / "nope"), "--bundle", str(bundle)])
-    assert result.exit_code == 1 and "no config.json" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 1 and "nope: no such folder" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["serve", "--base-model", str(base), "--bundle", str(tmp_path / "nothing")])
     assert result.exit_code == 1 and "nothing" in result.output and "Traceback" not in result.output
 
