@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from spectr.pipeline.basemodel import base_model_from_config, resolve_base_model
 from spectr.pipeline.fetch import expand_sources, fetch
 from spectr.pipeline.spectra import adapter_spectra
-from spectr.pipeline.store import SpectraBlob, store_version, write_spectra_blob
+from spectr.pipeline.store import SpectraBlob, store_version, write_adapter_blobs, write_spectra_blob
 from spectr.pipeline.types import AdapterError, AdapterSource, BaseModelInfo, LoadedAdapter
 from spectr.pipeline.validate import load_adapter, read_adapter_config
 from spectr.registry.store import Registry
@@ -153,6 +153,7 @@ def ingest_one(
     niter: int = 4,
     device: str | None = None,
     run_id: str | None = None,
+    spectra_only: bool = False,
 ) -> Outcome:
     """Validate, compute and store one fetched adapter; every failure becomes a rejected Outcome."""
     seconds: dict[str, float] = {}
@@ -170,7 +171,10 @@ def ingest_one(
         seconds["validate"] = time.perf_counter() - t0
         existing = registry.find_version(src.name, adapter.content_sha256)
         if existing is not None and registry.blobs.exists(existing.blob_sha256):
+            if not spectra_only and not existing.files:  # ingested with --spectra-only before: keep it now
+                registry.keep_files(existing.name, existing.version, write_adapter_blobs(registry.blobs, adapter))
             return Outcome(spec, "unchanged", src.name, existing.version, warnings=adapter.warnings, seconds=seconds)
+        files = {} if spectra_only else write_adapter_blobs(registry.blobs, adapter)
         t0 = time.perf_counter()
         method = _method_for(adapter, rank)
         args = dict(adapter=adapter, blob_url=registry.blobs.url, method=method, rank=rank, niter=niter, device=device)
@@ -179,7 +183,7 @@ def ingest_one(
             blob = SpectraBlob(**compute_spectra.with_options(refresh_cache=True)(**args))
         seconds["spectra"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        info, created = store_version(registry, adapter, blob, run_id)
+        info, created = store_version(registry, adapter, blob, run_id, files)
         seconds["store"] = time.perf_counter() - t0
         status = "new" if created else "unchanged"
         return Outcome(spec, status, info.name, info.version, warnings=adapter.warnings, seconds=seconds)
@@ -200,20 +204,24 @@ def ingest(
     device: str | None = None,
     registry_url: str | None = None,
     blob_url: str | None = None,
+    spectra_only: bool = False,
 ) -> list[dict]:
-    """Ingest adapter folders, globs and hub ids into the registry; returns one dict per source."""
+    """Ingest adapter folders, globs and hub ids into the registry; returns one dict per source.
+
+    Each version keeps its original adapter files (for `spectr export`) unless spectra_only."""
     registry = Registry(registry_url, blob_url)
-    params = dict(base_model=base_model, dense=dense, rank=rank, niter=niter, device=device)
+    params = dict(base_model=base_model, dense=dense, rank=rank, niter=niter, device=device, spectra_only=spectra_only)
+    flow_run_id = _flow_run_id()
     try:
         specs = expand_sources(sources)
     except AdapterError as exc:
         specs, bad = [], Outcome(" ".join(sources), "rejected", reason=str(exc))
-        run_id = registry.start_run(list(sources), params)
+        run_id = registry.start_run(list(sources), params, flow_run_id)
         registry.record_result(run_id, source=bad.source, name=None, status=bad.status, reason=bad.reason)
         registry.finish_run(run_id, "failed")
         _emit(bad)
         return [asdict(bad)]
-    run_id = registry.start_run(specs, params)
+    run_id = registry.start_run(specs, params, flow_run_id)
     fetched = [fetch_adapter.submit(spec) for spec in specs]
     resolve_base = BaseResolver(registry, base_model, base_name)
     outcomes = []
@@ -223,7 +231,8 @@ def ingest(
         except Exception as exc:
             src = exc if isinstance(exc, AdapterError) else AdapterError(f"{spec}: fetch failed: {exc}")
         outcome = ingest_one(
-            registry, spec, src, resolve_base, dense=dense, rank=rank, niter=niter, device=device, run_id=run_id
+            registry, spec, src, resolve_base, dense=dense, rank=rank, niter=niter, device=device, run_id=run_id,
+            spectra_only=spectra_only,
         )
         registry.record_result(
             run_id,
@@ -238,6 +247,14 @@ def ingest(
         outcomes.append(outcome)
     registry.finish_run(run_id, "completed" if all(o.accepted for o in outcomes) else "completed_with_rejections")
     return [asdict(o) for o in outcomes]
+
+
+def _flow_run_id() -> str | None:
+    """The Prefect flow run this ingest runs in (lineage), or None when called outside one."""
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.id
+    return str(run_id) if run_id else None
 
 
 def _emit(outcome: Outcome) -> None:

@@ -64,16 +64,28 @@ def _canonical(obj: Any) -> bytes:
 def adapter_content_sha256(folder: Path) -> str:
     """sha256 over the canonical config JSON, then the safetensors weights file's bytes."""
     folder = Path(folder)
-    h = hashlib.sha256()
-    h.update(b"adapter_config.json\0" + _canonical(read_adapter_config(folder)) + b"\0")
+    h = _content_hasher(read_adapter_config(folder))
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise AdapterError(f"{weights}: missing {WEIGHTS_FILE}")
-    h.update(WEIGHTS_FILE.encode() + b"\0")
     with open(weights, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def content_sha256_of(config_bytes: bytes, weights_bytes: bytes) -> str:
+    """adapter_content_sha256 of a folder holding these two files' bytes."""
+    h = _content_hasher(json.loads(config_bytes))
+    h.update(weights_bytes)
+    return h.hexdigest()
+
+
+def _content_hasher(config: dict) -> Any:
+    h = hashlib.sha256()
+    h.update(b"adapter_config.json\0" + _canonical(config) + b"\0")
+    h.update(WEIGHTS_FILE.encode() + b"\0")
+    return h
 
 
 def _is_set(value: Any) -> bool:

@@ -176,12 +176,26 @@ class Registry:
 
     # -- versions ----------------------------------------------------------------------------
     def find_version(self, name: str, content_sha256: str) -> VersionInfo | None:
-        with self._session() as s:
-            row = s.scalar(
-                self._versions_query()
-                .where(Adapter.name == name, AdapterVersion.content_sha256 == content_sha256)
-            )
-            return _info(row) if row is not None else None
+        return next((v for v in self.versions(name) if v.content_sha256 == content_sha256), None)
+
+    def keep_files(self, name: str, version: int, files: dict[str, tuple[str, int]]) -> None:
+        """Attach kept adapter files (filename -> (blob sha256, size)) to a stored version that lacks them."""
+        for sha, _ in files.values():
+            if not self.blobs.exists(sha):
+                raise ValueError(f"blob {sha} for {name!r} is not in the blob store {self.blobs.root}; put() it first")
+        for attempt in (0, 1):
+            try:
+                with self._session.begin() as s:
+                    vid = s.scalar(
+                        select(AdapterVersion.id).join(Adapter).where(Adapter.name == name, AdapterVersion.version == version)
+                    )
+                    if vid is None:
+                        raise KeyError(f"expert {name!r} has no version {version}")
+                    self._attach_files(s, vid, files)
+                return
+            except IntegrityError:  # another writer attached them first
+                if attempt:
+                    raise
 
     def add_version(
         self,

@@ -68,9 +68,10 @@ def test_rejection_is_an_outcome_and_changes_nothing(prefect_harness, spectr_hom
     assert [o["status"] for o in outcomes] == ["rejected", "new"]
     assert "DoRA" in outcomes[0]["reason"] or "use_dora" in outcomes[0]["reason"]
     assert [r[0] for r in _registry_rows(registry)] == ["good"]
-    # The rejected adapter left no blob behind: the only blob is the good one's.
+    # The rejected adapter left no blob behind: the only blobs are the good one's spectra and kept files.
     stored = sorted(Path(registry.blobs.root).rglob("*.safetensors"))
-    assert stored == [Path(registry.blobs.path(registry.get_version("good").blob_sha256))]
+    good_blobs = [registry.get_version("good").blob_sha256, *registry.adapter_files("good").values()]
+    assert stored == sorted(Path(registry.blobs.path(sha)) for sha in good_blobs) and len(stored) == 3
     runs = registry.get_run(registry_last_run(registry))
     assert (runs["accepted"], runs["rejected"], runs["new_versions"]) == (1, 1, 1)
 
