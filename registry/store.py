@@ -781,8 +781,10 @@ class Registry:
             }
 
     # -- catalog -----------------------------------------------------------------------------
-    def catalog(self) -> list[dict]:
-        """One plain dict per version (JSON-ready), ordered by name then version."""
+    def catalog(
+        self, name: str | None = None, *, alias: str | None = None, tag: str | dict[str, str] | None = None
+    ) -> list[dict]:
+        """One plain dict per version (JSON-ready), ordered by name then version; filters as versions()."""
         return [
             {
                 "name": v.name,
@@ -803,7 +805,7 @@ class Registry:
                 "tags": dict(v.tags),
                 "adapter_kept": bool(v.files),
             }
-            for v in self.versions()
+            for v in self.versions(name, alias=alias, tag=tag)
         ]
 
 

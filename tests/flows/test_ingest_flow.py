@@ -112,8 +112,25 @@ def test_hub_source_offline_records_the_commit(prefect_harness, spectr_home, mak
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     outcomes = ingest(sources=["tiny-org/hub-expert@main"], base_model=str(tiny_base_dir))
     assert [(o["name"], o["status"]) for o in outcomes] == [("hub-expert", "new")]
-    info = Registry().get_version("hub-expert")
+    registry = Registry()
+    info = registry.get_version("hub-expert")
     assert info.revision == commit and info.source.startswith("tiny-org/hub-expert")
+    # Lineage names the repo and the commit "main" resolved to, the run and its Prefect flow run, and the SVD.
+    [row] = registry.lineage("hub-expert@1")
+    assert (row["source_kind"], row["repo"], row["commit"], row["source"]) == (
+        "hub", "tiny-org/hub-expert", commit, "tiny-org/hub-expert@main")
+    assert row["ingestion_run_id"] == info.ingestion_run_id is not None
+    assert row["flow_run_id"] == registry.get_run(info.ingestion_run_id)["flow_run_id"]
+    assert len(row["flow_run_id"]) == 36 and row["svd_method"] == "exact" and row["bundles"] == []
+    from spectr.registry.catalog import catalog_sql
+
+    _, rows = catalog_sql("select repo, \"commit\" from lineage where name = 'hub-expert'", registry)
+    assert rows == [("tiny-org/hub-expert", commit)]
+    # The kept adapter is the snapshot's bytes.
+    out = registry.export_adapter("hub-expert", tmp_path / "exported")
+    snap = cache / "models--tiny-org--hub-expert" / "snapshots" / commit
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (out / f).read_bytes() == (snap / f).read_bytes()
 
 
 def test_base_model_found_in_registry_by_adapter_name(prefect_harness, spectr_home, make_adapter, tiny_base_dir):
