@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from spectr.pipeline.basemodel import resolve_base_model  # noqa: E402
 from spectr.pipeline.fetch import fetch  # noqa: E402
 from spectr.pipeline.spectra import adapter_spectra  # noqa: E402
-from spectr.pipeline.store import store_version, write_spectra_blob  # noqa: E402
+from spectr.pipeline.persist import store_version, write_spectra_blob  # noqa: E402
 from spectr.pipeline.validate import adapter_content_sha256, load_adapter  # noqa: E402
 from spectr.registry.store import Registry  # noqa: E402
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from spectr.pipeline.types import AdapterSpectra  # noqa: E402
+from spectr.runtime.spectrum import AdapterSpectra  # noqa: E402
 from spectr.runtime import REFERENCE, load_bundle, write_bundle  # noqa: E402
 from spectr.runtime.bundle import module_shape  # noqa: E402
 

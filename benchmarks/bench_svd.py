@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 
-from spectr.pipeline.blob import blob_sha256, spectra_to_bytes  # noqa: E402
+from spectr.registry.spectra_format import blob_sha256, spectra_to_bytes  # noqa: E402
 from spectr.pipeline.spectra import adapter_spectra  # noqa: E402
 from spectr.pipeline.types import (  # noqa: E402
     AdapterSource, BaseModelInfo, LoadedAdapter, ModuleFactors, ModuleShape,

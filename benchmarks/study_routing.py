@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 
 from spectr.runtime import load_bundle, read_bundle, set_router, trace_routing  # noqa: E402
-from spectr.runtime.evaluate import RESET, ROUTER_PRESETS, pad_batches, pad_id_of, read_jsonl, switching, tokenize  # noqa: E402
+from spectr.runtime.evaluate import pad_batches, pad_id_of, read_jsonl, switching, tokenize  # noqa: E402
+from spectr.runtime.presets import PRESETS, preset_settings  # noqa: E402
 from spectr.runtime.trace import layer_of  # noqa: E402
 
 # name -> RouterConfig fields; "spectr k=4" is the reference code's behaviour.
@@ -214,15 +215,15 @@ def main() -> None:
     docs = {d: tokenize(tokenizer, t, args.max_tokens) for d, t in texts.items()}
     pad = pad_id_of(tokenizer)
     results: dict[str, Any] = {"base": measure(model, docs, names, pad, args.batch_size, routed=False)}
-    load_bundle(model, bundle, router="fixed", expert=names[0])
+    load_bundle(model, bundle, "fixed", expert=names[0])
     oracle = {}
     for d in domains:
-        set_router(model, **{**RESET, "router": "fixed", "expert": d})
+        set_router(model, preset="fixed", expert=d)
         oracle[d] = measure(model, {d: docs[d]}, names, pad, args.batch_size, routed=False)["loss"][d]
     results["oracle"] = {"loss": oracle}
     chosen = CONFIGS if args.configs is None else {c: CONFIGS[c] for c in args.configs.split(",")}
     for name, kw in chosen.items():
-        set_router(model, **{**RESET, **kw})
+        set_router(model, preset="reference", **kw)  # each configuration changes the reference
         r = measure(model, docs, names, pad, args.batch_size, routed=kw.get("router") != "uniform")
         r["k"] = kw["top_k"]
         if r["top1"]:
@@ -236,7 +237,7 @@ def main() -> None:
     ring = [(domains[i], domains[(i + 1) % len(domains)]) for i in range(min(args.switch_pairs, len(domains)))]
     stream_texts = {d: read_jsonl(args.data_dir / d / "test.jsonl", 64) for d in domains}  # enough for segments
     for name in [s for s in SWITCH if s in chosen]:
-        ROUTER_PRESETS[f"study:{name}"] = {**RESET, **{k: v for k, v in chosen[name].items() if k != "top_k"}}
+        PRESETS[f"study:{name}"] = preset_settings("reference", **{k: v for k, v in chosen[name].items() if k != "top_k"})
         got = switching(model, tokenizer, stream_texts, routers=[f"study:{name}"], pairs=ring, top_k=chosen[name]["top_k"],
                         sequences=args.switch_sequences)
         switch["definition"] = got["definition"]

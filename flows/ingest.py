@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from spectr.pipeline.basemodel import base_model_from_config, resolve_base_model
 from spectr.pipeline.fetch import expand_sources, fetch
 from spectr.pipeline.spectra import adapter_spectra
-from spectr.pipeline.store import SpectraBlob, store_version, write_adapter_blobs, write_spectra_blob
+from spectr.pipeline.persist import SpectraBlob, store_version, write_adapter_blobs, write_spectra_blob
 from spectr.pipeline.types import AdapterError, AdapterSource, BaseModelInfo, LoadedAdapter
 from spectr.pipeline.validate import load_adapter, read_adapter_config
 from spectr.registry.store import Registry

@@ -1,8 +1,9 @@
 """The base model's linear-module shapes, read from its config alone (meta device, no weights)."""
 from __future__ import annotations
 
-import hashlib
 import json
+import os
+import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from spectr.digest import sha256_json
 from spectr.pipeline.fetch import is_hub_id, split_revision
 from spectr.pipeline.types import AdapterError, BaseModelInfo, ModuleShape
 
@@ -50,8 +52,7 @@ def _strip_volatile(obj: Any) -> Any:
 
 def config_sha256(config: dict[str, Any]) -> str:
     """sha256 of the config's canonical JSON, volatile keys removed."""
-    canon = json.dumps(_strip_volatile(config), sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canon.encode()).hexdigest()
+    return sha256_json(_strip_volatile(config))
 
 
 def _collect_modules(model: nn.Module) -> dict[str, ModuleShape]:
@@ -111,16 +112,46 @@ def base_model_from_config(config: dict, name: str, path: Path | None = None) ->
 
 
 def read_json_object(file: Path, what: str) -> dict[str, Any]:
-    """A JSON object from file; AdapterError naming the file and `what` it should have been otherwise."""
+    """A JSON object from file; AdapterError naming the file and `what` it should have been otherwise.
+
+    Only a regular file of at most MAX_JSON_BYTES is read (a FIFO would block, /dev/zero never ends), and
+    JSON too deep for the parser or numbers too long to convert are refused, not raised as RecursionError.
+    """
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        st = os.stat(file)
     except FileNotFoundError:
         raise AdapterError(f"{file}: {what} not found (missing)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:
+        raise AdapterError(f"{file}: cannot read {what}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise AdapterError(f"{file}: {what} is not a regular file")
+    limit = max_json_bytes()
+    if st.st_size > limit:
+        raise AdapterError(f"{file}: {what} is {st.st_size} bytes, over the {limit}-byte limit "
+                           f"(raise SPECTR_MAX_JSON_BYTES if it is genuine)")
+    try:
+        with open(file, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as e:
+        raise AdapterError(f"{file}: cannot read {what}: {e.strerror or e}") from None
+    if len(raw) > limit:
+        raise AdapterError(f"{file}: {what} is over the {limit}-byte limit")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterError(f"{file}: invalid JSON in {what}: {e}") from None
+    except RecursionError:
+        raise AdapterError(f"{file}: invalid JSON in {what}: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of thousands of digits
+        raise AdapterError(f"{file}: invalid JSON in {what}: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise AdapterError(f"{file}: {what} is not a JSON object")
     return data
+
+
+def max_json_bytes() -> int:
+    """Bound on a config file's size; SPECTR_MAX_JSON_BYTES overrides the 4 MiB default."""
+    return int(os.environ.get("SPECTR_MAX_JSON_BYTES", 4 << 20))
 
 
 def _read_config(file: Path) -> dict[str, Any]:

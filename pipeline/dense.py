@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from spectr.digest import canonical_json, update_with_file
 from spectr.pipeline.types import AdapterError, AdapterSource, BaseModelInfo, LoadedAdapter
 
 _SINGLE = "model.safetensors"
@@ -50,12 +51,10 @@ def _content_sha256(folder: Path, files: dict[str, Path]) -> str:
     h = hashlib.sha256()
     cfg = folder / "config.json"
     if cfg.is_file():
-        h.update(json.dumps(json.loads(cfg.read_text()), sort_keys=True, separators=(",", ":")).encode())
+        h.update(canonical_json(json.loads(cfg.read_text())).encode())
     for f in sorted(set(files.values())):
         h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        update_with_file(h, f)
     return h.hexdigest()
 
 

@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from spectr.pipeline.types import AdapterSpectra, LoadedAdapter, ModuleSpectrum
+from spectr.pipeline.types import LoadedAdapter
+from spectr.runtime.spectrum import AdapterSpectra, ModuleSpectrum
 
 Progress = Callable[[int, int], None]
 

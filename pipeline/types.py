@@ -7,6 +7,9 @@ from typing import Any
 
 import torch
 
+# The spectra types are owned by the runtime (the bottom layer); re-exported here for the stages.
+from spectr.runtime.spectrum import AdapterSpectra, ModuleSpectrum  # noqa: F401
+
 
 class AdapterError(ValueError):
     """An adapter was rejected. The message is one line naming the file, module and shapes."""
@@ -83,28 +86,3 @@ class LoadedAdapter:
     warnings: list[str] = field(default_factory=list)
     # Dense experts (a full fine-tune minus its base): module -> delta W (out x in); modules is empty.
     dense_deltas: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass
-class ModuleSpectrum:
-    """delta W = scaling * U diag(S) V^T for one module. U: out x r, S: r, V: in x r (float32)."""
-
-    U: torch.Tensor
-    S: torch.Tensor
-    V: torch.Tensor
-    scaling: float
-    energy: float = 1.0  # fraction of ||B A||_F^2 captured (1.0 for the exact SVD)
-
-
-@dataclass
-class AdapterSpectra:
-    """All modules' spectra of one adapter plus how they were computed."""
-
-    modules: dict[str, ModuleSpectrum]
-    method: str  # "exact" or "randomized"
-    params: dict[str, Any]  # e.g. {"rank": 8, "niter": 4, "seed": 0, "dtype": "float64"}
-
-    @property
-    def energy(self) -> float:
-        """Energy captured over the whole adapter (min over modules)."""
-        return min((m.energy for m in self.modules.values()), default=1.0)

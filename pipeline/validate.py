@@ -8,14 +8,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import stat
 import struct
 from pathlib import Path
 from typing import Any
 
+import regex
 import torch
 from safetensors import safe_open
 
+from spectr.digest import canonical_json, update_with_file
 from spectr.pipeline.basemodel import names_match, read_json_object
 from spectr.pipeline.types import AdapterError, AdapterSource, BaseModelInfo, LoadedAdapter, ModuleFactors
 
@@ -24,6 +28,8 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 KEY_PREFIX = "base_model.model."
+PATTERN_TIMEOUT_S = 1.0  # rank_pattern/alpha_pattern keys are user regexes: matching them is time-bounded
+_F32_MAX = float(torch.finfo(torch.float32).max)
 
 # bytes per element of every dtype the safetensors format defines
 _DTYPE_BYTES = {
@@ -57,10 +63,6 @@ def read_adapter_config(folder: Path) -> dict:
     return read_json_object(Path(folder) / CONFIG_FILE, CONFIG_FILE)
 
 
-def _canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
-
-
 def adapter_content_sha256(folder: Path) -> str:
     """sha256 over the canonical config JSON, then the safetensors weights file's bytes."""
     folder = Path(folder)
@@ -68,22 +70,19 @@ def adapter_content_sha256(folder: Path) -> str:
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise AdapterError(f"{weights}: missing {WEIGHTS_FILE}")
-    with open(weights, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return update_with_file(h, weights).hexdigest()
 
 
 def content_sha256_of(config_bytes: bytes, weights_bytes: bytes) -> str:
     """adapter_content_sha256 of a folder holding these two files' bytes."""
-    h = _content_hasher(json.loads(config_bytes))
+    h = _content_hasher(json.loads(config_bytes.decode("utf-8")))  # as read_json_object parses it
     h.update(weights_bytes)
     return h.hexdigest()
 
 
 def _content_hasher(config: dict) -> Any:
     h = hashlib.sha256()
-    h.update(b"adapter_config.json\0" + _canonical(config) + b"\0")
+    h.update(b"adapter_config.json\0" + canonical_json(config).encode() + b"\0")
     h.update(WEIGHTS_FILE.encode() + b"\0")
     return h
 
@@ -92,40 +91,90 @@ def _is_set(value: Any) -> bool:
     return value not in (None, False, 0, "", [], {})
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    try:
+        return _is_number(value) and math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _check_patterns(cfg: dict, file: Path) -> None:
+    for key, positive_int in (("rank_pattern", True), ("alpha_pattern", False)):
+        patterns = cfg.get(key)
+        if patterns in (None, {}):
+            continue
+        if not isinstance(patterns, dict):
+            raise AdapterError(f"{file}: {key} must be an object of regex -> value, got {type(patterns).__name__}")
+        for pattern, value in patterns.items():
+            try:
+                regex.compile(pattern)
+            except (regex.error, RecursionError, OverflowError) as e:
+                raise AdapterError(f"{file}: {key} key {pattern[:80]!r} is not a valid regex: {e}") from None
+            if positive_int and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                raise AdapterError(f"{file}: {key}[{pattern[:80]!r}] must be a positive integer, got {value!r}")
+            if not positive_int and not _is_finite_number(value):
+                raise AdapterError(f"{file}: {key}[{pattern[:80]!r}] must be a finite number, got {value!r}")
+
+
 def _check_config(cfg: dict, file: Path) -> None:
     peft_type = cfg.get("peft_type")
     if str(peft_type).upper() != "LORA":
-        raise AdapterError(f"{file}: peft_type is {peft_type!r}, only LORA adapters are supported")
+        raise AdapterError(f"{file}: peft_type is {str(peft_type)[:80]!r}, only LORA adapters are supported")
     for key, why in _UNSUPPORTED.items():
         if _is_set(cfg.get(key)):
-            raise AdapterError(f"{file}: unsupported LoRA variant: {why} ({key}={cfg.get(key)!r})")
+            raise AdapterError(f"{file}: unsupported LoRA variant: {why} ({key}={str(cfg.get(key))[:80]})")
     r = cfg.get("r")
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise AdapterError(f"{file}: r must be a positive integer, got {r!r}")
-    if not isinstance(cfg.get("lora_alpha", r), (int, float)):
-        raise AdapterError(f"{file}: lora_alpha must be a number, got {cfg.get('lora_alpha')!r}")
+        raise AdapterError(f"{file}: r must be a positive integer, got {str(r)[:80]}")
+    alpha = cfg.get("lora_alpha", r)
+    if not _is_finite_number(alpha):
+        raise AdapterError(f"{file}: lora_alpha must be a finite number, got {str(alpha)[:80]}")
+    _check_patterns(cfg, file)
+    layers = cfg.get("layers_to_transform")
+    if layers is not None and not (
+        (isinstance(layers, int) and not isinstance(layers, bool))
+        or (isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers))
+    ):
+        raise AdapterError(f"{file}: layers_to_transform must be an integer or a list of integers, "
+                           f"got {str(layers)[:80]}")
 
 
 def read_safetensors_header(file: Path) -> dict[str, dict]:
-    """Parse and check a safetensors header without trusting it (length, JSON, dtypes, offsets)."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise AdapterError(f"{file}: truncated safetensors file ({size} bytes, no header length)")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES:
-            raise AdapterError(f"{file}: safetensors header of {n} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
-        if 8 + n > size:
-            raise AdapterError(f"{file}: truncated safetensors file: header needs {n} bytes, file has {size}")
-        raw = f.read(n)
+    """Parse and check a safetensors header without trusting it (a regular file; length, JSON, dtypes, offsets)."""
+    try:
+        st = os.stat(file)
+        if not stat.S_ISREG(st.st_mode):
+            raise AdapterError(f"{file}: not a regular file")
+        with open(file, "rb") as f:
+            raw = _read_header(f, file, st.st_size)
+    except OSError as e:  # no bytes of the file in the message: it may not be the user's to read
+        raise AdapterError(f"{file}: cannot read the weights: {e.strerror or type(e).__name__}") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{file}: corrupt safetensors header: {e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError):
+        raise AdapterError(f"{file}: corrupt safetensors header (not valid UTF-8 JSON)") from None
+    return _check_header(header, file, st.st_size - 8 - len(raw))
+
+
+def _read_header(f: Any, file: Path, size: int) -> bytes:
+    head = f.read(8)
+    if len(head) < 8:
+        raise AdapterError(f"{file}: truncated safetensors file ({size} bytes, no header length)")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_BYTES:
+        raise AdapterError(f"{file}: safetensors header of {n} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if 8 + n > size:
+        raise AdapterError(f"{file}: truncated safetensors file: header needs {n} bytes, file has {size}")
+    return f.read(n)
+
+
+def _check_header(header: Any, file: Path, data_len: int) -> dict[str, dict]:
     if not isinstance(header, dict):
         raise AdapterError(f"{file}: corrupt safetensors header: not a JSON object")
-    data_len = size - 8 - n
     tensors: dict[str, dict] = {}
     for key, info in header.items():
         if key == "__metadata__":
@@ -157,6 +206,8 @@ def _weights_file(folder: Path) -> Path:
     file = folder / WEIGHTS_FILE
     if file.is_file():
         return file
+    if file.exists():
+        raise AdapterError(f"{file}: not a regular file")
     if (folder / PICKLE_FILE).exists():
         raise AdapterError(
             f"{folder / PICKLE_FILE}: pickle weights are refused (never unpickled); "
@@ -165,10 +216,16 @@ def _weights_file(folder: Path) -> Path:
     raise AdapterError(f"{file}: missing {WEIGHTS_FILE}")
 
 
-def _pattern_value(patterns: dict | None, module: str, default: Any) -> Any:
+def _pattern_value(patterns: dict | None, module: str, default: Any, file: Path, what: str) -> Any:
     # PEFT's own rule (peft.utils.other.get_pattern_key): the first key k with re.match(rf"(.*\.)?({k})$", module).
+    # The keys come from the user, so they are matched with a time bound (no catastrophic backtracking hang).
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        try:
+            hit = regex.match(rf"(.*\.)?({key})$", module, timeout=PATTERN_TIMEOUT_S)
+        except TimeoutError:
+            raise AdapterError(f"{file}: {what} key {key[:80]!r} took over {PATTERN_TIMEOUT_S:g} s to match "
+                               f"module {module}; simplify the pattern") from None
+        if hit:
             return value
     return default
 
@@ -210,10 +267,7 @@ def _classify(keys: list[str], cfg: dict, file: Path) -> tuple[dict[str, dict[st
     return lora, has_bias
 
 
-def _load_tensor(f: Any, key: str, header: dict[str, dict], file: Path, module: str) -> torch.Tensor:
-    dtype = header[key]["dtype"]
-    if dtype not in _FLOAT_DTYPES:
-        raise AdapterError(f"{file}: module {module}: {key} has non-float dtype {dtype}")
+def _load_tensor(f: Any, key: str, file: Path, module: str) -> torch.Tensor:
     t = f.get_tensor(key).to(torch.float32)
     if not torch.isfinite(t).all():
         bad = int((~torch.isfinite(t)).sum())
@@ -244,55 +298,70 @@ def load_adapter(src: AdapterSource, base: BaseModelInfo) -> LoadedAdapter:
     if isinstance(layers, int):
         layers = [layers]
     adapter_base = cfg.get("base_model_name_or_path") or ""
-    modules: dict[str, ModuleFactors] = {}
-    try:
-        f = safe_open(str(file), framework="pt")
-    except Exception as e:  # the header passed our checks, but safetensors may still object
-        raise AdapterError(f"{file}: safetensors cannot open it: {e}") from None
-    with f:
-        # Read and check every tensor before looking at shapes: NaN/Inf, then rank, then base fit.
-        loaded = {}
-        order = {name: i for i, name in enumerate(base.modules)}  # report the earliest layer first
-        for module, parts in sorted(lora.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
-            A = _load_tensor(f, parts["lora_A.weight"], header, file, module)
-            B = _load_tensor(f, parts["lora_B.weight"], header, file, module)
-            bias = _load_tensor(f, parts["lora_B.bias"], header, file, module) if "lora_B.bias" in parts else None
-            loaded[module] = (A, B, bias)
-    for module, (A, B, _) in loaded.items():
-        if A.dim() != 2 or B.dim() != 2:
-            raise AdapterError(
-                f"{file}: module {module}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} are not 2-D "
-                f"(only linear-module LoRA is supported)"
-            )
-        r = int(_pattern_value(cfg.get("rank_pattern"), module, r_default))
-        if A.shape[0] != r or B.shape[1] != r:
-            raise AdapterError(
-                f"{file}: module {module}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} disagree with "
-                f"the config's rank r={r}"
-            )
-    for module, (A, B, bias) in loaded.items():
+    trained_on = adapter_base or "an unnamed base"
+    order = {name: i for i, name in enumerate(base.modules)}  # report the earliest layer first
+    ordered = sorted(lora.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
+    # Every check that the header can answer comes before a byte of tensor data is read, so a header
+    # that claims gigabytes (a sparse file) is refused at the size the base model allows.
+    scalings: dict[str, float] = {}
+    for module, parts in ordered:
+        a, b = header[parts["lora_A.weight"]]["shape"], header[parts["lora_B.weight"]]["shape"]
+        for key in parts.values():
+            if header[key]["dtype"] not in _FLOAT_DTYPES:
+                raise AdapterError(f"{file}: module {module}: {key} has non-float dtype {header[key]['dtype']}")
+        if len(a) != 2 or len(b) != 2:
+            raise AdapterError(f"{file}: module {module}: lora_A {tuple(a)} / lora_B {tuple(b)} are not 2-D "
+                               f"(only linear-module LoRA is supported)")
+        r = _pattern_value(cfg.get("rank_pattern"), module, r_default, cfg_file, "rank_pattern")
+        if a[0] != r or b[1] != r:
+            raise AdapterError(f"{file}: module {module}: lora_A {tuple(a)} / lora_B {tuple(b)} disagree with "
+                               f"the config's rank r={r}")
+    for module, parts in ordered:
+        a, b = header[parts["lora_A.weight"]]["shape"], header[parts["lora_B.weight"]]["shape"]
         shape = base.modules.get(module)
         if shape is None:
-            raise AdapterError(
-                f"{file}: module {module} is not a linear module of base model {base.name} "
-                f"(adapter trained on {adapter_base or 'an unnamed base'})"
-            )
-        r = A.shape[0]
-        if tuple(A.shape) != (r, shape.in_features) or tuple(B.shape) != (shape.out_features, r) or (
-            bias is not None and tuple(bias.shape) != (shape.out_features,)
+            raise AdapterError(f"{file}: module {module} is not a linear module of base model {base.name} "
+                               f"(adapter trained on {trained_on})")
+        r = a[0]
+        bias_shape = header[parts["lora_B.bias"]]["shape"] if "lora_B.bias" in parts else None
+        if tuple(a) != (r, shape.in_features) or tuple(b) != (shape.out_features, r) or (
+            bias_shape is not None and tuple(bias_shape) != (shape.out_features,)
         ):
             raise AdapterError(
-                f"{file}: module {module}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit base "
+                f"{file}: module {module}: lora_A {tuple(a)} / lora_B {tuple(b)} do not fit base "
                 f"{base.name} ({shape.in_features} -> {shape.out_features}, needs A ({r}, {shape.in_features}) "
-                f"and B ({shape.out_features}, {r})); adapter trained on {adapter_base or 'an unnamed base'}"
+                f"and B ({shape.out_features}, {r})); adapter trained on {trained_on}"
             )
+        if r > min(shape.in_features, shape.out_features):
+            raise AdapterError(f"{file}: module {module}: rank {r} exceeds min(d_in, d_out) = "
+                               f"{min(shape.in_features, shape.out_features)} of base {base.name}; lower r")
         if layers:
             idx = _LAYER_INDEX.search(module)
             if idx is None or int(idx.group(1)) not in layers:
                 raise AdapterError(f"{file}: module {module} is outside layers_to_transform {layers}")
-        alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, alpha_default))
+        alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, alpha_default, cfg_file, "alpha_pattern"))
         scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        modules[module] = ModuleFactors(name=module, A=A, B=B, scaling=scaling, bias=bias)
+        if not math.isfinite(scaling) or abs(scaling) >= _F32_MAX:
+            raise AdapterError(f"{cfg_file}: module {module}: scaling {scaling:g} (lora_alpha {alpha:g}, r {r}) "
+                               f"is not a finite float32")
+        scalings[module] = scaling
+
+    modules: dict[str, ModuleFactors] = {}
+    try:
+        f = safe_open(str(file), framework="pt")
+    except Exception as e:  # the header passed our checks, but safetensors may still object
+        raise AdapterError(f"{file}: safetensors cannot open it: {str(e).splitlines()[0][:200]}") from None
+    with f:
+        for module, parts in ordered:
+            A = _load_tensor(f, parts["lora_A.weight"], file, module)
+            B = _load_tensor(f, parts["lora_B.weight"], file, module)
+            bias = _load_tensor(f, parts["lora_B.bias"], file, module) if "lora_B.bias" in parts else None
+            # ||scaling * B @ A||_2 <= |scaling| ||B||_F ||A||_F: bounded, so the spectra stay finite in float32.
+            bound = abs(scalings[module]) * float(A.norm()) * float(B.norm())
+            if not math.isfinite(bound) or bound >= _F32_MAX:
+                raise AdapterError(f"{cfg_file}: module {module}: scaling {scalings[module]:g} times the factors' "
+                                   f"norms overflows float32; check lora_alpha")
+            modules[module] = ModuleFactors(name=module, A=A, B=B, scaling=scalings[module], bias=bias)
 
     warnings: list[str] = []
     if not adapter_base:

@@ -61,7 +61,9 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-class BaseModel(Base):
+class BaseModelRow(Base):
+    """A registered base model (named Row so it is not confused with pydantic's BaseModel)."""
+
     __tablename__ = "base_models"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -81,7 +83,7 @@ class Adapter(Base):
     base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
-    base_model: Mapped[BaseModel] = relationship()
+    base_model: Mapped[BaseModelRow] = relationship()
     versions: Mapped[list[AdapterVersion]] = relationship(
         back_populates="adapter", order_by="AdapterVersion.version", passive_deletes="all"
     )

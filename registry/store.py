@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import os
 import time
@@ -10,7 +9,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -25,7 +24,7 @@ from spectr.registry.models import (
     AdapterVersion,
     Alias,
     AliasEvent,
-    BaseModel,
+    BaseModelRow,
     BundleExpert,
     BundleRecord,
     IngestionResult,
@@ -34,11 +33,39 @@ from spectr.registry.models import (
     VersionTag,
     utcnow,
 )
-from spectr.registry.names import Selector, check_alias, check_bundle_name, check_tag, parse_selector
+from spectr.digest import canonical_json, sha256_json
+from spectr.registry.names import check_alias, check_bundle_name, check_tag
+from spectr.registry.selectors import Selector, parse_selector
 from spectr.registry.settings import registry_url
 
-if TYPE_CHECKING:  # only for hints: the registry itself never needs torch
-    from spectr.pipeline.types import BaseModelInfo, LoadedAdapter
+
+# What the registry reads from the pipeline's objects (pipeline.types.BaseModelInfo and LoadedAdapter).
+# Structural types, so the registry imports nothing from the pipeline (arrows point down).
+class BaseModelInfo(Protocol):
+    name: str
+    architecture: str
+    model_type: str
+    config: dict[str, Any]
+    config_sha256: str
+
+
+class AdapterSourceInfo(Protocol):
+    name: str
+    source: str
+    revision: str | None
+
+
+class LoadedAdapter(Protocol):
+    source: AdapterSourceInfo
+    base: BaseModelInfo
+    config: dict[str, Any]
+    content_sha256: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    modules_to_save: list[str]
+    modules: dict[str, Any]
+    dense_deltas: dict[str, Any]
 
 RESULT_STATUSES = ("new", "unchanged", "rejected")
 
@@ -98,11 +125,7 @@ class _Conflict(Exception):
 
 def _jsonable(obj: Any) -> Any:
     # Configs may carry tuples or dtypes; store what json can represent, deterministically.
-    return json.loads(json.dumps(obj, sort_keys=True, default=str))
-
-
-def _sha_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+    return json.loads(canonical_json(obj))
 
 
 def _loose(name: str) -> tuple[str, str]:
@@ -142,10 +165,10 @@ class Registry:
                 if attempt:
                     raise
 
-    def _ensure_base(self, s: Session, info: BaseModelInfo) -> BaseModel:
-        row = s.scalar(select(BaseModel).where(BaseModel.name == info.name))
+    def _ensure_base(self, s: Session, info: BaseModelInfo) -> BaseModelRow:
+        row = s.scalar(select(BaseModelRow).where(BaseModelRow.name == info.name))
         if row is None:
-            row = BaseModel(
+            row = BaseModelRow(
                 name=info.name,
                 architecture=info.architecture,
                 model_type=info.model_type,
@@ -164,11 +187,11 @@ class Registry:
     def base_model_config(self, name: str) -> tuple[str, dict] | None:
         """(stored name, config) by exact name, else names equal or same last path part, case-insensitive."""
         with self._session() as s:
-            row = s.scalar(select(BaseModel).where(BaseModel.name == name))
+            row = s.scalar(select(BaseModelRow).where(BaseModelRow.name == name))
             if row is not None:
                 return row.name, row.config
             full, last = _loose(name)
-            for row in s.scalars(select(BaseModel).order_by(BaseModel.id)):
+            for row in s.scalars(select(BaseModelRow).order_by(BaseModelRow.id)):
                 f, l_ = _loose(row.name)
                 if f == full or l_ == last:
                     return row.name, row.config
@@ -277,7 +300,7 @@ class Registry:
                     blob_sha256=blob,
                     method=method,
                     params=params_json,
-                    params_sha256=_sha_json(params_json),
+                    params_sha256=sha256_json(params_json),
                     energy=float(energy),
                     n_modules=int(n_modules),
                     size_bytes=int(size_bytes),
@@ -592,7 +615,7 @@ class Registry:
                     )
                     if newest is not None and newest.manifest_sha256 == manifest_sha:
                         return self._bundle_info(s, newest), False
-                    base = s.scalar(select(BaseModel).where(BaseModel.name == base_model))
+                    base = s.scalar(select(BaseModelRow).where(BaseModelRow.name == base_model))
                     if base is None:
                         raise KeyError(f"base model {base_model!r} is not registered")
                     rec = BundleRecord(
@@ -647,7 +670,7 @@ class Registry:
             .where(BundleExpert.bundle_id == rec.id)
             .order_by(BundleExpert.position)
         ).all()
-        base = s.get(BaseModel, rec.base_model_id)
+        base = s.get(BaseModelRow, rec.base_model_id)
         return BundleInfo(
             name=rec.name, version=rec.version, base_model=base.name if base else "", router=dict(rec.router),
             spectra_sha256=rec.spectra_sha256, manifest_sha256=rec.manifest_sha256,

@@ -21,10 +21,11 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from spectr.runtime.layer import ForwardState, RoutedLinear, RouterConfig
+from spectr.runtime.presets import DEFAULT_PRESET, preset_settings
 from spectr.runtime.trace import TraceRecorder
 
-if TYPE_CHECKING:  # pipeline.types is only needed for type hints; keep runtime imports minimal
-    from spectr.pipeline.types import AdapterSpectra
+if TYPE_CHECKING:  # only for type hints
+    from spectr.runtime.spectrum import AdapterSpectra
 
 FORMAT = "spectr-bundle/1"
 MANIFEST = "manifest.json"
@@ -211,23 +212,23 @@ def _expert_index(bundle: Bundle, expert: int | str | None) -> int | None:
 def load_bundle(
     model: nn.Module,
     bundle: Bundle | Path | str,
-    *,
-    router: str = "spectr",
-    top_k: int = 1,
-    expert: int | str | None = None,
-    **options: Any,
+    preset: str = DEFAULT_PRESET,
+    **overrides: Any,
 ) -> nn.Module:
     """Wrap the bundle's modules of `model` with routed linears (in place) and return the model.
 
-    options are RouterConfig fields: weighting, temperature, combine, score, rank_normalize, apply,
-    pool, smooth. Pooling and smoothing read attention_mask (2-D, by keyword) and the cache from the
-    model's forward call; they reset at each forward without a cache (a new prompt).
+    preset: a name in runtime.presets.PRESETS ("default", "reference", "peft-arrow", "uniform", "fixed", ...);
+    overrides are RouterConfig fields (router, top_k, expert, weighting, temperature, combine, score,
+    rank_normalize, apply, pool, smooth). top_k is clipped to the bundle's number of experts. Pooling and
+    smoothing read attention_mask (2-D, by keyword) and the cache from the model's forward call; they reset at
+    each forward without a cache (a new prompt).
     """
     if getattr(model, "spectr", None) is not None:
         raise ValueError("model already has a bundle loaded; call unload_bundle(model) first")
     if not isinstance(bundle, Bundle):
         bundle = read_bundle(bundle)
-    cfg = RouterConfig(router=router, top_k=top_k, expert=_expert_index(bundle, expert), **options)
+    settings = preset_settings(preset, len(bundle.expert_names), **overrides)
+    cfg = RouterConfig(**{**settings, "expert": _expert_index(bundle, settings.get("expert"))})
     cfg.validate()
     _check_shapes(model, bundle)
     recorder = TraceRecorder()
@@ -248,9 +249,12 @@ def load_bundle(
     return model
 
 
-def set_router(model: nn.Module, **changes: Any) -> RouterConfig:
-    """Change the routing of a loaded model in place (router, top_k, expert, weighting, ...)."""
+def set_router(model: nn.Module, preset: str | None = None, **changes: Any) -> RouterConfig:
+    """Change the routing of a loaded model in place: a whole preset (plus changes), or single settings
+    (router, top_k, expert, weighting, ...) on top of the current ones."""
     state: RoutedState = model.spectr
+    if preset is not None:
+        changes = preset_settings(preset, len(state.bundle.expert_names), **changes)
     if "expert" in changes:
         changes["expert"] = _expert_index(state.bundle, changes["expert"])
     new = RouterConfig(**{**vars(state.config), **changes})

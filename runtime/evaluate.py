@@ -17,21 +17,8 @@ import torch
 from torch import nn
 
 from spectr.runtime.bundle import set_router
-from spectr.runtime.layer import REFERENCE
+from spectr.runtime.presets import EVAL_PRESETS
 from spectr.runtime.trace import layer_of, trace_routing
-
-# Every field of RouterConfig that a preset may change, at the paper's reference values, so presets never leak
-# into each other. The presets are the reference code and PEFT's Arrow; "spectr-pooled" adds this project's pooling.
-RESET = {**{f: v for f, v in REFERENCE.items() if f != "top_k"}, "temperature": 1.0, "rank_normalize": False,
-         "expert": None}
-ROUTER_PRESETS: dict[str, dict[str, Any]] = {
-    "spectr": dict(router="spectr", score="norm"),  # ||V^T x||, the paper's score
-    "spectr-sigma": dict(router="spectr", score="sigma"),  # ||Sigma V^T x||
-    "spectr-ranknorm": dict(router="spectr", score="norm", rank_normalize=True),  # ||V^T x|| / sqrt(r)
-    "arrow": dict(router="arrow", weighting="softmax", combine="mix"),  # PEFT's Arrow: |v_1^T x|
-    "spectr-pooled": dict(router="spectr", score="norm", pool="input"),  # q,k,v and gate,up decide together
-}
-DEFAULT_ROUTERS = ("spectr", "spectr-sigma", "arrow", "spectr-pooled")
 
 
 def read_jsonl(path: Path | str, max_docs: int | None = None) -> list[str]:
@@ -106,13 +93,12 @@ def pad_id_of(tokenizer: Any) -> int:
     return 0 if pad is None else int(pad)
 
 
-def apply_preset(model: nn.Module, name: str, top_k: int) -> dict[str, Any]:
-    """Switch the loaded model to a named router preset at k (clipped to E); returns the config used."""
-    if name not in ROUTER_PRESETS:
-        raise ValueError(f"unknown router {name!r}; expected one of {sorted(ROUTER_PRESETS)}")
-    k = min(top_k, len(model.spectr.bundle.expert_names))
-    cfg = set_router(model, **{**RESET, **ROUTER_PRESETS[name], "top_k": k})
-    return {f: getattr(cfg, f) for f in ("router", "top_k", "weighting", "combine", "score", "rank_normalize")}
+def apply_preset(model: nn.Module, name: str, top_k: int | None = None) -> dict[str, Any]:
+    """Switch the loaded model to a named preset (runtime/presets.py), at k when given (clipped to E);
+    returns the settings used."""
+    cfg = set_router(model, preset=name, top_k=top_k)
+    return {f: getattr(cfg, f) for f in ("router", "top_k", "weighting", "combine", "score", "rank_normalize",
+                                         "pool")}
 
 
 def _body(model: nn.Module) -> nn.Module:
@@ -148,14 +134,15 @@ def routing_accuracy(
     data: dict[str, list[str]],
     *,
     mapping: dict[str, str] | None = None,
-    routers: list[str] | tuple[str, ...] = DEFAULT_ROUTERS,
-    top_k: int = 4,
+    routers: list[str] | tuple[str, ...] = EVAL_PRESETS,
+    top_k: int | None = None,
     max_tokens: int = 128,
     batch_size: int = 16,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Routing accuracy of each router preset on a model with a bundle loaded.
 
+    routers: preset names (runtime/presets.py); top_k: k for every router (default: each preset's own k).
     data: domain -> texts; mapping: domain -> expert name (default: same name). Returns
     {router: {"top1": {domain: acc, "macro": acc}, "topk": {...}, "per_layer": {layer: {"top1", "topk"}},
     "per_module": {type: {"top1", "topk"}}, "confusion": {domain: {expert: fraction of top-1}},
@@ -263,9 +250,9 @@ def switching(
     data: dict[str, list[str]],
     *,
     mapping: dict[str, str] | None = None,
-    routers: list[str] | tuple[str, ...] = ("spectr",),
+    routers: list[str] | tuple[str, ...] = ("default",),
     pairs: list[tuple[str, str]] | None = None,
-    top_k: int = 4,
+    top_k: int | None = None,
     prefix_tokens: int = 64,
     suffix_tokens: int = 64,
     sequences: int = 8,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spectr.runtime.bundle import Bundle, load_bundle, read_bundle, set_router, unload_bundle
-from spectr.runtime.evaluate import RESET, _macro, pad_batches, pad_id_of, resolve_mapping, tokenize
+from spectr.runtime.evaluate import _macro, pad_batches, pad_id_of, resolve_mapping, tokenize
 
 
 @torch.no_grad()
@@ -48,7 +48,8 @@ def lm_losses(
     model: a plain base model (no bundle loaded); the bundle is loaded here and unloaded before returning.
     Rows: "base"; "expert:NAME" (each expert alone, plain LoRA; on every domain when cross, else only on its
     own domain); "oracle" (each domain's own expert); "uniform" (the average of all experts' delta W);
-    "arrow k=K" (|v_1^T x|, softmax over the top-k, output mix); "spectr factor k=K" and "spectr mix k=K".
+    "peft-arrow k=K" (|v_1^T x|, softmax over the top-k, output mix); "reference k=K" (the paper's code: factor
+    merge, 1/k) and "reference mix k=K" (its output mix); "default" (the runtime's default preset).
     """
     if getattr(model, "spectr", None) is not None:
         raise ValueError("lm_losses needs the plain base model; call unload_bundle(model) first")
@@ -70,25 +71,24 @@ def lm_losses(
         return res
 
     rows["base"] = _macro(row("base", list(data)))
-    load_bundle(model, bundle, router="fixed", expert=0)
+    load_bundle(model, bundle, "fixed", expert=0)
     try:
         for e in names:
-            set_router(model, **{**RESET, "router": "fixed", "expert": e})
+            set_router(model, preset="fixed", expert=e)
             own = [d for d in data if cross or mapping[d] == e]
             if own:
                 got = row(f"expert:{e}", own)
                 rows[f"expert:{e}"] = _macro(got) if cross else got
         rows["oracle"] = _macro({d: rows[f"expert:{mapping[d]}"][d] for d in data})
-        configs = {"uniform": dict(router="uniform", combine="mix", top_k=E),
-                   f"arrow k={min(arrow_k, E)}": dict(router="arrow", weighting="softmax", combine="mix",
-                                                      top_k=min(arrow_k, E))}
+        # Rows: (preset, its changes) from runtime/presets.py; labels name the preset and what differs.
+        configs = {"uniform": ("uniform", dict(top_k=E)),
+                   f"peft-arrow k={min(arrow_k, E)}": ("peft-arrow", dict(top_k=min(arrow_k, E)))}
         for k in sorted({min(k, E) for k in ks}):
-            for combine in ("factor", "mix"):
-                configs[f"spectr {combine} k={k}"] = dict(router="spectr", combine=combine, top_k=k)
-        # The runtime's defaults (docs/RESULTS.md): top-1, q/k/v and gate/up deciding together.
-        configs["spectr pooled k=1 (default)"] = dict(router="spectr", pool="input", combine="mix", top_k=1)
-        for label, kw in configs.items():
-            set_router(model, **{**RESET, **kw})
+            configs[f"reference k={k}"] = ("reference", dict(top_k=k))  # factor merge, the paper's code
+            configs[f"reference mix k={k}"] = ("reference", dict(top_k=k, combine="mix"))
+        configs["default"] = ("default", {})  # the runtime's default (docs/RESULTS.md)
+        for label, (preset, changes) in configs.items():
+            set_router(model, preset=preset, **changes)
             rows[label] = _macro(row(label, list(data)))
     finally:
         unload_bundle(model)

@@ -23,7 +23,7 @@ class RouterConfig:
     Defaults follow the routing study on a real 8-expert library (docs/RESULTS.md): top-1 with the q/k/v and
     gate/up groups deciding together had the lowest loss and a higher accuracy than independent decisions, at
     no cost in switching speed; for k > 1, output mix with softmax weights beat the factor merge with 1/k.
-    REFERENCE restores the paper's code (k=4, 1/k weights, factor merge, independent decisions).
+    The named presets (the paper's code, PEFT's Arrow, ...) are in runtime/presets.py.
     """
 
     router: str = "spectr"  # spectr | arrow | uniform | fixed
@@ -264,9 +264,3 @@ class RoutedLinear(nn.Module):
         if self.recorder is not None and self.recorder.enabled and idx is not None:
             self.recorder.record(self.name, idx.view(*lead, -1), vals.view(*lead, -1))
         return y + dy.view(*lead, -1).to(y.dtype)
-
-
-# The SpectR reference code's behaviour: load_bundle(model, bundle, **REFERENCE).
-REFERENCE = dict(router="spectr", top_k=4, weighting="uniform", combine="factor", score="norm", pool="module", smooth=0.0)
-# PEFT's Arrow (create_arrow_model): |v_1^T x| per module, softmax over the top-k, output mix.
-PEFT_ARROW = dict(router="arrow", top_k=3, weighting="softmax", temperature=1.0, combine="mix", pool="module", smooth=0.0)

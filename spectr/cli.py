@@ -162,17 +162,17 @@ def bundle_create(
     experts: Optional[str] = typer.Option(None, "--experts", help="comma-separated NAME, NAME@VERSION or NAME@ALIAS"),
     all_experts: bool = typer.Option(False, "--all", help="the latest version of every expert"),
     output: Path = typer.Option(..., "-o", "--output", help="bundle folder to write"),
-    router: Optional[str] = typer.Option(None, "--router", help="router default recorded with the bundle"),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="top-k default recorded with the bundle"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="router preset recorded with the bundle"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="top-k recorded with the bundle"),
 ) -> None:
     """Export a chosen expert set (stacked spectra + manifest) and record it in the registry."""
-    from spectr.registry.bundles import create_bundle
+    from spectr.pipeline.export import create_bundle
     from spectr.registry.store import Registry
 
     if all_experts == (experts is not None):
         raise typer.BadParameter("give exactly one of --experts or --all")
     selectors = None if all_experts else [e.strip() for e in experts.split(",") if e.strip()]
-    defaults = {k: v for k, v in (("router", router), ("top_k", top_k)) if v is not None}
+    defaults = {k: v for k, v in (("preset", preset), ("top_k", top_k)) if v is not None}
     registry = Registry()
     try:
         path = create_bundle(registry, selectors, output, name=name, router=defaults)
@@ -190,8 +190,10 @@ def generate(
     base_model: Path = typer.Option(..., "--base-model", help="base model folder (transformers format)"),
     bundle: Path = typer.Option(..., "--bundle", help="bundle folder from `spectr bundle create`"),
     prompt: str = typer.Option(..., "--prompt"),
-    router: str = typer.Option("spectr", "--router", help="spectr | arrow | uniform | fixed:NAME"),
-    top_k: int = typer.Option(1, "--top-k", help="experts per token (1 had the lowest loss: docs/RESULTS.md)"),
+    preset: str = typer.Option("default", "--preset", "--router",
+                               help="default | reference | peft-arrow | uniform | fixed:NAME | reference-sigma | "
+                                    "reference-ranknorm | reference-pooled (runtime/presets.py)"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="experts per token (default: the preset's k)"),
     max_new_tokens: int = typer.Option(40, "--max-new-tokens"),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="wrap the prompt in the model's chat template"),
     trace: Optional[Path] = typer.Option(None, "--trace", help="save a routing heatmap (tokens x layers) here"),
@@ -200,7 +202,7 @@ def generate(
     from spectr.generate import routed_generate
 
     try:
-        result = routed_generate(base_model, bundle, prompt, router=router, top_k=top_k,
+        result = routed_generate(base_model, bundle, prompt, preset=preset, top_k=top_k,
                                  max_new_tokens=max_new_tokens, chat=chat, trace=trace)
     except ValueError as exc:
         err.print(f"[red]error[/red] {exc}")

@@ -51,14 +51,14 @@ def run_demo(home: Path | None = None) -> int:
     if any(o["status"] == "rejected" for o in outcomes):
         return 1
 
-    from spectr.registry.bundles import create_bundle
+    from spectr.pipeline.export import create_bundle
     from spectr.generate import routed_generate
 
     bundle = create_bundle(registry, None, spectr_home() / "bundles" / "demo", name="demo")
     console.rule(f"4. routed generation (SpectR, top-1) with bundle {bundle}")
     picture = spectr_home() / "routes.png"
     console.print(f"prompt: {PROMPT}", highlight=False)
-    result = routed_generate(base_dir, bundle, PROMPT, router="spectr", top_k=1, max_new_tokens=48, trace=picture)
+    result = routed_generate(base_dir, bundle, PROMPT, preset="default", max_new_tokens=48, trace=picture)
     console.print(result.text, highlight=False, markup=False)
     console.print(f"routing picture (tokens x layers, coloured by the top-1 expert): {picture}")
     return 0

@@ -113,35 +113,36 @@ def routing(
     json_out: Optional[Path] = JSON_OUT,
     max_docs: int = MAX_DOCS,
     max_tokens: int = MAX_TOKENS,
-    routers: str = typer.Option("spectr,spectr-sigma,arrow,spectr-pooled", "--routers",
-                                help="comma-separated: spectr (the paper's reference), spectr-sigma, "
-                                     "spectr-ranknorm, arrow (PEFT's), spectr-pooled"),
-    top_k: int = typer.Option(4, "--top-k", help="k of every router (the routed forward uses it)"),
+    routers: Optional[str] = typer.Option(None, "--presets", "--routers",
+                                          help="comma-separated presets (runtime/presets.py); default: reference "
+                                               "(the paper's code), peft-arrow, default (the runtime's)"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="k of every preset (default: each preset's own)"),
     batch_size: int = typer.Option(16, "--batch-size"),
     device: str = DEVICE,
 ) -> None:
     """Routing accuracy inside the routed forward: top-1 and top-k per domain, layer, module type; macro."""
     from spectr.runtime import load_bundle
     from spectr.runtime.evaluate import routing_accuracy
+    from spectr.runtime.presets import EVAL_PRESETS
 
     t0 = time.perf_counter()
     try:
         texts = _data(data, data_dir, split, max_docs)
         model, tokenizer = _load(base_model, device)
         load_bundle(model, bundle)
-        names = [r for r in routers.split(",") if r]
+        names = [r for r in routers.split(",") if r] if routers else list(EVAL_PRESETS)
         with _steps(len(names) * len(texts)) as step:
             result = routing_accuracy(model, tokenizer, texts, mapping=_pairs_of(mapping, "--map"), routers=names,
                                       top_k=top_k, max_tokens=max_tokens, batch_size=batch_size, progress=step)
     except ValueError as exc:
         _fail(exc)
     first = next(iter(result.values()))
-    k = first["k"]
+    ks = ", ".join(f"{r} {v['k']}" for r, v in result.items())
     rows = list(texts) + ["macro"]
     # Rows are domains, layers or module types and columns routers, so tables stay narrow.
     _columns(f"top-1 routing accuracy (chance {first['chance_top1']:.3f})", rows,
              {r: v["top1"] for r, v in result.items()})
-    _columns(f"top-{k} hit rate (chance {first['chance_topk']:.3f})", rows, {r: v["topk"] for r, v in result.items()})
+    _columns(f"top-k hit rate (k: {ks})", rows, {r: v["topk"] for r, v in result.items()})
     _columns("top-1 by module type (macro over domains)", list(first["per_module"]),
              {r: {m: a["top1"]["macro"] for m, a in v["per_module"].items()} for r, v in result.items()})
     _columns("top-1 by layer (macro over domains)", list(first["per_layer"]),
@@ -154,7 +155,7 @@ def routing(
         table.add_row(d, *[f"{row[e]:.2f}" for e in experts])
     out.print(table)
     _write(json_out, result)
-    err.print(f"{sum(first['decisions'].values())} decisions per router, k = {k}, "
+    err.print(f"{sum(first['decisions'].values())} decisions per preset, k: {ks}, "
               f"{time.perf_counter() - t0:.1f} s")
 
 
@@ -206,8 +207,8 @@ def switch(
     json_out: Optional[Path] = JSON_OUT,
     max_docs: int = typer.Option(64, "--max-docs", help="documents read per domain to fill the segments"),
     pairs: Optional[str] = typer.Option(None, "--pairs", help="A:B,C:D (default: every ordered pair)"),
-    routers: str = typer.Option("spectr", "--routers"),
-    top_k: int = typer.Option(4, "--top-k"),
+    routers: str = typer.Option("default", "--presets", "--routers", help="comma-separated presets (runtime/presets.py)"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="k of every preset (default: each preset's own)"),
     prefix_tokens: int = typer.Option(64, "--prefix-tokens", help="tokens of domain a before the boundary"),
     suffix_tokens: int = typer.Option(64, "--suffix-tokens", help="tokens of domain b after it"),
     sequences: int = typer.Option(8, "--sequences", help="sequences per pair"),

@@ -12,44 +12,35 @@ class Generation:
     trace_path: Path | None
 
 
-def parse_router(router: str) -> tuple[str, str | None]:
-    """"spectr" | "arrow" | "uniform" | "fixed:NAME" -> (router, expert)."""
-    name, _, expert = router.partition(":")
-    if name == "fixed" and not expert:
-        raise ValueError("router fixed needs an expert: fixed:NAME")
-    if name != "fixed" and expert:
-        raise ValueError(f"router {name} takes no expert (got {router!r})")
-    return name, expert or None
-
-
 def routed_generate(
     base_model: Path | str,
     bundle: Path | str,
     prompt: str,
     *,
-    router: str = "spectr",
-    top_k: int = 1,
+    preset: str = "default",
+    top_k: int | None = None,
     max_new_tokens: int = 40,
     chat: bool = True,
     trace: Path | None = None,
 ) -> Generation:
-    """Greedy generation with the bundle's experts routed per token (the KV cache on, as usual)."""
+    """Greedy generation with the bundle's experts routed per token (the KV cache on, as usual).
+
+    preset: a name in runtime/presets.py or "fixed:NAME"; top_k: None keeps the preset's k.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from spectr.runtime import PEFT_ARROW, load_bundle, plot_routing, read_bundle, trace_routing
+    from spectr.runtime import load_bundle, plot_routing, read_bundle, trace_routing
     from spectr.runtime.evaluate import pad_id_of
+    from spectr.runtime.presets import parse_preset
 
-    name, expert = parse_router(router)
+    name, expert = parse_preset(preset)
     hf_logging.disable_progress_bar()  # the CLI prints the generated text, not loading bars
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).eval()
     loaded = read_bundle(bundle)
-    top_k = min(top_k, len(loaded.expert_names))
-    # "arrow" means PEFT's Arrow; the other routers take the runtime's defaults (docs/RESULTS.md).
-    options = {**PEFT_ARROW} if name == "arrow" else {"router": name}
-    load_bundle(model, loaded, **{**options, "top_k": top_k}, expert=expert)
+    load_bundle(model, loaded, name, top_k=top_k, expert=expert)
     if chat and tokenizer.chat_template:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]

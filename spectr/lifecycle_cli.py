@@ -204,7 +204,7 @@ def bundle_export(
     output: Path = typer.Option(..., "-o", "--output", help="bundle folder to write"),
 ) -> None:
     """Write a recorded bundle again, byte-identical to when it was created."""
-    from spectr.registry.bundles import export_bundle
+    from spectr.pipeline.export import export_bundle
     from spectr.registry.names import parse_bundle_ref
 
     with _user_errors():

@@ -5,9 +5,10 @@ weights go into a fresh model built from the same config, which saves as a plain
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from pathlib import Path
+
+from spectr.digest import sha256_file
 
 HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -26,14 +27,6 @@ def gguf_path() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_smollm2(out_dir: Path, gguf: Path | None = None) -> Path:
     """Write config, float32 safetensors weights and tokenizer to out_dir (skipped if already there).
 
@@ -46,7 +39,7 @@ def build_smollm2(out_dir: Path, gguf: Path | None = None) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(gguf) if gguf is not None else gguf_path()
-    digest = _sha256(gguf)
+    digest = sha256_file(gguf)
     if digest != GGUF_SHA256:
         raise RuntimeError(f"{gguf}: sha256 {digest} is not the expected {GGUF_SHA256}")
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

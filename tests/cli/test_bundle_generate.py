@@ -10,10 +10,10 @@ import torch
 from typer.testing import CliRunner
 
 from spectr.pipeline.basemodel import resolve_base_model
-from spectr.pipeline.blob import spectra_from_bytes
+from spectr.registry.spectra_format import spectra_from_bytes
 from spectr.pipeline.fetch import fetch
 from spectr.pipeline.spectra import adapter_spectra
-from spectr.pipeline.store import store_version, write_spectra_blob
+from spectr.pipeline.persist import store_version, write_spectra_blob
 from spectr.pipeline.validate import load_adapter
 from spectr.registry.store import Registry
 from spectr.runtime import read_bundle
@@ -102,9 +102,9 @@ def test_generate_routes_and_draws(filled, tiny_with_tokenizer, tmp_path):
     gen = routed_generate(tiny_with_tokenizer, bundle, "w5 w6 w7", chat=False, max_new_tokens=4, top_k=1)
     assert gen.tokens[:3] == ["w5", "w6", "w7"] and 3 <= len(gen.tokens) <= 6
 
-    fixed = runner.invoke(app, args + ["--router", "fixed:blue"])
+    fixed = runner.invoke(app, args + ["--preset", "fixed:blue"])
     assert fixed.exit_code == 0, fixed.output
-    unknown = runner.invoke(app, args + ["--router", "fixed:green"])
+    unknown = runner.invoke(app, args + ["--preset", "fixed:green"])
     assert unknown.exit_code != 0 and "green" in (unknown.output + str(unknown.exception))
-    bare = runner.invoke(app, args + ["--router", "fixed"])
+    bare = runner.invoke(app, args + ["--router", "fixed"])  # the old flag name still works
     assert bare.exit_code == 1 and "fixed:NAME" in bare.output

@@ -38,31 +38,31 @@ def test_eval_routing_table_and_json(setup):
     out = setup["root"] / "routing.json"
     result = runner.invoke(app, _args(setup, "routing") + ["--data", f"alpha={setup['alpha']}", "--data",
                                                            f"beta={setup['beta']}", "--json", str(out),
-                                                           "--routers", "spectr,arrow", "--max-tokens", "8"])
+                                                           "--presets", "reference,peft-arrow", "--max-tokens", "8"])
     assert result.exit_code == 0, result.output
     assert "top-1 routing accuracy" in result.output and "macro" in result.output
     res = json.loads(out.read_text())
-    assert set(res) == {"spectr", "arrow"}
+    assert set(res) == {"reference", "peft-arrow"}
     for r in res.values():
         assert r["top1"] == {"alpha": 1.0, "beta": 1.0, "macro": 1.0} and r["topk"]["macro"] == 1.0
-        assert r["k"] == 2  # --top-k 4 clipped to the bundle's 2 experts
+        assert r["k"] == 2  # the presets' k (4 and 3) clipped to the bundle's 2 experts
         # --max-tokens 8 truncates the 12- and 30-word documents: (8 + 5 + 8) tokens x 10 modules
         assert r["decisions"] == {"alpha": 210, "beta": 210}
 
 
 def test_eval_routing_map_and_data_dir(setup):
     out = setup["root"] / "mapped.json"
-    base = _args(setup, "routing") + ["--data-dir", str(setup["root"] / "data"), "--routers", "spectr",
+    base = _args(setup, "routing") + ["--data-dir", str(setup["root"] / "data"), "--presets", "reference",
                                       "--top-k", "1", "--json", str(out)]
     result = runner.invoke(app, base + ["--map", "alpha=beta", "--map", "beta=alpha"])
     assert result.exit_code == 0, result.output
-    assert json.loads(out.read_text())["spectr"]["top1"]["macro"] == 0.0
+    assert json.loads(out.read_text())["reference"]["top1"]["macro"] == 0.0
     wrong = runner.invoke(app, _args(setup, "routing") + ["--data", f"gamma={setup['alpha']}"])
     assert wrong.exit_code == 1 and "--map gamma=EXPERT" in wrong.output
     missing = runner.invoke(app, _args(setup, "routing") + ["--data", "alpha=/nonexistent/x.jsonl"])
     assert missing.exit_code == 1 and "/nonexistent/x.jsonl" in missing.output
-    unknown = runner.invoke(app, base + ["--routers", "bogus"])
-    assert unknown.exit_code == 1 and "unknown router 'bogus'" in unknown.output
+    unknown = runner.invoke(app, base + ["--presets", "bogus"])
+    assert unknown.exit_code == 1 and "unknown preset 'bogus'" in unknown.output
 
 
 def test_eval_lm_json_rows(setup):
@@ -71,9 +71,9 @@ def test_eval_lm_json_rows(setup):
                                                       "--json", str(out)])
     assert result.exit_code == 0, result.output
     res = json.loads(out.read_text())
-    assert set(res["rows"]) == {"base", "expert:alpha", "expert:beta", "oracle", "uniform", "arrow k=2",
-                                "spectr factor k=1", "spectr mix k=1", "spectr factor k=2", "spectr mix k=2",
-                                "spectr pooled k=1 (default)"}
+    assert set(res["rows"]) == {"base", "expert:alpha", "expert:beta", "oracle", "uniform", "peft-arrow k=2",
+                                "reference k=1", "reference mix k=1", "reference k=2", "reference mix k=2",
+                                "default"}
     assert res["tokens"] == {"alpha": 11 + 4 + 29, "beta": 11 + 4 + 29}
     assert res["rows"]["oracle"]["alpha"] == res["rows"]["expert:alpha"]["alpha"]
     assert "mean next-token loss" in result.output
@@ -87,7 +87,7 @@ def test_eval_switch(setup):
                                                           str(out)])
     assert result.exit_code == 0, result.output
     res = json.loads(out.read_text())
-    pair = res["spectr"]["pairs"]["alpha->beta"]
+    pair = res["default"]["pairs"]["alpha->beta"]
     assert pair["latency"] == 0 and pair["curve_b"] == [1.0, 1.0, 1.0] and "latency" in res["definition"]
     assert "curve_b[j]" in result.output  # the definition is printed verbatim, not eaten as markup
     bad = runner.invoke(app, _args(setup, "switch") + ["--data-dir", str(setup["root"] / "data"), "--pairs", "alpha"])

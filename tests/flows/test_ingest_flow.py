@@ -10,7 +10,7 @@ import pytest
 from spectr.flows import ingest as ingest_module
 from spectr.flows.ingest import compute_spectra, fetch_adapter, ingest, validate_adapter
 from spectr.pipeline.basemodel import resolve_base_model
-from spectr.pipeline.blob import spectra_from_bytes
+from spectr.registry.spectra_format import spectra_from_bytes
 from spectr.pipeline.spectra import exact_spectrum
 from spectr.registry.store import Registry
 from tests.pipeline.conftest import make_hub_cache

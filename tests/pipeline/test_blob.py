@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load as st_load
 
-from spectr.pipeline.blob import FORMAT, blob_sha256, read_metadata, spectra_from_bytes, spectra_to_bytes
+from spectr.registry.spectra_format import FORMAT, blob_sha256, read_metadata, spectra_from_bytes, spectra_to_bytes
 from spectr.pipeline.spectra import adapter_spectra
 from tests.conftest import build_tiny_llama
 from tests.pipeline.test_spectra import base_info, load_peft_folder
@@ -23,7 +23,7 @@ import sys
 from tests.conftest import build_tiny_llama
 from tests.pipeline.test_spectra import base_info, load_peft_folder
 from spectr.pipeline.spectra import adapter_spectra
-from spectr.pipeline.blob import spectra_to_bytes, blob_sha256
+from spectr.registry.spectra_format import spectra_to_bytes, blob_sha256
 from pathlib import Path
 ad = load_peft_folder(Path(sys.argv[1]), base_info(build_tiny_llama()))
 meta = {"name": "x", "base_model": "tiny", "zeta": "1", "alpha": "2"}

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spectr.pipeline.blob import spectra_to_bytes
+from spectr.registry.spectra_format import spectra_to_bytes
 from spectr.pipeline.spectra import adapter_spectra, exact_spectrum, randomized_spectrum
 from spectr.pipeline.types import AdapterSource, BaseModelInfo, LoadedAdapter, ModuleFactors, ModuleShape
 from tests.conftest import build_tiny_llama

@@ -8,7 +8,8 @@ from collections import Counter
 import pytest
 
 from spectr.registry import Registry
-from spectr.registry.names import Selector, check_alias, parse_selector
+from spectr.registry.names import check_alias
+from spectr.registry.selectors import Selector, parse_selector
 
 
 @pytest.mark.parametrize("text,want", [

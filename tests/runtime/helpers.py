@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from spectr.pipeline.types import AdapterSpectra, ModuleSpectrum
+from spectr.runtime.spectrum import AdapterSpectra, ModuleSpectrum
 from spectr.runtime import write_bundle
 from spectr.runtime.bundle import module_shape
 

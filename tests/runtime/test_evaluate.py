@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from spectr.pipeline.spectra import exact_spectrum
-from spectr.pipeline.types import AdapterSpectra
+from spectr.runtime.spectrum import AdapterSpectra
 from spectr.runtime import load_bundle, trace_routing, write_bundle
 from spectr.runtime.evaluate import (
     read_jsonl,
@@ -98,8 +98,8 @@ def subspace(tmp_path_factory):
 
 def test_accuracy_is_one_when_each_domain_lies_in_its_experts_subspace(subspace):
     model, tok = subspace
-    res = routing_accuracy(model, tok, DATA, routers=["spectr", "arrow", "spectr-sigma"], top_k=1, batch_size=2)
-    assert set(res) == {"spectr", "arrow", "spectr-sigma"}
+    res = routing_accuracy(model, tok, DATA, routers=["reference", "peft-arrow", "reference-sigma"], top_k=1, batch_size=2)
+    assert set(res) == {"reference", "peft-arrow", "reference-sigma"}
     for r in res.values():
         assert r["top1"] == {"ea": 1.0, "eb": 1.0, "macro": 1.0}
         assert r["topk"]["macro"] == 1.0 and r["k"] == 1 and r["chance_top1"] == 0.5
@@ -108,7 +108,7 @@ def test_accuracy_is_one_when_each_domain_lies_in_its_experts_subspace(subspace)
         assert all(v["top1"]["macro"] == 1.0 for v in r["per_module"].values())
         # Only real tokens count: (tokens of the domain) x (2 layers x 5 modules) decisions.
         assert r["decisions"] == {"ea": (5 + 9 + 3 + 12 + 7) * 10, "eb": (4 + 11 + 6) * 10}
-    assert res["arrow"]["config"]["combine"] == "mix" and res["spectr-sigma"]["config"]["score"] == "sigma"
+    assert res["peft-arrow"]["config"]["combine"] == "mix" and res["reference-sigma"]["config"]["score"] == "sigma"
     json.dumps(res)  # plain, JSON-serialisable
 
 
@@ -125,10 +125,10 @@ def test_mapping_by_name_or_explicit(subspace):
     model, tok = subspace
     data = {"left": DATA["ea"], "right": DATA["eb"]}
     with pytest.raises(ValueError, match="--map left=EXPERT"):
-        routing_accuracy(model, tok, data, routers=["spectr"])
-    swapped = routing_accuracy(model, tok, data, mapping={"left": "eb", "right": "ea"}, routers=["spectr"], top_k=2)
-    assert swapped["spectr"]["top1"] == {"left": 0.0, "right": 0.0, "macro": 0.0}
-    assert swapped["spectr"]["topk"]["macro"] == 1.0  # k = 2 of E = 2: every expert is in the top-k
+        routing_accuracy(model, tok, data, routers=["reference"])
+    swapped = routing_accuracy(model, tok, data, mapping={"left": "eb", "right": "ea"}, routers=["reference"], top_k=2)
+    assert swapped["reference"]["top1"] == {"left": 0.0, "right": 0.0, "macro": 0.0}
+    assert swapped["reference"]["topk"]["macro"] == 1.0  # k = 2 of E = 2: every expert is in the top-k
     with pytest.raises(ValueError, match="no expert 'ec'"):
         resolve_mapping(["left"], ["ea", "eb"], {"left": "ec"})
 
@@ -149,7 +149,7 @@ def test_accuracy_matches_a_hand_count_per_document(random_setup):
     tok = word_tokenizer()
     load_bundle(model, bundle, top_k=2)
     try:
-        got = routing_accuracy(model, tok, data, routers=["spectr"], top_k=2, batch_size=3)["spectr"]
+        got = routing_accuracy(model, tok, data, routers=["reference"], top_k=2, batch_size=3)["reference"]
         # By hand: each document alone (no padding), every recorded decision counted.
         for e, (d, texts) in enumerate(data.items()):
             hit1 = hitk = n = 0
@@ -198,9 +198,8 @@ def test_lm_loss_rows_match_transformers_and_peft(random_setup):
     res = lm_losses(model, tok, data, bundle, ks=(1, 2, 4), batch_size=3)
     assert not hasattr(model, "spectr")  # unloaded again
     rows = res["rows"]
-    assert list(rows) == ["base", "expert:eval-red", "expert:eval-blue", "oracle", "uniform", "arrow k=2",
-                          "spectr factor k=1", "spectr mix k=1", "spectr factor k=2", "spectr mix k=2",
-                          "spectr pooled k=1 (default)"]
+    assert list(rows) == ["base", "expert:eval-red", "expert:eval-blue", "oracle", "uniform", "peft-arrow k=2",
+                          "reference k=1", "reference mix k=1", "reference k=2", "reference mix k=2", "default"]
     for d, texts in data.items():
         assert rows["base"][d] == pytest.approx(_hand_loss(model, tok, texts), rel=1e-5)
         assert res["tokens"][d] == sum(len(t.split()) - 1 for t in texts)
@@ -222,7 +221,7 @@ def test_lm_loss_rows_match_transformers_and_peft(random_setup):
     for d, texts in data.items():
         assert rows["uniform"][d] == pytest.approx(_hand_loss(merged, tok, texts), rel=1e-4)
     # With k = E = 2 both SpectR modes apply every expert; factor merge and output mix still differ.
-    assert rows["spectr mix k=2"]["macro"] != rows["spectr factor k=2"]["macro"]
+    assert rows["reference mix k=2"]["macro"] != rows["reference k=2"]["macro"]
     assert all(r["macro"] == pytest.approx(sum(r[d] for d in data) / 2) for r in rows.values())
 
 
@@ -242,13 +241,13 @@ def test_switch_latency_definition():
 def test_switching_on_constructed_sequences(subspace):
     model, tok = subspace
     data = {"ea": [words(ALPHA, 40, 1)], "eb": [words(BETA, 40, 2)]}
-    res = switching(model, tok, data, routers=["spectr"], top_k=1, prefix_tokens=6, suffix_tokens=5, sequences=3)
-    ab = res["spectr"]["pairs"]["ea->eb"]
+    res = switching(model, tok, data, routers=["reference"], top_k=1, prefix_tokens=6, suffix_tokens=5, sequences=3)
+    ab = res["reference"]["pairs"]["ea->eb"]
     # Routing depends on the current token only here, so the switch is immediate and complete.
     assert ab["latency"] == 0 and not ab["censored"] and ab["sequences"] == 3
     assert ab["curve_b"] == [1.0] * 5 and ab["curve_a"] == [0.0] * 5
     assert ab["before_a"] == 1.0 and ab["reference"] == 1.0
-    assert set(res["spectr"]["pairs"]) == {"ea->eb", "eb->ea"} and res["spectr"]["mean_latency"] == 0.0
+    assert set(res["reference"]["pairs"]) == {"ea->eb", "eb->ea"} and res["reference"]["mean_latency"] == 0.0
     with pytest.raises(ValueError, match="fewer than one segment"):
         switching(model, tok, {"ea": ["w0 w1"], "eb": data["eb"]}, prefix_tokens=6, suffix_tokens=5)
 

@@ -11,6 +11,7 @@ import torch
 from spectr.runtime import load_bundle, read_bundle, unload_bundle, write_bundle
 from spectr.runtime.layer import RoutedLinear
 from tests.conftest import build_tiny_llama
+from tests.layers import forbidden_imports, loaded_after_import
 from tests.runtime.helpers import bundle_from_adapters, spectra_from_adapter
 
 NAMES = ("alpha", "beta", "gamma")
@@ -196,6 +197,11 @@ def test_runtime_imports_no_heavy_packages():
     )
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+    # Every runtime module, loaded for real, and every import statement in runtime/ (lazy ones and
+    # TYPE_CHECKING ones too): the runtime sits below pipeline, registry and flows.
+    upper = ("spectr.pipeline", "spectr.registry", "spectr.flows", "prefect", "sqlalchemy", "duckdb")
+    assert loaded_after_import("spectr.runtime", upper) == []
+    assert forbidden_imports("runtime", upper) == []
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from spectr.pipeline.types import AdapterSpectra, ModuleSpectrum
+from spectr.runtime.spectrum import AdapterSpectra, ModuleSpectrum
 from spectr.runtime import REFERENCE, RouterConfig, load_bundle, read_bundle, routing, set_router, trace_routing, unload_bundle
 from spectr.runtime import write_bundle
 from tests.conftest import build_tiny_llama

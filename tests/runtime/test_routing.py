@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from spectr.pipeline.types import AdapterSpectra, ModuleSpectrum
+from spectr.runtime.spectrum import AdapterSpectra, ModuleSpectrum
 from spectr.runtime import load_bundle, read_bundle, write_bundle
 
 D_IN, D_OUT, RANKS = 12, 10, (2, 3, 4, 3, 1)

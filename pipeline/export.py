@@ -1,4 +1,5 @@
-"""Bundles as registry entities: create (resolve, render, record, write) and re-export byte-identically."""
+"""Bundles from the registry (the runtime owns the bundle format): create (resolve, render, record, write)
+and re-export a recorded bundle byte-identically."""
 from __future__ import annotations
 
 import hashlib
@@ -6,34 +7,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from spectr.registry.names import parse_selector as _parse
+from spectr.pipeline.basemodel import base_model_from_config
+from spectr.registry.selectors import select_versions
+from spectr.registry.spectra_format import spectra_from_bytes
 from spectr.registry.store import BundleInfo, Registry, VersionInfo
-
-
-def parse_selector(selector: str) -> tuple[str, int | None]:
-    """"name" (latest version) or "name@3". Aliases need the registry: use Registry.resolve."""
-    sel = _parse(selector)
-    if sel.alias is not None:
-        raise ValueError(f"expert selector {selector!r}: an alias needs the registry (Registry.resolve)")
-    return sel.name, sel.version
-
-
-def select_versions(registry: Registry, selectors: list[str] | None) -> list[VersionInfo]:
-    """The versions named: NAME (latest), NAME@3, NAME@ALIAS; None means the latest version of every expert."""
-    if selectors is None:
-        latest: dict[str, VersionInfo] = {}
-        for v in registry.versions():
-            latest[v.name] = v
-        return [latest[n] for n in sorted(latest)]
-    return [registry.resolve(s) for s in selectors]
+from spectr.runtime.bundle import MANIFEST, SPECTRA, bundle_files
+from spectr.runtime.layer import RouterConfig
+from spectr.runtime.presets import DEFAULT_PRESET, preset_settings
 
 
 def _render(registry: Registry, versions: list[VersionInfo], router: dict[str, Any], where: str) -> tuple[str, dict[str, bytes]]:
     """(base model name, {filename: bytes}) of the bundle of these versions, in this order."""
-    from spectr.pipeline.basemodel import base_model_from_config
-    from spectr.pipeline.blob import spectra_from_bytes
-    from spectr.runtime.bundle import bundle_files
-
     if not versions:
         raise ValueError(f"no experts in the registry {registry.url} to bundle")
     bases = sorted({v.base_model for v in versions})
@@ -55,14 +39,12 @@ def _render(registry: Registry, versions: list[VersionInfo], router: dict[str, A
 
 
 def check_router(router: dict[str, Any] | None) -> dict[str, Any]:
-    """Router defaults a bundle records: RouterConfig fields, checked by the runtime's own validation."""
-    from spectr.runtime.layer import RouterConfig
-
+    """Router defaults a bundle records: an optional "preset" (runtime/presets.py) plus RouterConfig fields,
+    checked by the runtime's own validation."""
     router = dict(router or {})
-    try:
-        RouterConfig(**router).validate()
-    except TypeError as exc:
-        raise ValueError(f"bundle router options {sorted(router)}: {exc}") from None
+    overrides = {k: v for k, v in router.items() if k != "preset"}
+    settings = preset_settings(router.get("preset", DEFAULT_PRESET), **overrides)
+    RouterConfig(**settings).validate()
     return router
 
 
@@ -75,8 +57,6 @@ def create_bundle(
 ) -> Path | None:
     """Resolve the selectors (aliases included), write the bundle folder `out` (when given) and, when `name`
     is given, record the bundle in the registry. All experts must share one base model. Returns out."""
-    from spectr.runtime.bundle import MANIFEST, SPECTRA
-
     router = check_router(router)
     versions = select_versions(registry, selectors)
     where = f"bundle {out}" if out is not None else f"bundle {name}"
@@ -92,8 +72,6 @@ def create_bundle(
 
 def export_bundle(registry: Registry, name: str, version: int | None, out: Path) -> tuple[BundleInfo, Path]:
     """Write a recorded bundle again, byte-identical to when it was created (both files' hashes are checked)."""
-    from spectr.runtime.bundle import MANIFEST, SPECTRA
-
     rec = registry.get_bundle(name, version)
     versions = [registry.resolve(f"{e['name']}@{e['version']}") for e in rec.experts]
     _, files = _render(registry, versions, rec.router, f"bundle {rec.name}@{rec.version}")
@@ -108,8 +86,6 @@ def export_bundle(registry: Registry, name: str, version: int | None, out: Path)
 
 
 def _write(out: Path, files: dict[str, bytes]) -> Path:
-    from spectr.runtime.bundle import MANIFEST, SPECTRA
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for filename in (SPECTRA, MANIFEST):  # the manifest last: it names the spectra file's hash

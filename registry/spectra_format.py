@@ -1,4 +1,4 @@
-"""The stored spectra blob: deterministic safetensors bytes (format "spectr.spectra/1").
+"""The stored spectra blob format (the one owner): deterministic safetensors bytes, "spectr.spectra/1".
 
 Per module: "<module>.U" (out x r), "<module>.S" (r), "<module>.V" (in x r), "<module>.scaling" [1],
 "<module>.energy" [1], all float32. Metadata: format, method, params (canonical JSON) + caller keys.
@@ -8,21 +8,17 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from spectr.pipeline.types import AdapterSpectra, ModuleSpectrum
+from spectr.digest import canonical_json
+from spectr.runtime.spectrum import AdapterSpectra, ModuleSpectrum
 
 FORMAT = "spectr.spectra/1"
 _PARTS = ("U", "S", "V", "scaling", "energy")
 _RESERVED = ("format", "method", "params")
-
-
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def _canonical_header(data: bytes) -> bytes:

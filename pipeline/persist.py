@@ -1,14 +1,15 @@
-"""The store stage: spectra -> a content-addressed blob, then an immutable registry version."""
+"""The persist stage: spectra -> a content-addressed blob, then an immutable registry version."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from spectr.pipeline.blob import spectra_to_bytes
-from spectr.pipeline.types import AdapterError, AdapterSpectra, LoadedAdapter
+from spectr.pipeline.types import AdapterError, LoadedAdapter
 from spectr.pipeline.validate import CONFIG_FILE, WEIGHTS_FILE, content_sha256_of
+from spectr.registry.spectra_format import spectra_to_bytes
+from spectr.runtime.spectrum import AdapterSpectra
 
-if TYPE_CHECKING:  # the registry imports SQLAlchemy; keep it out of plain pipeline imports
+if TYPE_CHECKING:  # the registry's store imports SQLAlchemy; keep it out of plain pipeline imports
     from spectr.registry.blobs import BlobStore
     from spectr.registry.store import Registry, VersionInfo
 
