@@ -457,6 +457,8 @@ class Registry:
             .join(AdapterVersion, AdapterVersion.id == Alias.version_id)
             .where(Alias.adapter_id == adapter.id, Alias.alias == alias)
         ).first()
+        if row is None and to is None:  # removed meanwhile by another writer
+            raise KeyError(f"expert {name!r} has no alias {alias!r}")
         now = utcnow()
         old = row.version if row is not None else None
         if old == to:
@@ -583,6 +585,9 @@ class Registry:
         out = Path(out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ValueError(f"{out}: exists and is not an empty folder; export into a new folder")
+        bad = [f for f in files if Path(f).name != f or f.startswith(".")]
+        if bad:  # rows are written by ingest only; refuse anything that could leave the folder
+            raise ValueError(f"{v.name} v{v.version}: stored file name {bad[0]!r} is not a plain file name")
         data = {f: self.blobs.get(sha) for f, sha in files.items()}  # BlobError on a missing/corrupt blob
         out.mkdir(parents=True, exist_ok=True)
         for filename, content in data.items():

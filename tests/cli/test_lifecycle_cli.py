@@ -117,3 +117,6 @@ def test_alias_bundle_move_rebuild(prefect_harness, spectr_home, make_adapter, t
     _refused(["bundle", "show", "lcb@7"], "no version 7")
     _refused(["bundle", "create", "lcc", "--experts", "lc-code@staging", "-o", str(tmp_path / "b3")], "no alias 'staging'")
     assert not (tmp_path / "b3").exists()
+    _refused(["bundle", "create", "lcd", "--experts", "lc-other", "-o", str(tmp_path / "b4"), "--preset", "nope"],
+             "unknown preset 'nope'")
+    assert not (tmp_path / "b4").exists() and [b["name"] for b in json.loads(_ok(["bundle", "list", "--json"]))] == ["lcb", "lcb"]
