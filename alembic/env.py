@@ -5,7 +5,7 @@ from logging.config import fileConfig
 
 from alembic import context
 
-from spectr.registry.db import make_engine
+from spectr.registry.db import lock_migrations, migration_engine
 from spectr.registry.models import Base, UTCDateTime
 from spectr.registry.settings import registry_url
 
@@ -45,11 +45,13 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    engine = make_engine(_url())
+    engine = migration_engine(_url())
     try:
         with engine.connect() as connection:
-            _configure(connection=connection, render_as_batch=connection.dialect.name == "sqlite")
+            _configure(connection=connection, render_as_batch=connection.dialect.name == "sqlite",
+                       transaction_per_migration=False)
             with context.begin_transaction():
+                lock_migrations(connection)  # one transaction, one migrator at a time
                 context.run_migrations()
     finally:
         engine.dispose()

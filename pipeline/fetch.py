@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import glob
+import os
 import re
+import threading
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 from spectr.pipeline.types import AdapterError, AdapterSource
 
@@ -13,6 +16,7 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _GLOB_CHARS = set("*?[")
 # Weight files are fetched even when refused later (.bin), so the refusal can say why.
 ALLOW_PATTERNS = ["adapter_config.json", "*.safetensors", "adapter_model.bin", "README.md"]
+T = TypeVar("T")
 
 
 def is_hub_id(spec: str) -> bool:
@@ -73,7 +77,10 @@ def fetch(spec: str) -> AdapterSource:
     from huggingface_hub import snapshot_download
 
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))
+        folder = Path(_with_deadline(
+            lambda: snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS), spec))
+    except AdapterError:
+        raise
     except Exception as e:  # repo/revision missing, offline and not cached, gated, network
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise AdapterError(
@@ -86,11 +93,40 @@ def fetch(spec: str) -> AdapterSource:
     return AdapterSource(name=repo_id.split("/")[-1], path=folder, source=spec, revision=commit)
 
 
+def hub_timeout() -> float:
+    """Seconds a hub fetch may take in all; SPECTR_HUB_TIMEOUT overrides the default of 300."""
+    return float(os.environ.get("SPECTR_HUB_TIMEOUT", 300))
+
+
+def _with_deadline(call: Callable[[], T], spec: str) -> T:
+    """call() in a daemon thread, given up after hub_timeout(): huggingface_hub's HTTP client has no read
+    timeout of its own, so an endpoint that accepts the connection and never answers would hang us forever."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as e:  # handed to the caller's thread
+            box["error"] = e
+
+    worker = threading.Thread(target=run, name=f"spectr-hub-fetch {spec}", daemon=True)
+    worker.start()
+    worker.join(hub_timeout())
+    if worker.is_alive():
+        raise AdapterError(f"{spec}: the Hugging Face Hub did not answer within {hub_timeout():g} s "
+                           f"(SPECTR_HUB_TIMEOUT); check HF_ENDPOINT and the network, or set HF_HUB_OFFLINE=1")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def _remote_commit(repo_id: str, revision: str | None, spec: str) -> str:
     from huggingface_hub import HfApi
 
     try:
-        sha = HfApi().model_info(repo_id, revision=revision).sha
+        sha = _with_deadline(lambda: HfApi().model_info(repo_id, revision=revision).sha, spec)
+    except AdapterError:
+        raise
     except Exception as e:
         raise AdapterError(f"{spec}: cannot resolve the commit of {repo_id}: {type(e).__name__}: {e}") from None
     if not sha or not _COMMIT.match(sha):

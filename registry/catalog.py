@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from datetime import datetime
 from typing import Any
 
@@ -80,13 +82,51 @@ def _connect(registry: Registry) -> duckdb.DuckDBPyConnection:
     _load(con, "lineage", _LINEAGE_COLUMNS, [_cells(d, _LINEAGE_COLUMNS) for d in registry.lineage()])
     # The user's query may not touch files or change settings; the database is a throwaway copy anyway.
     con.execute("SET enable_external_access = false")
+    con.execute(f"SET memory_limit = '{os.environ.get('SPECTR_SQL_MEMORY', '2GB')}'")
     con.execute("SET lock_configuration = true")
     return con
 
 
-def catalog_sql(query: str, registry: Registry | None = None) -> tuple[list[str], list[tuple]]:
+def sql_timeout() -> float:
+    """Seconds a catalog query may run; SPECTR_SQL_TIMEOUT overrides the default of 60."""
+    return float(os.environ.get("SPECTR_SQL_TIMEOUT", 60))
+
+
+def _run_bounded(con: duckdb.DuckDBPyConnection, query: str, timeout: float) -> tuple[list[str], list[tuple]]:
+    """The query, interrupted through its cursor (DuckDB's way of cancelling) once `timeout` passes.
+    (DuckDB also notices Ctrl-C while it runs, though not reliably in every run: the time limit is the bound.)"""
+    cur = con.cursor()
+    done, timed_out = threading.Event(), threading.Event()
+
+    def deadline() -> None:
+        if not done.wait(timeout):
+            timed_out.set()
+            cur.interrupt()
+
+    watcher = threading.Thread(target=deadline, name="spectr-catalog-deadline", daemon=True)
+    watcher.start()
+    try:
+        cur.execute(query)
+        return [d[0] for d in cur.description], cur.fetchall()
+    except (duckdb.InterruptException, RuntimeError) as e:  # an interrupted query surfaces as either
+        if timed_out.is_set():
+            raise ValueError(f"catalog query stopped after {timeout:g} s (SPECTR_SQL_TIMEOUT); "
+                             "narrow it or raise the limit") from None
+        if "interrupt" in str(e).lower():
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        done.set()
+        watcher.join()
+        cur.close()
+
+
+def catalog_sql(
+    query: str, registry: Registry | None = None, timeout: float | None = None
+) -> tuple[list[str], list[tuple]]:
     """Run one read-only query (SELECT/WITH/DESCRIBE/SHOW) over the tables in TABLES: `experts` (one row
-    per version, as `spectr catalog --json`), `lineage` (as Registry.lineage()) and the registry's own tables."""
+    per version, as `spectr catalog --json`), `lineage` (as Registry.lineage()) and the registry's own
+    tables; stopped after `timeout` seconds (default sql_timeout())."""
     parser = duckdb.connect(":memory:")
     try:
         statements = parser.extract_statements(query)
@@ -107,9 +147,7 @@ def catalog_sql(query: str, registry: Registry | None = None) -> tuple[list[str]
         if own:
             registry.close()
     try:
-        cur = con.execute(query)
-        columns = [d[0] for d in cur.description]
-        return columns, cur.fetchall()
+        return _run_bounded(con, query, sql_timeout() if timeout is None else timeout)
     except duckdb.CatalogException as e:
         raise ValueError(f"catalog query failed: {_first_line(e)} (tables: {', '.join(TABLES)})") from None
     except duckdb.Error as e:

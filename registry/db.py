@@ -42,6 +42,38 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
     return engine
 
 
+def migration_engine(url: str) -> Engine:
+    """An engine for running migrations: the whole upgrade is one transaction that holds the database's
+    write lock from its first statement, so a migration killed half-way leaves nothing behind and
+    concurrent first uses wait for each other instead of racing to create the same tables.
+
+    SQLite: pysqlite commits before each DDL statement unless it is told to leave transactions alone, so
+    the driver goes to autocommit and we issue BEGIN IMMEDIATE ourselves (SQLite's DDL is transactional).
+    PostgreSQL: DDL is transactional already; `lock_migrations` takes a transaction-scoped advisory lock.
+    """
+    engine = make_engine(url)
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _driver_autocommit(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None
+
+        @event.listens_for(engine, "begin")
+        def _begin_immediate(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+_PG_MIGRATION_LOCK = 0x5EC7_0001  # any constant shared by every spectr process
+
+
+def lock_migrations(connection: Any) -> None:
+    """Inside the migration transaction, before alembic reads the current version: wait for other migrators."""
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})")
+
+
 def alembic_config(url: str | None = None):
     """alembic Config for the shipped migrations, pointed at `url` (default: the registry URL)."""
     from alembic.config import Config

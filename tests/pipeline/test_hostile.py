@@ -208,3 +208,40 @@ def test_weights_that_do_not_parse_echo_no_bytes(bad, tiny_base):
     w.write_bytes(struct.pack("<Q", 8) + secret)
     msg = _reject(bad, tiny_base, str(w), "corrupt safetensors header")
     assert "SECRET" not in msg and "\\xff" not in msg
+
+
+# ---- the hub -----------------------------------------------------------------------------------------
+
+
+def test_hub_endpoint_that_never_answers_times_out(monkeypatch):
+    """An endpoint that accepts connections and never answers once hung ingest forever (ignoring SIGTERM)."""
+    import socket
+    import threading
+
+    import huggingface_hub.constants as hc
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held: list[socket.socket] = []
+
+    def accept_forever() -> None:
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept_forever, daemon=True).start()
+    monkeypatch.setattr(hc, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("SPECTR_HUB_TIMEOUT", "2")
+    box: dict = {}
+    worker = threading.Thread(target=lambda: box.setdefault("err", pytest.raises(AdapterError, fetch, "org/silent")))
+    worker.start()
+    worker.join(120)
+    server.close()
+    assert not worker.is_alive(), "fetch did not return"
+    assert held, "the fake endpoint was never contacted"
+    msg = str(box["err"].value)
+    assert msg.startswith("org/silent: the Hugging Face Hub did not answer within 2 s") and "\n" not in msg

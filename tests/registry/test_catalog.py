@@ -77,3 +77,12 @@ def test_default_registry_from_environment(spectr_home, add):
     add("math", "1")
     _, rows = catalog_sql("SELECT name, version FROM experts")  # opens Registry() at SPECTR_HOME
     assert rows == [("math", 1)]
+
+
+HUGE = "select sum(a.range * b.range) from range(100000000) a, range(100000000) b"
+
+
+def test_a_runaway_query_is_stopped_at_its_time_limit(filled):
+    with pytest.raises(ValueError, match=r"catalog query stopped after 0.5 s \(SPECTR_SQL_TIMEOUT\)"):
+        catalog_sql(HUGE, registry=filled, timeout=0.5)
+    assert catalog_sql("select count(*) from experts", registry=filled)[1] == [(3,)]  # the registry is fine

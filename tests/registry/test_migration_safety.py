@@ -1,0 +1,90 @@
+"""Migrations are one transaction and one migrator at a time: a kill half-way leaves nothing behind, and
+several processes using a new registry at once all succeed (SQLite here; PostgreSQL where CI starts one)."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, inspect
+
+from spectr.registry import db
+from spectr.registry.models import Base
+
+# Runs in a child: the real upgrade, except that the process is SIGKILLed right after the second CREATE TABLE.
+KILL_HALF_WAY = """
+import os, signal, sys
+from alembic.ddl.impl import DefaultImpl
+from spectr.registry import db
+
+real, made = DefaultImpl.create_table, []
+
+def create_then_die(self, table, **kw):
+    real(self, table, **kw)
+    made.append(table.name)
+    if len(made) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+DefaultImpl.create_table = create_then_die
+db.upgrade(sys.argv[1])
+"""
+
+
+def _tables(url: str) -> set[str]:
+    engine = create_engine(url)
+    try:
+        return set(inspect(engine).get_table_names()) - {"alembic_version"}
+    finally:
+        engine.dispose()
+
+
+def _head(url: str) -> str:
+    return ScriptDirectory.from_config(db.alembic_config(url)).get_current_head()
+
+
+def test_migration_killed_half_way_leaves_nothing_and_the_next_start_works(tmp_path):
+    url = f"sqlite:///{tmp_path / 'reg.db'}"
+    child = subprocess.run([sys.executable, "-c", KILL_HALF_WAY, url], capture_output=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()[-2000:]
+    assert _tables(url) == set() and db.current_revision(url) is None  # rolled back, not wedged
+    db.upgrade(url)
+    assert _tables(url) == set(Base.metadata.tables) and db.current_revision(url) == _head(url)
+
+
+def _upgrade_after(barrier, url: str) -> None:
+    barrier.wait()
+    db.upgrade(url)
+
+
+def _race_first_use(url: str, n: int = 8) -> list[int]:
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(n)
+    procs = [ctx.Process(target=_upgrade_after, args=(barrier, url)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    return [p.exitcode for p in procs]
+
+
+def test_eight_processes_first_use_sqlite(tmp_path):
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    assert _race_first_use(url) == [0] * 8
+    assert _tables(url) == set(Base.metadata.tables) and db.current_revision(url) == _head(url)
+
+
+@pytest.mark.postgres
+def test_eight_processes_first_use_postgres():
+    url = os.environ.get("SPECTR_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("SPECTR_TEST_POSTGRES_URL is not set")
+    db.downgrade(url, "base")
+    try:
+        assert _race_first_use(url) == [0] * 8
+        assert _tables(url) == set(Base.metadata.tables) and db.current_revision(url) == _head(url)
+    finally:
+        db.downgrade(url, "base")
