@@ -1,4 +1,5 @@
-"""The registry: base models, experts and their immutable versions, spectra blobs, ingestion runs."""
+"""The registry: base models, experts and their immutable versions, spectra and kept adapter blobs, aliases
+(with their audit log), tags, recorded bundles, lineage, ingestion runs."""
 from __future__ import annotations
 
 import getpass
