@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -139,13 +141,43 @@ def bundle_files(
     return {SPECTRA: data, MANIFEST: (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()}
 
 
+MAX_MANIFEST_BYTES = 64 << 20
+
+
+def _read_inside(folder: Path, name: Any, limit: int) -> bytes:
+    """A bundle's file: a plain name inside the bundle folder, a regular file, at most `limit` bytes
+    (a manifest naming ../../etc/passwd or /dev/zero is refused before anything is read)."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ValueError(f"{folder / MANIFEST}: bundle file name {str(name)[:80]!r} is not a plain file name "
+                         "inside the bundle folder")
+    file = folder / name
+    st = file.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{file}: not a regular file")
+    if st.st_size > limit:
+        raise ValueError(f"{file}: {st.st_size} bytes, more than the {limit} its manifest allows")
+    with open(file, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{file}: more than the {limit} bytes its manifest allows")
+    return data
+
+
+def _spectra_bytes_bound(manifest: dict) -> int:
+    """The most bytes the spectra file can need: every stacked tensor at 8 bytes an element, plus headers."""
+    E = len(manifest["experts"])
+    elements = sum(E * int(i["rank"]) * (int(i["in"]) + int(i["out"]) + 1) + 2 * E
+                   for i in manifest["modules"].values())
+    return 8 * elements + 1024 * (len(manifest["modules"]) + 16)
+
+
 def read_bundle(path: Path | str) -> Bundle:
     """Read a bundle folder; the spectra file must match the sha256 its manifest records."""
     path = Path(path)
-    manifest = json.loads((path / MANIFEST).read_text())
+    manifest = json.loads(_read_inside(path, MANIFEST, MAX_MANIFEST_BYTES).decode("utf-8"))
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path / MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    data = (path / manifest["spectra"]["file"]).read_bytes()
+    data = _read_inside(path, manifest["spectra"]["file"], _spectra_bytes_bound(manifest))
     digest = hashlib.sha256(data).hexdigest()
     if digest != manifest["spectra"]["sha256"]:
         raise ValueError(f"{path / SPECTRA}: sha256 {digest[:12]} does not match the manifest's "
@@ -231,6 +263,7 @@ def load_bundle(
     cfg = RouterConfig(**{**settings, "expert": _expert_index(bundle, settings.get("expert"))})
     cfg.validate()
     _check_shapes(model, bundle)
+    _warn_other_base(model, bundle)
     recorder = TraceRecorder()
     forward = ForwardState(cfg)
     for m in bundle.modules:
@@ -247,6 +280,18 @@ def load_bundle(
     model.spectr = RoutedState(bundle=bundle, config=cfg, recorder=recorder, modules=list(bundle.modules),
                                forward=forward, hooks=hooks)
     return model
+
+
+def _warn_other_base(model: nn.Module, bundle: Bundle) -> None:
+    """Shapes decide whether a bundle fits; a base of another architecture or model type that happens to
+    share them is allowed, but never silently."""
+    want = bundle.manifest.get("base", {})
+    config = getattr(model, "config", None)
+    have = {"architecture": type(model).__name__, "model_type": getattr(config, "model_type", None)}
+    differ = [f"{k} {want[k]!r} vs {v!r}" for k, v in have.items() if want.get(k) and v and want[k] != v]
+    if differ:
+        warnings.warn(f"{bundle.path}: bundle was built for base {want.get('name')!r}; this model differs "
+                      f"({'; '.join(differ)}) though all module shapes match", UserWarning, stacklevel=3)
 
 
 def set_router(model: nn.Module, preset: str | None = None, **changes: Any) -> RouterConfig:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -218,3 +219,47 @@ def test_cuda_matches_cpu(bundle_dir, apply):
                        model.generate(IDS.cuda(), use_cache=False, **gen))
     half = load_bundle(build_tiny_llama().to("cuda", torch.bfloat16), bundle_dir, **kw)
     assert torch.isfinite(half(IDS.cuda()).logits).all()
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/dev/zero", "..", "sub/spectra.safetensors"])
+def test_bundle_manifest_cannot_name_files_outside_the_bundle(bundle_dir, tmp_path, name):
+    import json
+    import shutil
+
+    copy = Path(shutil.copytree(bundle_dir, tmp_path / "b"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["spectra"]["file"] = name
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="is not a plain file name inside the bundle folder"):
+        read_bundle(copy)
+
+
+def test_bundle_spectra_file_that_is_a_device_or_too_large(bundle_dir, tmp_path):
+    import shutil
+
+    copy = Path(shutil.copytree(bundle_dir, tmp_path / "b"))
+    spectra = copy / "spectra.safetensors"
+    spectra.unlink()
+    spectra.symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match="not a regular file"):
+        read_bundle(copy)
+    spectra.unlink()
+    with open(spectra, "wb") as f:
+        f.truncate(1 << 34)  # sparse, 16 GiB claimed
+    with pytest.raises(ValueError, match="than the .* its manifest allows"):
+        read_bundle(copy)
+
+
+def test_loading_on_another_architecture_with_matching_shapes_warns(bundle_dir):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tests.conftest import TINY_LLAMA
+
+    torch.manual_seed(0)
+    other = MistralForCausalLM(MistralConfig(**TINY_LLAMA)).eval()
+    with pytest.warns(UserWarning, match="bundle was built for base .*MistralForCausalLM"):
+        load_bundle(other, bundle_dir)
+    unload_bundle(other)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unload_bundle(load_bundle(build_tiny_llama(), bundle_dir))  # the right base: silent
