@@ -164,6 +164,29 @@ def library_accuracy(base_dir: Path, shared: Path, docs: int, tokens: int) -> li
     return lines
 
 
+@torch.no_grad()
+def default_only(a) -> None:
+    """Base and default routed forward alternating, one forward each per round: ratio of medians."""
+    ids = torch.randint(0, 4096, (1, a.tokens), generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        for E in [int(e) for e in a.experts.split(",")]:
+            bundle = make_bundle(Path(tmp) / f"bundle{E}", make_experts(Path(tmp), E, a.layers), a.layers)
+            models = {"base": base_model(a.layers), "default": load_bundle(base_model(a.layers), bundle),
+                      "default, impl=plain": load_bundle(base_model(a.layers), bundle, impl="plain")}
+            times: dict[str, list[float]] = {k: [] for k in models}
+            for m in models.values():
+                m(ids)
+            for _ in range(a.repeats):
+                for k, m in models.items():
+                    t0 = time.perf_counter()
+                    m(ids)
+                    times[k].append(time.perf_counter() - t0)
+            med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            print(f"E={E}, {a.layers} layers, {a.tokens} tokens, {torch.get_num_threads()} threads, median of "
+                  f"{a.repeats} interleaved rounds: " + ", ".join(f"{k} {v:.1f} ms ({v / med['base']:.3f}x)"
+                                                                for k, v in med.items()), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
@@ -176,9 +199,15 @@ def main() -> None:
     ap.add_argument("--shared", type=Path, default=ROOT / ".." / "shared")
     ap.add_argument("--docs", type=int, default=16)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "runtime.md"))
+    ap.add_argument("--default-only", action="store_true",
+                    help="only base vs the default routed forward (E from --experts), interleaved forward by "
+                         "forward so a shared, noisy CPU slows both alike; prints the median ratio")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.default_only:
+        default_only(a)
+        return
     if a.library:
         lines = [f"`python benchmarks/bench_runtime.py --library {a.library} --docs {a.docs}`"]
         lines += library_accuracy(a.library, a.shared, a.docs, 128)

@@ -1,5 +1,5 @@
 """Runtime: load an expert bundle into a transformers causal LM and route every token (torch, safetensors only)."""
-from spectr.runtime.bundle import Bundle, load_bundle, read_bundle, set_router, unload_bundle, write_bundle
+from spectr.runtime.bundle import Bundle, load_bundle, read_bundle, set_expert_mask, set_router, unload_bundle, write_bundle
 from spectr.runtime.layer import RoutedLinear, RouterConfig
 from spectr.runtime.presets import PEFT_ARROW, PRESETS, REFERENCE, preset_settings
 from spectr.runtime.trace import TraceRecorder, plot_routing, trace_routing
@@ -16,6 +16,7 @@ __all__ = [
     "plot_routing",
     "preset_settings",
     "read_bundle",
+    "set_expert_mask",
     "set_router",
     "trace_routing",
     "unload_bundle",

@@ -231,6 +231,7 @@ class RoutedState:
     modules: list[str]
     forward: ForwardState | None = None  # shared by the routed modules: pooling and smoothing state
     hooks: list[Any] = field(default_factory=list)  # the model hooks that begin/end each forward
+    generation: dict[str, Any] | None = None  # generation_config fields compile=True replaced (restored on unload)
 
 
 def _expert_index(bundle: Bundle, expert: int | str | None) -> int | None:
@@ -245,15 +246,21 @@ def load_bundle(
     model: nn.Module,
     bundle: Bundle | Path | str,
     preset: str = DEFAULT_PRESET,
+    *,
+    compile: bool = False,
     **overrides: Any,
 ) -> nn.Module:
     """Wrap the bundle's modules of `model` with routed linears (in place) and return the model.
 
     preset: a name in runtime.presets.PRESETS ("default", "reference", "peft-arrow", "uniform", "fixed", ...);
     overrides are RouterConfig fields (router, top_k, expert, weighting, temperature, combine, score,
-    rank_normalize, apply, pool, smooth). top_k is clipped to the bundle's number of experts. Pooling and
+    rank_normalize, apply, pool, smooth, impl). top_k is clipped to the bundle's number of experts. Pooling and
     smoothing read attention_mask (2-D, by keyword) and the cache from the model's forward call; they reset at
     each forward without a cache (a new prompt).
+
+    compile=True makes generate() use a static KV cache, with which transformers compiles each decode
+    step (torch.compile, fullgraph=True, CUDA graphs on a GPU). For your own forward calls, the recipe is
+    torch.compile(model, mode="reduce-overhead", fullgraph=True) (the routed path has no graph breaks).
     """
     if getattr(model, "spectr", None) is not None:
         raise ValueError("model already has a bundle loaded; call unload_bundle(model) first")
@@ -272,14 +279,30 @@ def load_bundle(
         bank = {f: (t if f == "rank" else t.to(ref.dtype)).to(ref.device) for f, t in bundle.bank(m).items()}
         parent, _, child = m.rpartition(".")
         setattr(model.get_submodule(parent), child, RoutedLinear(base, m, bank, cfg, recorder, forward))
+    forward.link()
     hooks = []
     body = getattr(model, getattr(model, "base_model_prefix", "") or "_no_body", None)
     for entry in (model, body) if isinstance(body, nn.Module) and body is not model else (model,):
         hooks += [entry.register_forward_pre_hook(forward.begin, with_kwargs=True),
                   entry.register_forward_hook(forward.end, always_call=True)]
+    generation = _compile_generation(model) if compile else None
     model.spectr = RoutedState(bundle=bundle, config=cfg, recorder=recorder, modules=list(bundle.modules),
-                               forward=forward, hooks=hooks)
+                               forward=forward, hooks=hooks, generation=generation)
     return model
+
+
+def _compile_generation(model: nn.Module) -> dict[str, Any]:
+    """Static cache + fullgraph compile config for generate(); returns the fields it replaced."""
+    from transformers import CompileConfig
+
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        raise ValueError(f"load_bundle(compile=True): {type(model).__name__} has no generation_config; "
+                         "compile it yourself: torch.compile(model, mode='reduce-overhead', fullgraph=True)")
+    old = {"cache_implementation": gen.cache_implementation, "compile_config": gen.compile_config}
+    gen.cache_implementation = "static"
+    gen.compile_config = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead")
+    return old
 
 
 def _warn_other_base(model: nn.Module, bundle: Bundle) -> None:
@@ -309,6 +332,32 @@ def set_router(model: nn.Module, preset: str | None = None, **changes: Any) -> R
     return state.config
 
 
+def set_expert_mask(model: nn.Module, mask: torch.Tensor | None) -> None:
+    """Restrict, per token, which experts the routers may use in the next forwards (None clears it).
+
+    mask: bool, (N, E) with one row per token row the routed modules see (N = batch * seq, row-major; a
+    packed continuous-batching forward has batch 1), or (E,) for every token; True = allowed. spectr and
+    arrow pick their top-k among allowed experts only (pooled decisions too), weights are computed among
+    the chosen; uniform averages over the allowed experts; fixed keeps its expert where allowed. A token
+    with one allowed expert gets exactly that expert's LoRA delta; a token with none gets the base output.
+    The mask stays until the next call: during generate() use an (E,) mask, or set one per step.
+    """
+    state: RoutedState | None = getattr(model, "spectr", None)
+    if state is None or state.forward is None:
+        raise ValueError("set_expert_mask: model has no bundle loaded; call load_bundle(model, bundle) first")
+    if mask is None:
+        state.forward.expert_mask = None
+        return
+    E = len(state.bundle.expert_names)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise ValueError(f"set_expert_mask: mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask))}")
+    if mask.dim() not in (1, 2) or mask.shape[-1] != E:
+        raise ValueError(f"set_expert_mask: mask has shape {tuple(mask.shape)}; expected (N, {E}) or ({E},) "
+                         f"for the bundle's {E} experts")
+    device = model.get_submodule(state.modules[0]).Vt.device
+    state.forward.expert_mask = mask.to(device)
+
+
 def unload_bundle(model: nn.Module) -> nn.Module:
     """Put the original modules back; the model is then exactly what it was before load_bundle."""
     state: RoutedState | None = getattr(model, "spectr", None)
@@ -319,5 +368,7 @@ def unload_bundle(model: nn.Module) -> nn.Module:
         setattr(model.get_submodule(parent), child, model.get_submodule(m).base_layer)
     for hook in state.hooks:
         hook.remove()
+    for k, v in (state.generation or {}).items():
+        setattr(model.generation_config, k, v)
     del model.spectr
     return model

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spectr.runtime import routing
+from spectr.runtime import kernels, routing
 from spectr.runtime.trace import layer_of
 
 # Sibling modules that read one input tensor in common architectures (the pool="input" groups);
@@ -38,6 +38,11 @@ class RouterConfig:
     dense_max: int = 4096  # auto: dense when E*r <= dense_max or 2k >= E (dense won every size measured)
     pool: str = "input"  # input (q,k,v; gate,up decide together) | module (the paper's code) | layer
     smooth: float = 0.0  # causal moving average of evidence over tokens; 0 = off (see routing.py)
+    # fused: one scoring GEMM per input group, decisions handed to siblings by module attributes, the dense
+    # apply added into the base output (addmm_), on a GPU one Triton kernel for the routing math; compiles
+    # with fullgraph=True and captures into CUDA graphs. plain: the readable per-module code, the reference
+    # the fused path is tested against (and the grouped apply, which the fused path leaves to it).
+    impl: str = "fused"
 
     def validate(self) -> None:
         checks = [
@@ -47,6 +52,7 @@ class RouterConfig:
             (self.score, routing.SCORES, "score"),
             (self.apply, ("auto", "dense", "grouped"), "apply"),
             (self.pool, routing.POOLS, "pool"),
+            (self.impl, ("fused", "plain"), "impl"),
         ]
         for value, allowed, what in checks:
             if value not in allowed:
@@ -68,12 +74,15 @@ def group_key(name: str) -> tuple[str, str]:
     return parent, child
 
 
-def _cache_length(cache: Any) -> int:
+def _cache_length(cache: Any) -> int | torch.Tensor:
     if cache is None:
         return 0
     if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    return 1 if len(cache) else 0  # a legacy tuple cache: non-empty means a continuation
+        n = cache.get_seq_length()  # a tensor for static caches: left on the device
+        return n if isinstance(n, torch.Tensor) else int(n)
+    if isinstance(cache, (tuple, list)):
+        return 1 if len(cache) else 0  # a legacy tuple cache: non-empty means a continuation
+    return 1  # another kind (continuous batching's paged cache, shared by many requests): not a new prompt
 
 
 class ForwardState:
@@ -89,31 +98,75 @@ class ForwardState:
     def __init__(self, cfg: RouterConfig):
         self.cfg = cfg
         self.members: dict[tuple[str, str], list[RoutedLinear]] = defaultdict(list)
+        self.by_layer: dict[int, list[RoutedLinear]] = defaultdict(list)
+        self.fresh: bool | torch.Tensor = True  # smoothing: this forward starts a prompt (a tensor under a static cache)
         self.active = False
         self.depth = 0  # nesting of hooked forwards (the model calls its body)
         self.real: torch.Tensor | None = None  # (B, T) real tokens of this forward; None = all
         self.groups: dict[tuple[str, str], tuple[torch.Tensor, dict[str, tuple], torch.Tensor]] = {}
         self.layers: dict[int, torch.Tensor] = {}
         self.carry: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Which experts each token may use (set_expert_mask): bool (N, E) over the flattened token rows of
+        # the next forwards, or (E,) for every token; None = all. Kept until changed, not reset per forward.
+        self.expert_mask: torch.Tensor | None = None
+
+    def allowed(self, module: RoutedLinear, t: int) -> torch.Tensor | None:
+        """The expert mask for a call of `module` on t token rows: (t, E), (E,) or None."""
+        mask = self.expert_mask
+        if mask is None or mask.dim() == 1:
+            return mask
+        if mask.shape[0] != t:
+            raise ValueError(f"set_expert_mask: the mask has shape {tuple(mask.shape)} but module {module.name} "
+                             f"sees {t} token rows, i.e. needs ({t}, {mask.shape[1]}) or ({mask.shape[1]},)")
+        return mask
 
     def register(self, module: RoutedLinear) -> None:
         self.members[module.group].append(module)
+        self.by_layer[module.layer].append(module)
+
+    def link(self) -> None:
+        """Static plan for the fused path, once every module is registered: each module's input group (in
+        registration order) with one stacked V^T for the group's single scoring GEMM, and the modules of
+        its layer outside its group (pool="layer" hands them its decision)."""
+        for members in self.members.values():
+            for slot, m in enumerate(members):
+                m.siblings, m.slot = members, slot
+                m.layer_rest = [o for o in self.by_layer[m.layer] if o.group != m.group]
+            lead = members[0]
+            if len(members) > 1 and len({m.Vt.shape[1] for m in members}) == 1:
+                lead.register_buffer("Vt_group", torch.cat([m.Vt for m in members]), persistent=False)
+                lead.group_sizes = [m.Vt.shape[0] for m in members]
+                if len({m.S.shape[1] for m in members}) == 1:  # one rank: the GPU kernel takes the group
+                    for f in ("S", "rank", "s"):
+                        lead.register_buffer(f"{f}_group", torch.stack([getattr(m, f) for m in members]),
+                                             persistent=False)
+
+    def _clear_handoffs(self) -> None:
+        for members in self.members.values():
+            for m in members:
+                m.pending = m.layer_idx = None
 
     def begin(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         cfg = self.cfg
         self.depth += 1
         if self.depth > 1 or (cfg.pool == "module" and cfg.smooth == 0):
             return
-        tokens = kwargs.get("input_ids", args[0] if args else None)
-        if tokens is None:
-            tokens = kwargs.get("inputs_embeds")
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if _cache_length(cache) == 0:
-            self.carry.clear()  # a new prompt
-        mask = kwargs.get("attention_mask")
-        self.real = None
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and tokens is not None:
-            self.real = mask[:, -tokens.shape[1]:].bool()  # the mask spans cached + new tokens
+        if cfg.impl == "fused":
+            self._clear_handoffs()  # a forward that raised half-way leaves nothing behind
+        if cfg.smooth > 0:
+            tokens = kwargs.get("input_ids", args[0] if args else None)
+            if tokens is None:
+                tokens = kwargs.get("inputs_embeds")
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            n = _cache_length(cache)
+            if isinstance(n, torch.Tensor):
+                self.fresh = n == 0  # a static cache counts on the device: no host sync, resolved in smooth()
+            elif n == 0:
+                self.carry.clear()  # a new prompt
+            mask = kwargs.get("attention_mask")
+            self.real = None
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2 and tokens is not None:
+                self.real = mask[:, -tokens.shape[1]:].bool()  # the mask spans cached + new tokens
         self.groups.clear()
         self.layers.clear()
         self.active = True
@@ -124,8 +177,11 @@ class ForwardState:
             return
         self.active = False
         self.real = None
+        self.fresh = True
         self.groups.clear()
         self.layers.clear()
+        if self.cfg.impl == "fused" and (self.cfg.pool != "module"):
+            self._clear_handoffs()
 
     def smooth(self, module: RoutedLinear, ev: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
         """The module's moving-average evidence (t, E) for this call; updates its carried average."""
@@ -135,9 +191,13 @@ class ForwardState:
             raise ValueError(f"smooth: module {module.name} sees tokens of shape {(B, T)} but the attention "
                              f"mask covers {tuple(real.shape)}")
         prev, seen = self.carry.get(module.name, (None, None)) if self.active else (None, None)
+        if prev is not None and prev.shape[0] != B and isinstance(self.fresh, torch.Tensor):
+            prev = seen = None  # a static cache reused with another batch: a new prompt
         if prev is not None and prev.shape[0] != B:
             raise ValueError(f"smooth: module {module.name} continues {prev.shape[0]} rows with {B} "
                              "(reordered or resized caches, e.g. beam search, are not supported)")
+        if prev is not None and isinstance(self.fresh, torch.Tensor):  # a new prompt in a static cache
+            prev, seen = prev.masked_fill(self.fresh, 0.0), seen & ~self.fresh
         absent = module.rank == 0
         y, last, now_seen = routing.ema(ev.masked_fill(absent, 0.0).view(B, T, -1), self.cfg.smooth, real, prev, seen)
         if self.active:
@@ -171,6 +231,13 @@ class RoutedLinear(nn.Module):
         self.register_buffer("s", bank["scaling"], persistent=False)
         self.register_buffer("rank", bank["rank"], persistent=False)
         self.routing_state = state if state is not None else ForwardState(cfg)
+        # The fused path's static plan (ForwardState.link fills it in): input group, slot in it, the rest
+        # of the layer; pending/layer_idx carry a sibling's decision to this module within one forward.
+        self.siblings: list[RoutedLinear] = [self]
+        self.slot = 0
+        self.layer_rest: list[RoutedLinear] = []
+        self.pending: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
+        self.layer_idx: torch.Tensor | None = None
         self.routing_state.register(self)
 
     def _scores(self, P: torch.Tensor) -> torch.Tensor:
@@ -179,13 +246,15 @@ class RoutedLinear(nn.Module):
                               rank_normalize=cfg.rank_normalize)
 
     def _evidence(self, x: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(P, own scores g, selection evidence): g / ||x||, moving-averaged when smoothing."""
+        """(P, own scores g, selection evidence): g / ||x||, moving-averaged when smoothing; both restricted
+        to the allowed experts (the average itself runs over every expert, so a mask change is seen at once)."""
         P = routing.project(x, self.Vt, self.E)
         g = self._scores(P)
         ev = routing.cosine(g, x)
         if self.cfg.smooth > 0:
             ev = self.routing_state.smooth(self, ev, shape)
-        return P, g, ev
+        allowed = self.routing_state.allowed(self, x.shape[0])
+        return P, routing.restrict(g, allowed), routing.restrict(ev, allowed)
 
     def _choose(
         self, x: torch.Tensor, shape: tuple[int, int], source: torch.Tensor
@@ -205,7 +274,7 @@ class RoutedLinear(nn.Module):
                 P, g = hit[1][self.name]
             else:
                 P = routing.project(x, self.Vt, self.E)
-                g = self._scores(P)
+                g = routing.restrict(self._scores(P), st.allowed(self, x.shape[0]))
             return P, g, idx
         if hit is not None and hit[0] is not source:
             raise ValueError(f"pool={cfg.pool!r}: module {self.name} got another input than its siblings "
@@ -235,7 +304,11 @@ class RoutedLinear(nn.Module):
         cfg, E = self.cfg, self.E
         x = x.to(self.Vt.dtype)
         if cfg.router == "fixed":
-            return routing.apply_fixed(x, self.Vt, self.US, self.s, cfg.expert, E), None, None
+            dy = routing.apply_fixed(x, self.Vt, self.US, self.s, cfg.expert, E)
+            allowed = self.routing_state.allowed(self, x.shape[0])
+            if allowed is not None:  # tokens that may not use the fixed expert get no delta
+                dy = dy * allowed[..., cfg.expert, None].to(dy.dtype)
+            return dy, None, None
         vals = idx = None
         if cfg.router in ("spectr", "arrow") and (cfg.pool != "module" or cfg.smooth > 0):
             P, g, idx = self._choose(x, shape or (1, x.shape[0]), x if source is None else source)
@@ -243,11 +316,12 @@ class RoutedLinear(nn.Module):
             w = routing.weights(vals, idx, E, mode=cfg.weighting, temperature=cfg.temperature)
         elif cfg.router in ("spectr", "arrow"):  # the reference: each module decides on its own
             P = routing.project(x, self.Vt, E)
-            vals, idx = routing.select(self._scores(P), cfg.top_k)
+            g = routing.restrict(self._scores(P), self.routing_state.allowed(self, x.shape[0]))
+            vals, idx = routing.select(g, cfg.top_k)
             w = routing.weights(vals, idx, E, mode=cfg.weighting, temperature=cfg.temperature)
         else:
             P = routing.project(x, self.Vt, E)
-            w = routing.all_weights(x.shape[0], self.rank)
+            w = routing.all_weights(x.shape[0], self.rank, self.routing_state.allowed(self, x.shape[0]))
         C = routing.coefficients(P, w, self.S, self.s, combine=cfg.combine)
         k = E if idx is None else idx.shape[1]
         dense = cfg.apply == "dense" or (
@@ -256,10 +330,121 @@ class RoutedLinear(nn.Module):
         dy = routing.apply_dense(C, self.US) if dense else routing.apply_grouped(C, w, self.US)
         return dy, vals, idx
 
+    # ---- the fused path: the same decisions, static bookkeeping, fewer kernels ----------------------------
+
+    def _group(self) -> list[RoutedLinear]:
+        return [self] if self.cfg.pool == "module" else self.siblings
+
+    def _project_group(self, members: list[RoutedLinear], x: torch.Tensor) -> list[torch.Tensor]:
+        """Every member's P (t, E, r) from one GEMM against the group's stacked V^T."""
+        lead = members[0]
+        Vt = getattr(lead, "Vt_group", None) if len(members) > 1 else None
+        if Vt is not None:
+            Ps = (x @ Vt.T).split(lead.group_sizes, dim=1)
+        else:
+            Ps = [x @ m.Vt.T for m in members]
+        return [P.view(x.shape[0], m.E, -1) for m, P in zip(members, Ps)]
+
+    def _decide_group(self, x: torch.Tensor, shape: tuple[int, int]) -> list[tuple]:
+        """(C (t, E*r), vals, idx) for every member of this module's group, from one shared decision.
+
+        The same choices as the plain path: selection on the pooled scores of the group (the plain path
+        divides every member's scores by the same ||x||, which ranks alike, so only smoothing needs it)."""
+        cfg, st, t = self.cfg, self.routing_state, x.shape[0]
+        members = self._group()
+        allowed = st.allowed(self, t)
+        if x.is_cuda and kernels.route is not None and cfg.router != "uniform" and cfg.smooth == 0 \
+                and cfg.pool != "layer" and (len(members) == 1 or hasattr(members[0], "S_group")):
+            return self._decide_group_kernel(members, x, allowed)
+        Ps = self._project_group(members, x)
+        if cfg.router == "uniform":
+            return [(routing.coefficients(P, routing.all_weights(t, m.rank, allowed), m.S, m.s,
+                                          combine=cfg.combine).reshape(t, -1), None, None)
+                    for m, P in zip(members, Ps)]
+        gs = [m._scores(P) for m, P in zip(members, Ps)]
+        evs = gs
+        if cfg.smooth > 0:
+            evs = [st.smooth(m, routing.cosine(g, x), shape) for m, g in zip(members, gs)]
+        gs = [routing.restrict(g, allowed) for g in gs]
+        idx = self.layer_idx if cfg.pool == "layer" else None  # an earlier group of this layer decided
+        if idx is None or idx.shape[0] != t:
+            evs = [routing.restrict(e, allowed) for e in evs]
+            idx = routing.select(evs[0] if len(evs) == 1 else routing.pool(evs), cfg.top_k)[1]
+            if cfg.pool == "layer" and st.active:
+                for m in self.layer_rest:
+                    m.layer_idx = idx
+        out = []
+        for m, P, g in zip(members, Ps, gs):
+            vals = g.gather(1, idx)
+            w = routing.weights(vals, idx, m.E, mode=cfg.weighting, temperature=cfg.temperature)
+            out.append((routing.coefficients(P, w, m.S, m.s, combine=cfg.combine).reshape(t, -1), vals, idx))
+        return out
+
+    def _decide_group_kernel(self, members: list[RoutedLinear], x: torch.Tensor,
+                             allowed: torch.Tensor | None) -> list[tuple]:
+        """_decide_group in one Triton launch after the group's scoring GEMM (kernels.py)."""
+        cfg, lead, M = self.cfg, members[0], len(members)
+        if M == 1:
+            P = x @ self.Vt.T
+            S, rank, s = self.S.unsqueeze(0), self.rank.unsqueeze(0), self.s.unsqueeze(0)
+        else:
+            P = x @ lead.Vt_group.T
+            S, rank, s = lead.S_group, lead.rank_group, lead.s_group
+        C, idx, vals = kernels.route(P, S, rank, s, allowed, M=M, E=self.E, k=cfg.top_k, router=cfg.router,
+                                     score=cfg.score, rank_normalize=cfg.rank_normalize, weighting=cfg.weighting,
+                                     temperature=cfg.temperature, combine=cfg.combine)
+        Cs = C.split(lead.group_sizes, dim=1) if M > 1 else (C,)
+        return [(Cm, vals[:, m], idx) for m, Cm in enumerate(Cs)]
+
+    def _fused_coefficients(self, x: torch.Tensor, shape: tuple[int, int]) -> tuple:
+        """This module's (C, vals, idx): handed over by the sibling that decided first, or decided here
+        (then handed to the siblings, within a model forward)."""
+        got = self.pending
+        if got is not None:
+            self.pending = None
+            if got[0].shape[0] == x.shape[0]:
+                return got
+        results = self._decide_group(x, shape)
+        if self.routing_state.active:
+            for i, m in enumerate(self._group()):
+                if i != self.slot:
+                    m.pending = results[i]
+        return results[self.slot if len(results) > 1 else 0]
+
+    def _fused_forward(self, x: torch.Tensor, y: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        cfg = self.cfg
+        xf = x.reshape(-1, x.shape[-1]).to(self.Vt.dtype)
+        y2 = y.reshape(-1, y.shape[-1])
+        if cfg.router == "fixed":
+            e, r = cfg.expert, self.Vt.shape[0] // self.E
+            C = xf @ self.Vt[e * r:(e + 1) * r].T * self.s[e]
+            allowed = self.routing_state.allowed(self, xf.shape[0])
+            if allowed is not None:
+                C = C * allowed[..., e, None].to(C.dtype)
+            US = self.US[:, e * r:(e + 1) * r]
+            idx = vals = None
+        else:
+            C, vals, idx = self._fused_coefficients(xf, shape)
+            US = self.US
+        if self.recorder is not None and self.recorder.enabled and idx is not None:
+            lead = x.shape[:-1]
+            self.recorder.record(self.name, idx.view(*lead, -1), vals.view(*lead, -1))
+        # y += C US^T in one GEMM whose epilogue adds into the base output: in place, so y is read and written
+        # once (out of place, addmm first copies y); autograd keeps the out-of-place form
+        if y.requires_grad:
+            return torch.addmm(y2, C.to(y.dtype), US.T.to(y.dtype)).view_as(y)
+        return y2.addmm_(C.to(y.dtype), US.T.to(y.dtype)).view_as(y)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
         lead = x.shape[:-1]
         shape = (1, lead[0]) if len(lead) == 1 else (lead[:-1].numel(), lead[-1])
+        cfg = self.cfg
+        # The fused path applies densely; a grouped apply (apply="grouped", or "auto" at large E*r) takes the
+        # plain path, whose per-expert gathers have data-dependent shapes (not for torch.compile).
+        if cfg.impl == "fused" and cfg.apply != "grouped" and (
+                cfg.apply == "dense" or self.Vt.shape[0] <= cfg.dense_max or 2 * cfg.top_k >= self.E):
+            return self._fused_forward(x, y, shape)
         dy, vals, idx = self.delta(x.reshape(-1, x.shape[-1]), shape, x)
         if self.recorder is not None and self.recorder.enabled and idx is not None:
             self.recorder.record(self.name, idx.view(*lead, -1), vals.view(*lead, -1))

@@ -90,6 +90,14 @@ def scores(
     return g.masked_fill(rank == 0, float("-inf"))
 
 
+def restrict(g: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """Scores or evidence (t, E) with the experts a token may not use set to -inf (never weighted).
+
+    allowed: bool (t, E) or (E,) (set_expert_mask); None = every expert.
+    """
+    return g if allowed is None else g.masked_fill(~allowed, float("-inf"))
+
+
 def select(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k experts per token: (values, indices), each (t, k)."""
     return torch.topk(g, min(k, g.shape[1]), dim=1)
@@ -113,10 +121,13 @@ def weights(
     return vals.new_zeros(vals.shape[0], E).scatter_(1, idx, w_sel)
 
 
-def all_weights(t: int, rank: torch.Tensor) -> torch.Tensor:
-    """The uniform router: every expert that adapts the module, weight 1/E, whatever the scores."""
-    present = (rank > 0).float()
-    return (present / present.sum().clamp(min=1)).expand(t, -1)
+def all_weights(t: int, rank: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """The uniform router: every (allowed) expert that adapts the module, equal weights, whatever the scores."""
+    present = (rank > 0).expand(t, -1)
+    if allowed is not None:
+        present = present & allowed
+    present = present.float()
+    return present / present.sum(dim=1, keepdim=True).clamp(min=1)
 
 
 def coefficients(

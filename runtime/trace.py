@@ -20,14 +20,43 @@ def layer_of(module: str) -> int:
     return int(m.group(1)) if m else -1
 
 
+class DecisionCounter:
+    """Per token row, how many routed decisions (module x top-k slot) chose each expert, summed over the
+    modules of one forward. Stays on the model's device (no copy, no sync per module); take() hands
+    over the (rows, E) counts and starts afresh. A choice with a -inf score (an expert that does not
+    adapt the module, or one masked out) is not a decision and is not counted."""
+
+    def __init__(self, num_experts: int):
+        self.E = num_experts
+        self.counts: torch.Tensor | None = None
+
+    def add(self, idx: torch.Tensor, vals: torch.Tensor) -> None:
+        idx = idx.reshape(-1, idx.shape[-1])
+        hit = torch.isfinite(vals.reshape(idx.shape)).to(torch.int32)
+        counts = torch.zeros(idx.shape[0], self.E, dtype=torch.int32, device=idx.device).scatter_add_(1, idx, hit)
+        self.counts = counts if self.counts is None else self.counts + counts
+
+    def take(self) -> torch.Tensor | None:
+        counts, self.counts = self.counts, None
+        return counts
+
+
 @dataclass
 class TraceRecorder:
-    """Collects, while enabled, one entry per module call: top-k indices and scores, (batch, tokens, k)."""
+    """Collects, while enabled, one entry per module call: top-k indices and scores, (batch, tokens, k).
+
+    With a counter set, it only adds each call's choices to the counter's on-device counts (cheap enough
+    for serving) and keeps no copies.
+    """
 
     enabled: bool = False
     calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=lambda: defaultdict(list))
+    counter: DecisionCounter | None = None
 
     def record(self, module: str, idx: torch.Tensor, vals: torch.Tensor) -> None:
+        if self.counter is not None:
+            self.counter.add(idx.detach(), vals.detach())
+            return
         self.calls[module].append((idx.detach().cpu(), vals.detach().float().cpu()))
 
     def clear(self) -> None:

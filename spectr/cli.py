@@ -197,19 +197,70 @@ def generate(
     max_new_tokens: int = typer.Option(40, "--max-new-tokens"),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="wrap the prompt in the model's chat template"),
     trace: Optional[Path] = typer.Option(None, "--trace", help="save a routing heatmap (tokens x layers) here"),
+    compile: bool = typer.Option(False, "--compile", help="on a GPU: bf16, static cache, decode steps compiled "
+                                 "into CUDA graphs (the first, untimed run compiles)"),
 ) -> None:
     """Generate with the bundle's experts routed per token, per module, per layer."""
     from spectr.generate import routed_generate
 
     try:
         result = routed_generate(base_model, bundle, prompt, preset=preset, top_k=top_k,
-                                 max_new_tokens=max_new_tokens, chat=chat, trace=trace)
+                                 max_new_tokens=max_new_tokens, chat=chat, trace=trace, compile=compile)
     except ValueError as exc:
         err.print(f"[red]error[/red] {exc}")
         raise typer.Exit(1)
     print(result.text)
+    err.print(f"{result.new_tokens} tokens in {result.seconds:.2f} s: {result.tokens_per_s:.1f} tokens/s")
     if result.trace_path is not None:
         err.print(f"routing picture: {result.trace_path}")
+
+
+@app.command()
+def serve(
+    base_model: Path = typer.Option(..., "--base-model", help="base model folder (transformers format)"),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="bundle folder from `spectr bundle create`"),
+    experts: Optional[str] = typer.Option(None, "--experts", help="NAME or NAME@VERSION,... from the registry"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)"),
+    top_k: int = typer.Option(1, "--top-k", help="experts per token (1 had the lowest loss: docs/RESULTS.md)"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the batched forward (continuous batching's)"),
+    max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", help="tokens per batched forward"),
+    num_blocks: Optional[int] = typer.Option(None, "--num-blocks", help="KV cache blocks (default: from memory)"),
+) -> None:
+    """Serve the routed model over an OpenAI-compatible HTTP API (continuous batching)."""
+    import tempfile
+
+    if (bundle is None) == (experts is None):
+        err.print("[red]error[/red] give exactly one of --bundle PATH or --experts NAME[@VERSION],...")
+        raise typer.Exit(2)
+    try:
+        from spectr.serve import serve as run_server
+        from spectr.serve_engine import Engine
+    except ImportError as exc:
+        err.print(f"[red]error[/red] spectr serve needs the serve extra ({exc.name} is missing): "
+                  "pip install 'spectr[serve]'")
+        raise typer.Exit(1)
+    with tempfile.TemporaryDirectory(prefix="spectr-serve-") as tmp:
+        try:
+            if experts is not None:
+                from spectr.pipeline.export import create_bundle
+                from spectr.registry.store import Registry
+
+                selectors = [e for e in experts.split(",") if e.strip()]
+                bundle = create_bundle(Registry(), selectors, Path(tmp) / "bundle", name="serve")
+            if not (base_model / "config.json").is_file():
+                raise ValueError(f"{base_model}: no config.json; --base-model takes a saved transformers model folder")
+            engine = Engine.load(base_model, bundle, top_k=top_k, device=device, compile=compile,
+                                 max_batch_tokens=max_batch_tokens, num_blocks=num_blocks)
+        except (KeyError, OSError, ValueError) as exc:
+            why = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else (
+                exc.args[0] if exc.args else exc)
+            err.print(f"[red]error[/red] {why}", soft_wrap=True, highlight=False)
+            raise typer.Exit(1)
+        err.print(f"serving {engine.model_id} with {len(engine.expert_names)} experts "
+                  f"({', '.join(engine.expert_names)}) at http://{host}:{port}/v1")
+        run_server(engine, host=host, port=port)
 
 
 @app.command()

@@ -101,7 +101,15 @@ def test_generate_routes_and_draws(filled, tiny_with_tokenizer, tmp_path):
 
     gen = routed_generate(tiny_with_tokenizer, bundle, "w5 w6 w7", chat=False, max_new_tokens=4, top_k=1)
     assert gen.tokens[:3] == ["w5", "w6", "w7"] and 3 <= len(gen.tokens) <= 6
+    assert 1 <= gen.new_tokens <= 4 and gen.tokens_per_s > 0  # throughput of the generate() call
+    assert "tokens/s" in result.output
 
+    if not torch.cuda.is_available():  # --compile without a GPU: the same greedy text, uncompiled
+        compiled = runner.invoke(app, args + ["--top-k", "1", "--compile"])
+        assert compiled.exit_code == 0, compiled.output
+        def text(out):
+            return [line for line in out.splitlines() if "tokens/s" not in line and "routing picture" not in line]
+        assert len(text(compiled.output)) == 1 and text(compiled.output)[0] in text(result.output)
     fixed = runner.invoke(app, args + ["--preset", "fixed:blue"])
     assert fixed.exit_code == 0, fixed.output
     unknown = runner.invoke(app, args + ["--preset", "fixed:green"])

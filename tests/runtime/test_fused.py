@@ -1,0 +1,176 @@
+"""The fused routed path (impl="fused", the default) against the readable plain path (impl="plain").
+
+Same expert choices (fp32) and the same logits within float tolerance, for every router, both combine
+modes, every pool option and smoothing, with padding and through generate() and its cache; compiled with
+fullgraph=True (CPU: the aot_eager backend; CUDA: Inductor with CUDA graphs, run on a GPU machine).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spectr.runtime import (PEFT_ARROW, REFERENCE, load_bundle, read_bundle, set_expert_mask, set_router,
+                            trace_routing)
+from tests.conftest import build_tiny_llama
+from tests.runtime.helpers import bundle_from_adapters
+
+NAMES = ("alpha", "beta", "gamma", "delta")
+IDS = torch.tensor([[5, 17, 99, 3, 42, 8, 64, 120, 1, 77, 12, 90]])
+CONFIGS = {
+    "defaults": dict(),
+    "reference": dict(REFERENCE),
+    "peft-arrow": dict(PEFT_ARROW),
+    "k2-factor-input": dict(top_k=2, combine="factor", weighting="uniform"),
+    "k2-mix-layer": dict(top_k=2, pool="layer"),
+    "k3-sigma-rank-norm": dict(top_k=3, score="sigma", rank_normalize=True),
+    "smooth-input": dict(top_k=2, smooth=0.5),
+    "smooth-module-factor": dict(top_k=2, smooth=0.6, pool="module", combine="factor"),
+    "uniform-mix": dict(router="uniform"),
+    "uniform-factor": dict(router="uniform", combine="factor"),
+    "fixed": dict(router="fixed", expert=2),
+}
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def bundle(make_adapter, tmp_path_factory):
+    # unequal ranks and an expert lacking the MLP: the stacked group V^T must still split right
+    folders = [make_adapter("fused-alpha", seed=70, r=4), make_adapter("fused-beta", seed=71, r=2),
+               make_adapter("fused-gamma", seed=72, r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+               make_adapter("fused-delta", seed=73, r=4)]
+    return read_bundle(bundle_from_adapters(tmp_path_factory.mktemp("fused") / "four", folders, build_tiny_llama()))
+
+
+def pair(bundle, opts, **model_kw):
+    fused = load_bundle(build_tiny_llama(**model_kw), bundle, **opts)
+    plain = load_bundle(build_tiny_llama(**model_kw), bundle, **{**opts, "impl": "plain"})
+    assert fused.spectr.config.impl == "fused"
+    return fused, plain
+
+
+def run(model, *args, **kw):
+    with trace_routing(model) as trace:
+        out = model(*args, **kw).logits
+    return out, {m: trace.choices(m)[0].clone() for m in trace.calls}
+
+
+def left_pad(rows, width):
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    return ids, mask
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fused_equals_plain_with_padding(bundle, name):
+    fused, plain = pair(bundle, CONFIGS[name])
+    ids, mask = left_pad([IDS[0, :12], IDS[0, 3:8], IDS[0, 1:10]], 12)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    kw = dict(attention_mask=mask, position_ids=pos)
+    got, got_idx = run(fused, ids, **kw)
+    want, want_idx = run(plain, ids, **kw)
+    assert (got - want).abs().max() <= 1e-4
+    assert got_idx.keys() == want_idx.keys()
+    for m in want_idx:
+        real = mask.bool()
+        assert torch.equal(got_idx[m][real], want_idx[m][real]), m
+    # an expert mask takes the same effect on both
+    allowed = torch.tensor([True, False, True, True])
+    set_expert_mask(fused, allowed)
+    set_expert_mask(plain, allowed)
+    assert (run(fused, ids, **kw)[0] - run(plain, ids, **kw)[0]).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["defaults", "reference", "k2-mix-layer", "smooth-input"])
+def test_fused_generate_equals_plain(bundle, name):
+    fused, plain = pair(bundle, CONFIGS[name])
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with trace_routing(fused) as trace:
+        out = fused.generate(IDS, **kw)
+    got = {m: trace.choices(m)[0].clone() for m in trace.calls}
+    with trace_routing(plain) as trace:
+        want = plain.generate(IDS, **kw)
+    assert torch.equal(out, want)
+    for m in trace.calls:
+        assert torch.equal(got[m], trace.choices(m)[0]), m
+
+
+@torch.no_grad()
+def test_set_router_switches_between_paths_and_leaves_no_handoffs(bundle):
+    fused, plain = pair(bundle, dict(top_k=2))
+    want = plain(IDS).logits
+    assert (fused(IDS).logits - want).abs().max() <= 1e-5
+    assert all(m.pending is None and m.layer_idx is None for m in fused.modules() if hasattr(m, "pending"))
+    set_router(fused, impl="plain")
+    assert torch.equal(fused(IDS).logits, want)
+    with pytest.raises(ValueError, match="impl"):
+        set_router(fused, impl="triton-only")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["defaults", "smooth-input"])
+def test_fused_compiles_without_graph_breaks(bundle, name):
+    """fullgraph=True fails on any graph break; aot_eager traces like Inductor without compiling kernels."""
+    fused, _ = pair(bundle, CONFIGS[name])
+    want = fused(IDS).logits
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    assert (compiled(IDS).logits - want).abs().max() <= 1e-5
+    set_expert_mask(fused, torch.tensor([False, True, False, False]))  # a mask is a graph input, not a break
+    masked = compiled(IDS).logits
+    set_router(fused, impl="plain")
+    assert (masked - fused(IDS).logits).abs().max() <= 1e-5
+
+
+# ---- CUDA: bf16, Inductor, CUDA graphs (run on the GPU machine; skipped on CPU) --------------------------
+
+@cuda
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["defaults", "reference", "peft-arrow", "k2-mix-layer", "uniform-factor", "fixed"])
+def test_cuda_fused_equals_plain_fp32_choices_and_bf16_logits(bundle, name):
+    fused, plain = pair(bundle, CONFIGS[name])
+    fused.cuda(), plain.cuda()
+    ids = IDS.cuda()
+    got, got_idx = run(fused, ids)
+    want, want_idx = run(plain, ids)
+    assert (got - want).abs().max() <= 1e-3
+    for m in want_idx:
+        assert torch.equal(got_idx[m], want_idx[m]), m
+    rows = torch.rand(IDS.numel(), 4, generator=torch.Generator().manual_seed(3)) > 0.5  # per-token masks
+    for model in (fused, plain):
+        set_expert_mask(model, rows)
+    assert (run(fused, ids)[0] - run(plain, ids)[0]).abs().max() <= 1e-3
+    for model in (fused, plain):
+        set_expert_mask(model, None)
+    fused.to(torch.bfloat16), plain.to(torch.bfloat16)
+    got, want = run(fused, ids)[0].float(), run(plain, ids)[0].float()
+    assert (got - want).norm() / want.norm() <= 2e-2
+
+
+@cuda
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["defaults", "reference", "k2-mix-layer"])
+def test_cuda_graphs_compiled_equals_eager(bundle, name):
+    fused, _ = pair(bundle, CONFIGS[name])
+    fused.cuda()
+    ids = IDS.expand(3, -1).contiguous().cuda()
+    want = fused(ids).logits
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # warm-up, record, replay
+        torch.compiler.cudagraph_mark_step_begin()
+        got = compiled(ids).logits.clone()
+    assert (got - want).abs().max() <= 1e-3
+
+
+@cuda
+@torch.no_grad()
+def test_cuda_load_bundle_compile_generate_equals_eager(bundle):
+    eager = load_bundle(build_tiny_llama(), bundle).cuda()
+    fast = load_bundle(build_tiny_llama(), bundle, compile=True).cuda()
+    ids = IDS.cuda()
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(fast.generate(ids, **kw), eager.generate(ids, **kw))
