@@ -171,10 +171,13 @@ def ingest_one(
         seconds["validate"] = time.perf_counter() - t0
         existing = registry.find_version(src.name, adapter.content_sha256)
         if existing is not None and registry.blobs.exists(existing.blob_sha256):
-            if not spectra_only and not existing.files:  # ingested with --spectra-only before: keep it now
-                registry.keep_files(existing.name, existing.version, write_adapter_blobs(registry.blobs, adapter))
+            if not (spectra_only or adapter.dense_deltas or existing.files):  # kept only spectra before: keep now
+                kept = write_adapter_blobs(registry.blobs, src.path, adapter.content_sha256)
+                registry.keep_files(existing.name, existing.version, kept)
             return Outcome(spec, "unchanged", src.name, existing.version, warnings=adapter.warnings, seconds=seconds)
-        files = {} if spectra_only else write_adapter_blobs(registry.blobs, adapter)
+        # Dense experts have no adapter files to keep: their spectra are the record.
+        keep = not (spectra_only or adapter.dense_deltas)
+        files = write_adapter_blobs(registry.blobs, src.path, adapter.content_sha256) if keep else {}
         t0 = time.perf_counter()
         method = _method_for(adapter, rank)
         args = dict(adapter=adapter, blob_url=registry.blobs.url, method=method, rank=rank, niter=niter, device=device)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from spectr.pipeline.types import AdapterError, LoadedAdapter
@@ -46,16 +47,13 @@ def write_spectra_blob(blobs: BlobStore, adapter: LoadedAdapter, spectra: Adapte
     )
 
 
-def write_adapter_blobs(blobs: BlobStore, adapter: LoadedAdapter) -> dict[str, tuple[str, int]]:
+def write_adapter_blobs(blobs: BlobStore, folder: Path, content_sha256: str) -> dict[str, tuple[str, int]]:
     """Keep the original adapter_config.json and adapter_model.safetensors as blobs: filename -> (sha256, size).
 
     The bytes are read once and must hash to the content hash that validation computed, so what is kept is
-    exactly what was validated. Dense experts have no adapter files: {}."""
-    if adapter.dense_deltas:
-        return {}
-    folder = adapter.source.path
-    data = {name: (folder / name).read_bytes() for name in (CONFIG_FILE, WEIGHTS_FILE)}
-    if content_sha256_of(data[CONFIG_FILE], data[WEIGHTS_FILE]) != adapter.content_sha256:
+    exactly what was validated."""
+    data = {name: (Path(folder) / name).read_bytes() for name in (CONFIG_FILE, WEIGHTS_FILE)}
+    if content_sha256_of(data[CONFIG_FILE], data[WEIGHTS_FILE]) != content_sha256:
         raise AdapterError(f"{folder}: the adapter changed while it was being ingested; ingest it again")
     return {name: (blobs.put(b), len(b)) for name, b in data.items()}
 

@@ -165,6 +165,7 @@ def test_dense_finetune_ingested_by_randomized_svd(prefect_harness, spectr_home,
     registry = Registry()
     info = registry.get_version("tiny-ft")
     assert info.method == "randomized" and info.rank == 4
+    assert info.files == ()  # a dense expert has no adapter files to keep; `spectr export` says so in one line
     spectra = spectra_from_bytes(registry.load_spectra_bytes("tiny-ft"))
     assert sorted(spectra.modules) == sorted(updates)
     for name, delta in updates.items():
