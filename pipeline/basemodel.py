@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -11,48 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from spectr.digest import sha256_json
-from spectr.pipeline.fetch import is_hub_id, split_revision
+from spectr.pipeline.fetch import is_hub_id, locate_base_config, split_revision
+from spectr.pipeline.files import config_sha256, read_json_object  # noqa: F401  (config_sha256: public here too)
 from spectr.pipeline.types import AdapterError, BaseModelInfo, ModuleShape
-
-# Keys that change between saves of the same model without changing what it computes.
-_VOLATILE_KEYS = {
-    "transformers_version",
-    "_name_or_path",
-    "name_or_path",
-    "_commit_hash",
-    "dtype",
-    "torch_dtype",
-    "quantization_config",
-    "use_cache",
-    "output_attentions",
-    "output_hidden_states",
-    "return_dict",
-    "_attn_implementation",
-    "_attn_implementation_autoset",
-    "_attn_implementation_internal",
-    "_experts_implementation",
-    "attn_implementation",
-}
 
 _CACHE: dict[str, tuple[str, str, dict[str, ModuleShape]]] = {}
 _CACHE_LOCK = threading.Lock()
-
-
-def _strip_volatile(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        out = {k: _strip_volatile(v) for k, v in obj.items() if k not in _VOLATILE_KEYS}
-        if isinstance(out.get("architectures"), list):
-            out["architectures"] = sorted(out["architectures"])
-        return out
-    if isinstance(obj, (list, tuple)):
-        return [_strip_volatile(v) for v in obj]
-    return obj
-
-
-def config_sha256(config: dict[str, Any]) -> str:
-    """sha256 of the config's canonical JSON, volatile keys removed."""
-    return sha256_json(_strip_volatile(config))
 
 
 def _collect_modules(model: nn.Module) -> dict[str, ModuleShape]:
@@ -90,13 +53,52 @@ def _instantiate(config: dict[str, Any], name: str) -> tuple[str, str, dict[str,
     return architecture, cfg.model_type, _collect_modules(model)
 
 
+def _disk_cache(digest: str) -> Path:
+    # Keyed by the config and the transformers version that built the table (a new version may add modules).
+    from importlib.metadata import version
+
+    from spectr.registry.settings import spectr_home
+
+    return spectr_home() / "cache" / "base-modules" / f"{digest}-transformers-{version('transformers')}.json"
+
+
+def _load_cached(digest: str) -> tuple[str, str, dict[str, ModuleShape]] | None:
+    """The module table from the disk cache: importing transformers costs 2-7 s on the shared box."""
+    try:
+        data = json.loads(_disk_cache(digest).read_text())
+        modules = {m: ModuleShape(int(i), int(o), bool(c)) for m, i, o, c in data["modules"]}
+        return str(data["architecture"]), str(data["model_type"]), modules
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _store_cached(digest: str, table: tuple[str, str, dict[str, ModuleShape]]) -> None:
+    architecture, model_type, modules = table
+    file = _disk_cache(digest)
+    data = {"architecture": architecture, "model_type": model_type,
+            "modules": [[m, s.in_features, s.out_features, s.conv1d] for m, s in modules.items()]}  # model order
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, file)
+    except OSError:  # a read-only home only loses the cache
+        pass
+
+
 def base_model_from_config(config: dict, name: str, path: Path | None = None) -> BaseModelInfo:
-    """Build the model on the meta device from its config and record every linear module's shape."""
+    """Build the model on the meta device from its config and record every linear module's shape.
+
+    The table is cached per config (in memory and under $SPECTR_HOME/cache), so a known base model does
+    not need transformers at all."""
     digest = config_sha256(config)
     with _CACHE_LOCK:
         cached = _CACHE.get(digest)
     if cached is None:
-        cached = _instantiate(config, name)
+        cached = _load_cached(digest)
+        if cached is None:
+            cached = _instantiate(config, name)
+            _store_cached(digest, cached)
         with _CACHE_LOCK:
             _CACHE[digest] = cached
     architecture, model_type, modules = cached
@@ -111,78 +113,20 @@ def base_model_from_config(config: dict, name: str, path: Path | None = None) ->
     )
 
 
-def read_json_object(file: Path, what: str) -> dict[str, Any]:
-    """A JSON object from file; AdapterError naming the file and `what` it should have been otherwise.
-
-    Only a regular file of at most MAX_JSON_BYTES is read (a FIFO would block, /dev/zero never ends), and
-    JSON too deep for the parser or numbers too long to convert are refused, not raised as RecursionError.
-    """
-    try:
-        st = os.stat(file)
-    except FileNotFoundError:
-        raise AdapterError(f"{file}: {what} not found (missing)") from None
-    except OSError as e:
-        raise AdapterError(f"{file}: cannot read {what}: {e.strerror or e}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise AdapterError(f"{file}: {what} is not a regular file")
-    limit = max_json_bytes()
-    if st.st_size > limit:
-        raise AdapterError(f"{file}: {what} is {st.st_size} bytes, over the {limit}-byte limit "
-                           f"(raise SPECTR_MAX_JSON_BYTES if it is genuine)")
-    try:
-        with open(file, "rb") as f:
-            raw = f.read(limit + 1)
-    except OSError as e:
-        raise AdapterError(f"{file}: cannot read {what}: {e.strerror or e}") from None
-    if len(raw) > limit:
-        raise AdapterError(f"{file}: {what} is over the {limit}-byte limit")
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{file}: invalid JSON in {what}: {e}") from None
-    except RecursionError:
-        raise AdapterError(f"{file}: invalid JSON in {what}: nested too deeply") from None
-    except ValueError as e:  # e.g. an integer of thousands of digits
-        raise AdapterError(f"{file}: invalid JSON in {what}: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise AdapterError(f"{file}: {what} is not a JSON object")
-    return data
-
-
-def max_json_bytes() -> int:
-    """Bound on a config file's size; SPECTR_MAX_JSON_BYTES overrides the 4 MiB default."""
-    return int(os.environ.get("SPECTR_MAX_JSON_BYTES", 4 << 20))
-
-
 def _read_config(file: Path) -> dict[str, Any]:
     return read_json_object(file, "base model config.json")
 
 
 def resolve_base_model(spec: str | Path, name: str | None = None) -> BaseModelInfo:
-    """A base model from a local folder holding config.json, or a hub id "org/name[@rev]"."""
-    p = Path(spec).expanduser()
-    if p.is_file() and p.name == "config.json":
-        p = p.parent
-    if p.is_dir():
-        config = _read_config(p / "config.json")
-        if name is None:
-            guess = config.get("_name_or_path")
-            name = guess if isinstance(guess, str) and is_hub_id(guess) else p.resolve().name
-        return base_model_from_config(config, name, p.resolve())
-    if p.exists():
-        raise AdapterError(f"{spec}: base model must be a folder holding config.json")
-    if not is_hub_id(str(spec)):
-        raise AdapterError(f"{spec}: base model is neither a folder with config.json nor a hub id org/name[@rev]")
-    repo_id, revision = split_revision(str(spec))
-    from huggingface_hub import hf_hub_download
-
-    try:
-        file = Path(hf_hub_download(repo_id, "config.json", revision=revision))
-    except Exception as e:  # offline and not cached, missing repo, ...
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise AdapterError(f"{repo_id}/config.json: cannot fetch base model config: {type(e).__name__}: {reason}") from None
+    """A base model from a local folder holding config.json, or a hub id "org/name[@rev]" (cache first)."""
+    file = locate_base_config(spec)
     config = _read_config(file)
-    return base_model_from_config(config, name or repo_id, file.parent)
+    local = Path(spec).expanduser().exists()
+    folder = file.parent.resolve() if local else file.parent  # a hub snapshot keeps its cache path
+    if name is None and local:
+        guess = config.get("_name_or_path")
+        name = guess if isinstance(guess, str) and is_hub_id(guess) else folder.name
+    return base_model_from_config(config, name or split_revision(str(spec))[0], folder)
 
 
 def _last(name: str) -> str:

@@ -4,9 +4,11 @@ from __future__ import annotations
 import glob
 import os
 import re
+import socket
 import threading
 from pathlib import Path
 from typing import Any, Callable, TypeVar
+from urllib.parse import urlparse
 
 from spectr.pipeline.types import AdapterError, AdapterSource
 
@@ -132,3 +134,50 @@ def _remote_commit(repo_id: str, revision: str | None, spec: str) -> str:
     if not sha or not _COMMIT.match(sha):
         raise AdapterError(f"{spec}: the hub returned no commit hash for {repo_id}")
     return sha
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub can be reached now. huggingface_hub retries a failing connection for
+    about 25 s; a name that is neither a folder nor cached must fail at once when offline."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def locate_base_config(spec: str | Path) -> Path:
+    """The config.json of a base model given as a folder (or its config.json) or a hub id org/name[@rev].
+
+    A hub id is looked up in the local Hugging Face cache first; only when it is not there and the hub is
+    reachable is config.json downloaded. AdapterError (one line, naming what to do) otherwise.
+    """
+    p = Path(spec).expanduser()
+    if p.is_file() and p.name == "config.json":
+        return p
+    if p.is_dir():
+        return p / "config.json"  # reading it names the file if it is missing
+    if p.exists():
+        raise AdapterError(f"{spec}: base model must be a folder holding config.json")
+    if not is_hub_id(str(spec)):
+        raise AdapterError(f"{spec}: no such base model folder, and not a hub id org/name[@revision]; "
+                           "pass a folder holding config.json")
+    repo_id, revision = split_revision(str(spec))
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return Path(cached)
+    if not hub_reachable():
+        raise AdapterError(f"{spec}: base model is neither a folder nor in the local Hugging Face cache "
+                           f"({repo_id}/config.json), and the hub cannot be reached; pass a folder holding config.json")
+    try:
+        return Path(_with_deadline(lambda: hf_hub_download(repo_id, "config.json", revision=revision), str(spec)))
+    except Exception as e:  # missing repo, gated, network
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise AdapterError(f"{repo_id}/config.json: cannot fetch base model config: {type(e).__name__}: {reason}") from None

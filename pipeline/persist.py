@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from spectr.pipeline.types import AdapterError, LoadedAdapter
-from spectr.pipeline.validate import CONFIG_FILE, WEIGHTS_FILE, content_sha256_of
+from spectr.pipeline.files import CONFIG_FILE, WEIGHTS_FILE, content_sha256_of
 from spectr.registry.spectra_format import spectra_to_bytes
 from spectr.runtime.spectrum import AdapterSpectra
 

@@ -1,14 +1,15 @@
-"""Data passed between the pipeline stages (fetch -> validate -> spectra -> store)."""
+"""Data passed between the pipeline stages (fetch -> validate -> spectra -> persist).
+
+The spectra types (what the SVD stage returns) are owned by spectr.runtime.spectrum.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-# The spectra types are owned by the runtime (the bottom layer); re-exported here for the stages.
-from spectr.runtime.spectrum import AdapterSpectra, ModuleSpectrum  # noqa: F401
+if TYPE_CHECKING:  # tensors only in hints: fetch and the registry lookup of unchanged adapters stay light
+    import torch
 
 
 class AdapterError(ValueError):

@@ -5,7 +5,6 @@ and pickle files are refused without being opened.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -19,12 +18,10 @@ import regex
 import torch
 from safetensors import safe_open
 
-from spectr.digest import canonical_json, update_with_file
-from spectr.pipeline.basemodel import names_match, read_json_object
+from spectr.pipeline.basemodel import names_match
+from spectr.pipeline.files import CONFIG_FILE, WEIGHTS_FILE, adapter_content_sha256, read_adapter_config
 from spectr.pipeline.types import AdapterError, AdapterSource, BaseModelInfo, LoadedAdapter, ModuleFactors
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 KEY_PREFIX = "base_model.model."
@@ -56,35 +53,6 @@ _UNSUPPORTED = {
 _LORA_KEY = re.compile(r"^(?P<mod>.+)\.(?P<kind>lora_A|lora_B)\.(?P<param>weight|bias)$")
 _OTHER_LORA = re.compile(r"\.(lora_magnitude_vector|lora_embedding_[AB]|lora_[A-Za-z]+)(\.|$)")
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
-
-
-def read_adapter_config(folder: Path) -> dict:
-    """adapter_config.json as a dict; AdapterError if it is missing or not a JSON object."""
-    return read_json_object(Path(folder) / CONFIG_FILE, CONFIG_FILE)
-
-
-def adapter_content_sha256(folder: Path) -> str:
-    """sha256 over the canonical config JSON, then the safetensors weights file's bytes."""
-    folder = Path(folder)
-    h = _content_hasher(read_adapter_config(folder))
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise AdapterError(f"{weights}: missing {WEIGHTS_FILE}")
-    return update_with_file(h, weights).hexdigest()
-
-
-def content_sha256_of(config_bytes: bytes, weights_bytes: bytes) -> str:
-    """adapter_content_sha256 of a folder holding these two files' bytes."""
-    h = _content_hasher(json.loads(config_bytes.decode("utf-8")))  # as read_json_object parses it
-    h.update(weights_bytes)
-    return h.hexdigest()
-
-
-def _content_hasher(config: dict) -> Any:
-    h = hashlib.sha256()
-    h.update(b"adapter_config.json\0" + canonical_json(config).encode() + b"\0")
-    h.update(WEIGHTS_FILE.encode() + b"\0")
-    return h
 
 
 def _is_set(value: Any) -> bool:
@@ -275,11 +243,16 @@ def _load_tensor(f: Any, key: str, file: Path, module: str) -> torch.Tensor:
     return t
 
 
-def load_adapter(src: AdapterSource, base: BaseModelInfo) -> LoadedAdapter:
-    """Validate src against base and return its factors (float32, oriented y = W x); AdapterError if bad."""
+def load_adapter(
+    src: AdapterSource, base: BaseModelInfo, *, config: dict | None = None, content_sha256: str | None = None
+) -> LoadedAdapter:
+    """Validate src against base and return its factors (float32, oriented y = W x); AdapterError if bad.
+
+    config / content_sha256: adapter_config.json and the content hash when the caller has read them already.
+    """
     folder = Path(src.path)
     cfg_file = folder / CONFIG_FILE
-    cfg = read_adapter_config(folder)
+    cfg = read_adapter_config(folder) if config is None else config
     _check_config(cfg, cfg_file)
     file = _weights_file(folder)
     header = read_safetensors_header(file)
@@ -292,6 +265,15 @@ def load_adapter(src: AdapterSource, base: BaseModelInfo) -> LoadedAdapter:
             raise AdapterError(f"{file}: module {module}: {have} without its {miss}")
         if "lora_A.bias" in parts:
             raise AdapterError(f"{file}: module {module}: unknown weight key {parts['lora_A.bias']}")
+    # Routing applies scaling * U diag(S) V^T per expert and nothing else: a trained bias would be loaded and
+    # then silently dropped, so such adapters are refused rather than served as something they are not.
+    biased = sorted(m for m, parts in lora.items() if "lora_B.bias" in parts)
+    if biased:
+        raise AdapterError(f"{file}: lora_bias: module {biased[0]} (and {len(biased) - 1} more) trains a bias on "
+                           "lora_B, which spectral routing cannot apply; retrain with lora_bias=False")
+    if has_bias:
+        raise AdapterError(f"{file}: bias={cfg.get('bias')!r}: the adapter trains base-module biases, which "
+                           "spectral routing cannot apply; retrain with bias='none'")
 
     r_default, alpha_default = int(cfg["r"]), float(cfg.get("lora_alpha", 8))  # PEFT's default alpha
     layers = cfg.get("layers_to_transform")
@@ -374,14 +356,12 @@ def load_adapter(src: AdapterSource, base: BaseModelInfo) -> LoadedAdapter:
     saved = sorted(cfg.get("modules_to_save") or [])
     if saved:
         warnings.append(f"modules_to_save {saved}: kept in the record, not routed")
-    if has_bias:
-        warnings.append(f"bias={cfg['bias']}: trained base-module biases are kept in the file, not routed")
     return LoadedAdapter(
         source=src,
         config=cfg,
         base=base,
         modules=modules,
-        content_sha256=adapter_content_sha256(folder),
+        content_sha256=content_sha256 or adapter_content_sha256(folder, cfg),
         rank=r_default,
         alpha=alpha_default,
         target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),

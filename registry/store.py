@@ -140,7 +140,7 @@ class Registry:
     def __init__(self, url: str | None = None, blob_url: str | None = None, *, migrate: bool = True) -> None:
         self.url = url or registry_url()
         if migrate:
-            db.upgrade(self.url)
+            db.ensure_current(self.url)
         self.engine = db.make_engine(self.url)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self.blobs = BlobStore(blob_url)
@@ -762,6 +762,18 @@ class Registry:
                     version=version, reason=reason, warnings=list(warnings or []),
                 )
             )
+
+    def recorded_warnings(self, name: str, version: int) -> list[str] | None:
+        """The warnings last recorded for an accepted expert version (None when no run recorded it)."""
+        with self._session() as s:
+            row = s.scalar(
+                select(IngestionResult)
+                .where(IngestionResult.name == name, IngestionResult.version == version,
+                       IngestionResult.status != "rejected")
+                .order_by(IngestionResult.id.desc())
+                .limit(1)
+            )
+            return list(row.warnings or []) if row is not None else None
 
     def finish_run(self, run_id: str, status: str) -> None:
         """Close a run: its status, finish time and counts from the recorded results."""

@@ -271,7 +271,7 @@ def load_bundle(
     cfg.validate()
     _check_shapes(model, bundle)
     _warn_other_base(model, bundle)
-    recorder = TraceRecorder()
+    recorder = TraceRecorder(expert_names=list(bundle.expert_names))
     forward = ForwardState(cfg)
     for m in bundle.modules:
         base = model.get_submodule(m)

@@ -52,6 +52,7 @@ class TraceRecorder:
     enabled: bool = False
     calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=lambda: defaultdict(list))
     counter: DecisionCounter | None = None
+    expert_names: list[str] = field(default_factory=list)  # the bundle's, in index order (set by load_bundle)
 
     def record(self, module: str, idx: torch.Tensor, vals: torch.Tensor) -> None:
         if self.counter is not None:
@@ -92,11 +93,16 @@ def trace_routing(model: nn.Module, clear: bool = True) -> Iterator[TraceRecorde
 def plot_routing(
     trace: TraceRecorder,
     path: Path | str,
-    expert_names: list[str],
+    expert_names: list[str] | None = None,
     tokens: list[str] | None = None,
     batch: int = 0,
 ) -> Path:
-    """Save a heatmap: tokens x layers, each cell coloured by its top-1 expert (matplotlib, no display)."""
+    """Save a heatmap: tokens x layers, each cell coloured by its top-1 expert (matplotlib, no display).
+
+    expert_names default to the loaded bundle's (the recorder of trace_routing knows them)."""
+    expert_names = list(expert_names or trace.expert_names)
+    if not expert_names:
+        raise ValueError("plot_routing: no expert names; pass expert_names or trace a model with a bundle loaded")
     import matplotlib
 
     matplotlib.use("Agg")

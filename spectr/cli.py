@@ -9,8 +9,17 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-app = typer.Typer(help="spectr: a registry and runtime for composing LoRA experts with spectral routing.",
+# Before torch loads OpenMP: idle threads sleep instead of spinning. On this shared 2-core box the default
+# spinning made `spectr eval routing --max-docs 2 --max-tokens 64` take 156-178 s against 22-27 s (measured
+# side by side); set OMP_WAIT_POLICY yourself to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from spectr.errors import OPTIONS, Group, configure_logging  # noqa: E402
+from spectr.errors import fail as _fail  # noqa: E402
+
+app = typer.Typer(cls=Group, help="spectr: a registry and runtime for composing LoRA experts with spectral routing.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 base_app = typer.Typer(help="Register base models (their config is enough to validate adapters).", no_args_is_help=True)
 bundle_app = typer.Typer(help="Export chosen expert sets for the runtime.", no_args_is_help=True)
@@ -21,14 +30,28 @@ app.add_typer(eval_app, name="eval")
 from spectr.lifecycle_cli import register as _register_lifecycle  # noqa: E402  (export, alias, tag, lineage)
 _register_lifecycle(app, bundle_app)
 
-out = Console()
-err = Console(stderr=True)
+# markup=False: names, paths and reasons come from users and the registry; '[x]' in them is text, not style.
+out = Console(markup=False, highlight=False)
+err = Console(stderr=True, markup=False, highlight=False)
 
 
-def _quiet_prefect() -> None:
-    # One-off flow runs print their own INFO lines; the CLI prints its own report instead.
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+@app.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="show the traceback of an error"),
+    verbose: bool = typer.Option(False, "--verbose", help="show INFO logs (Prefect's too) on stderr"),
+) -> None:
+    OPTIONS.update(debug=debug, verbose=verbose)
+    configure_logging(verbose, debug)
+
+
+def _print_outcome(o) -> None:
+    if o.status == "rejected":
+        out.print(Text.assemble(("rejected", "red"), f" {o.source}: {o.reason}"), soft_wrap=True)
+    else:
+        word = "accepted" if o.status == "new" else "accepted (unchanged)"
+        out.print(Text.assemble((word, "green"), f" {o.name} v{o.version}"), soft_wrap=True)
+    for w in o.warnings:
+        out.print(Text.assemble("  ", ("warning", "yellow"), f" {o.name}: {w}"), soft_wrap=True)
 
 
 @app.command()
@@ -43,46 +66,30 @@ def ingest(
     spectra_only: bool = typer.Option(False, "--spectra-only",
                                       help="store spectra and metadata only, not the adapter's files"),
 ) -> None:
-    """Validate adapters, compute their spectra and store new versions. Exit 1 if any is rejected."""
-    _quiet_prefect()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """Validate adapters, compute their spectra and store new versions. Exit 1 if any is rejected.
 
-    from spectr.flows import ingest as ingest_flows
-    from spectr.pipeline.fetch import expand_sources
-    from spectr.pipeline.types import AdapterError
+    With a Prefect server configured (PREFECT_API_URL) the run is a flow run there; otherwise the same
+    pipeline runs in this process without Prefect.
+    """
+    from spectr.pipeline.fetch import expand_sources, locate_base_config
 
     if dense and rank is None:
-        raise typer.BadParameter("--dense needs --rank (the truncation rank of the dense delta)")
+        _fail("--dense needs --rank (the truncation rank of the dense delta)", 2)
     try:
-        total = len(expand_sources(sources))
-    except AdapterError as exc:
-        err.print(f"[red]rejected[/red] {exc}")
-        raise typer.Exit(1)
-    lines: list = []
-    with Progress(TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as progress:
-        bar = progress.add_task("ingest", total=total)
+        expand_sources(sources)
+        if base_model:
+            locate_base_config(base_model)
+    except ValueError as exc:  # AdapterError: nothing is recorded for a mistake in the arguments
+        _fail(exc)
+    from spectr.orchestration import run_ingest
 
-        def show(o) -> None:
-            lines.append(o)
-            progress.advance(bar)
-            if o.status == "rejected":
-                out.print(f"[red]rejected[/red] {o.source}: {o.reason}", soft_wrap=True, highlight=False)
-            else:
-                word = "accepted" if o.status == "new" else "accepted (unchanged)"
-                out.print(f"[green]{word}[/green] {o.name} v{o.version}", soft_wrap=True, highlight=False)
-            for w in o.warnings:
-                out.print(f"  [yellow]warning[/yellow] {o.name}: {w}", soft_wrap=True, highlight=False)
-
-        ingest_flows.listeners.append(show)
-        try:
-            ingest_flows.ingest(sources=list(sources), base_model=base_model, base_name=base_name,
-                                dense=dense, rank=rank, niter=niter, device=device, spectra_only=spectra_only)
-        finally:
-            ingest_flows.listeners.remove(show)
+    # With a Prefect server the lines print when the flow run returns; its logs are on the server.
+    lines = run_ingest(list(sources), on_outcome=_print_outcome, base_model=base_model, base_name=base_name,
+                       dense=dense, rank=rank, niter=niter, device=device, spectra_only=spectra_only)
     new = sum(o.status == "new" for o in lines)
     rejected = sum(o.status == "rejected" for o in lines)
-    err.print(f"{len(lines)} adapters: {new} new versions, {len(lines) - new - rejected} unchanged, {rejected} rejected")
+    err.print(f"{len(lines)} adapters: {new} new versions, {len(lines) - new - rejected} unchanged, {rejected} rejected",
+              soft_wrap=True, highlight=False)
     raise typer.Exit(1 if rejected else 0)
 
 
@@ -104,8 +111,7 @@ def catalog(
         try:
             columns, rows = catalog_sql(sql, registry)
         except ValueError as exc:
-            err.print(f"[red]error[/red] {exc}")
-            raise typer.Exit(2)
+            _fail(exc, 2)
         if as_json:
             print(json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=1))
         else:
@@ -151,8 +157,7 @@ def base_add(
         info = resolve_base_model(spec, name=name)
         Registry().ensure_base_model(info)
     except (AdapterError, ValueError) as exc:
-        err.print(f"[red]error[/red] {exc}")
-        raise typer.Exit(1)
+        _fail(exc)
     out.print(f"base model {info.name} ({info.architecture}, {len(info.modules)} linear modules)")
 
 
@@ -170,7 +175,7 @@ def bundle_create(
     from spectr.registry.store import Registry
 
     if all_experts == (experts is not None):
-        raise typer.BadParameter("give exactly one of --experts or --all")
+        _fail("give exactly one of --experts NAME,NAME@VERSION,NAME@ALIAS or --all", 2)
     selectors = None if all_experts else [e.strip() for e in experts.split(",") if e.strip()]
     defaults = {k: v for k, v in (("preset", preset), ("top_k", top_k)) if v is not None}
     registry = Registry()
@@ -178,11 +183,10 @@ def bundle_create(
         path = create_bundle(registry, selectors, output, name=name, router=defaults)
         rec = registry.get_bundle(name)
     except (KeyError, ValueError) as exc:
-        err.print(f"[red]error[/red] {exc.args[0] if exc.args else exc}", soft_wrap=True, highlight=False)
-        raise typer.Exit(1)
+        _fail(exc)
     experts_list = ", ".join(f"{e['name']}@{e['version']}" for e in rec.experts)
     out.print(f"bundle {name}@{rec.version} -> {path}: {len(rec.experts)} experts ({experts_list}), "
-              f"spectra sha256 {rec.spectra_sha256[:12]}", highlight=False, soft_wrap=True)
+              f"spectra sha256 {rec.spectra_sha256[:12]}", soft_wrap=True)
 
 
 @app.command()
@@ -207,8 +211,7 @@ def generate(
         result = routed_generate(base_model, bundle, prompt, preset=preset, top_k=top_k,
                                  max_new_tokens=max_new_tokens, chat=chat, trace=trace, compile=compile)
     except ValueError as exc:
-        err.print(f"[red]error[/red] {exc}")
-        raise typer.Exit(1)
+        _fail(exc)
     print(result.text)
     err.print(f"{result.new_tokens} tokens in {result.seconds:.2f} s: {result.tokens_per_s:.1f} tokens/s")
     if result.trace_path is not None:
@@ -232,15 +235,12 @@ def serve(
     import tempfile
 
     if (bundle is None) == (experts is None):
-        err.print("[red]error[/red] give exactly one of --bundle PATH or --experts NAME[@VERSION],...")
-        raise typer.Exit(2)
+        _fail("give exactly one of --bundle PATH or --experts NAME[@VERSION],...", 2)
     try:
         from spectr.serve import serve as run_server
         from spectr.serve_engine import Engine
     except ImportError as exc:
-        err.print(f"[red]error[/red] spectr serve needs the serve extra ({exc.name} is missing): "
-                  "pip install 'spectr[serve]'")
-        raise typer.Exit(1)
+        _fail(f"spectr serve needs the serve extra ({exc.name} is missing): pip install 'spectr[serve]'")
     with tempfile.TemporaryDirectory(prefix="spectr-serve-") as tmp:
         try:
             if experts is not None:
@@ -249,15 +249,15 @@ def serve(
 
                 selectors = [e for e in experts.split(",") if e.strip()]
                 bundle = create_bundle(Registry(), selectors, Path(tmp) / "bundle", name="serve")
-            if not (base_model / "config.json").is_file():
-                raise ValueError(f"{base_model}: no config.json; --base-model takes a saved transformers model folder")
+            from spectr.inputs import bundle_folder, model_folder
+
+            base_model, bundle = model_folder(base_model), bundle_folder(bundle)
             engine = Engine.load(base_model, bundle, top_k=top_k, device=device, compile=compile,
                                  max_batch_tokens=max_batch_tokens, num_blocks=num_blocks)
         except (KeyError, OSError, ValueError) as exc:
-            why = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else (
-                exc.args[0] if exc.args else exc)
-            err.print(f"[red]error[/red] {why}", soft_wrap=True, highlight=False)
-            raise typer.Exit(1)
+            if isinstance(exc, OSError) and exc.filename:
+                _fail(f"{exc.filename}: {exc.strerror}")
+            _fail(exc)
         err.print(f"serving {engine.model_id} with {len(engine.expert_names)} experts "
                   f"({', '.join(engine.expert_names)}) at http://{host}:{port}/v1")
         run_server(engine, host=host, port=port)
@@ -282,13 +282,17 @@ def serve_flows(
     name: str = typer.Option("scheduled-ingest", "--name", help="deployment name"),
 ) -> None:
     """Serve a scheduled ingest deployment on the Prefect server at PREFECT_API_URL (blocks)."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from spectr.orchestration import prefect_server_configured
+
+    if not prefect_server_configured():
+        _fail("serve-flows needs a Prefect server: start one (`prefect server start`) and set "
+              "PREFECT_API_URL=http://127.0.0.1:4200/api", 2)
     from spectr.flows.schedule import serve_ingest
 
     try:
         serve_ingest(list(sources), cron=cron, interval_seconds=interval, base_model=base_model, name=name)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc))
+        _fail(exc, 2)
 
 
 @app.command()

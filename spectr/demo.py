@@ -13,12 +13,10 @@ PROMPT = "Write a Python function that returns the sum of the squares of a list 
 
 def run_demo(home: Path | None = None) -> int:
     """Returns the process exit code."""
-    console = Console()
+    console = Console(markup=False, highlight=False)
     if home is not None:
         os.environ["SPECTR_HOME"] = str(Path(home).resolve())
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from spectr.flows.ingest import ingest
+    from spectr.orchestration import prefect_server_configured, run_ingest
     from spectr.pipeline.basemodel import resolve_base_model
     from spectr.registry.settings import spectr_home
     from spectr.registry.store import Registry
@@ -32,11 +30,12 @@ def run_demo(home: Path | None = None) -> int:
     registry.ensure_base_model(resolve_base_model(base_dir, name=HUB_NAME))
     console.print(f"registered base model {HUB_NAME}")
 
-    console.rule(f"2. ingest {EXPERTS.relative_to(REPO)}/* through the Prefect flow")
+    how = "as a Prefect flow run" if prefect_server_configured() else "in-process (no Prefect server configured)"
+    console.rule(f"2. ingest {EXPERTS.relative_to(REPO)}/* {how}")
     sources = sorted(str(p) for p in EXPERTS.iterdir() if p.is_dir())
-    outcomes = ingest(sources=sources)
+    outcomes = run_ingest(sources)
     for o in outcomes:
-        line = f"{o['status']:9} {o['name']} v{o['version']}" if o["status"] != "rejected" else f"rejected  {o['reason']}"
+        line = f"{o.status:9} {o.name} v{o.version}" if o.status != "rejected" else f"rejected  {o.reason}"
         console.print(line, highlight=False)
 
     console.rule("3. catalog")
@@ -48,7 +47,7 @@ def run_demo(home: Path | None = None) -> int:
                       r["method"], r["content_sha256"][:12])
     console.print(table)
     console.print(f"registry: {registry.url}; blobs: {registry.blobs.url}")
-    if any(o["status"] == "rejected" for o in outcomes):
+    if any(o.status == "rejected" for o in outcomes):
         return 1
 
     from spectr.pipeline.export import create_bundle

@@ -13,8 +13,9 @@ from rich.table import Table
 
 eval_app = typer.Typer(help="Measure routing quality and task performance of a bundle on a base model.",
                        no_args_is_help=True)
-out = Console()
-err = Console(stderr=True)
+# markup=False: names, paths and reasons come from users and the registry; '[x]' in them is text, not style.
+out = Console(markup=False, highlight=False)
+err = Console(stderr=True, markup=False, highlight=False)
 
 BASE = typer.Option(..., "--base-model", help="base model folder (transformers format, with its tokenizer)")
 BUNDLE = typer.Option(..., "--bundle", help="bundle folder from `spectr bundle create`")
@@ -52,7 +53,12 @@ def _data(specs: list[str], data_dir: Optional[Path], split: str, max_docs: int)
     return {d: read_jsonl(f, max_docs) for d, f in files.items()}
 
 
-def _load(base_model: Path, device: str):
+def _load(base_model: Path, device: str, bundle: Path | None = None):
+    from spectr.inputs import bundle_folder, model_folder
+
+    base_model = model_folder(base_model)
+    if bundle is not None:
+        bundle_folder(bundle)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -98,8 +104,9 @@ def _steps(total: int | None) -> Iterator[Callable[[str], None]]:
 
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[red]error[/red] {exc}", soft_wrap=True, highlight=False)
-    raise typer.Exit(1)
+    from spectr.errors import fail
+
+    fail(exc)
 
 
 @eval_app.command("routing")
@@ -128,7 +135,7 @@ def routing(
     t0 = time.perf_counter()
     try:
         texts = _data(data, data_dir, split, max_docs)
-        model, tokenizer = _load(base_model, device)
+        model, tokenizer = _load(base_model, device, bundle)
         load_bundle(model, bundle)
         names = [r for r in routers.split(",") if r] if routers else list(EVAL_PRESETS)
         with _steps(len(names) * len(texts)) as step:
@@ -184,7 +191,7 @@ def lm(
     t0 = time.perf_counter()
     try:
         texts = _data(data, data_dir, split, max_docs)
-        model, tokenizer = _load(base_model, device)
+        model, tokenizer = _load(base_model, device, bundle)
         with _steps(None) as step:
             result = lm_losses(model, tokenizer, texts, str(bundle), mapping=_pairs_of(mapping, "--map"),
                                ks=tuple(int(k) for k in ks.split(",") if k), arrow_k=arrow_k, cross=cross,
@@ -227,7 +234,7 @@ def switch(
             pair_list = [tuple(p.split(":", 1)) for p in pairs.split(",") if p]
             if any(len(p) != 2 for p in pair_list):
                 raise ValueError(f"--pairs {pairs!r}: expected A:B,C:D")
-        model, tokenizer = _load(base_model, device)
+        model, tokenizer = _load(base_model, device, bundle)
         load_bundle(model, bundle)
         names = [r for r in routers.split(",") if r]
         n_pairs = len(pair_list) if pair_list else len(texts) * (len(texts) - 1)

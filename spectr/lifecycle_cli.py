@@ -10,25 +10,26 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from spectr.errors import fail
+
 alias_app = typer.Typer(help="Movable names for expert versions (NAME@ALIAS works wherever NAME@VERSION does).",
                         no_args_is_help=True)
 tag_app = typer.Typer(help="Key/value tags on experts (NAME) or versions (NAME@V, NAME@ALIAS).", no_args_is_help=True)
 
-out = Console()
-err = Console(stderr=True)
+# Names and values come from users and the registry: printed literally, never as rich markup.
+out = Console(markup=False)
 
 
 @contextmanager
 def _user_errors() -> Iterator[None]:
-    """A user's mistake (unknown name, version or alias; a bad name; a blob gone) is one line and exit 1."""
+    """A mistake (unknown name, version or alias; a bad name; a blob gone or corrupt) is one line, exit 1
+    (a traceback with --debug), through the CLI's one error path."""
     from spectr.registry.blobs import BlobError
 
     try:
         yield
     except (KeyError, ValueError, BlobError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        err.print(f"[red]error[/red] {msg}", soft_wrap=True, highlight=False)
-        raise typer.Exit(1)
+        fail(exc)
 
 
 def _registry():
@@ -59,7 +60,7 @@ def alias_set(
     with _user_errors():
         old, new = _registry().set_alias(name, alias, version)
     moved = "unchanged" if old == new else (f"v{old} -> v{new}" if old else f"-> v{new}")
-    out.print(f"{name}@{alias} {moved}", highlight=False)
+    out.print(f"{name}@{alias} {moved}")
 
 
 @alias_app.command("rm")
@@ -67,7 +68,7 @@ def alias_rm(name: str = typer.Argument(...), alias: str = typer.Argument(...)) 
     """Remove an alias (recorded, so it can be audited)."""
     with _user_errors():
         old = _registry().remove_alias(name, alias)
-    out.print(f"{name}@{alias} removed (was v{old})", highlight=False)
+    out.print(f"{name}@{alias} removed (was v{old})")
 
 
 @alias_app.command("list")
@@ -106,7 +107,7 @@ def alias_rollback(name: str = typer.Argument(...), alias: str = typer.Argument(
     """Move ALIAS back to where its latest move took it from."""
     with _user_errors():
         old, new = _registry().rollback_alias(name, alias)
-    out.print(f"{name}@{alias} v{old} -> v{new}", highlight=False)
+    out.print(f"{name}@{alias} v{old} -> v{new}")
 
 
 # -- tag -----------------------------------------------------------------------------------------
@@ -119,7 +120,7 @@ def tag_set(
     """Set a tag (replaces the key's value)."""
     with _user_errors():
         _registry().set_tag(target, key, value)
-    out.print(f"{target} {key}={value}", highlight=False)
+    out.print(f"{target} {key}={value}")
 
 
 @tag_app.command("rm")
@@ -127,7 +128,7 @@ def tag_rm(target: str = typer.Argument(...), key: str = typer.Argument(...)) ->
     """Remove a tag."""
     with _user_errors():
         _registry().remove_tag(target, key)
-    out.print(f"{target} {key} removed", highlight=False)
+    out.print(f"{target} {key} removed")
 
 
 @tag_app.command("list")
@@ -153,7 +154,7 @@ def export(
         reg = _registry()
         v = reg.resolve(selector)
         path = reg.export_adapter(f"{v.name}@{v.version}", output)
-    out.print(f"{v.name} v{v.version} -> {path}", highlight=False)
+    out.print(f"{v.name} v{v.version} -> {path}")
 
 
 def lineage(
@@ -192,9 +193,9 @@ def bundle_show(
     d = _bundle_dict(b, full=True)
     if as_json:
         return _print_json(d)
-    out.print(f"bundle {b.name}@{b.version}  base {b.base_model}  router {json.dumps(b.router)}", highlight=False)
-    out.print(f"spectra sha256 {b.spectra_sha256}  manifest sha256 {b.manifest_sha256}", highlight=False)
-    out.print(f"created {b.created_at.isoformat()} by {b.created_by}", highlight=False)
+    out.print(f"bundle {b.name}@{b.version}  base {b.base_model}  router {json.dumps(b.router)}")
+    out.print(f"spectra sha256 {b.spectra_sha256}  manifest sha256 {b.manifest_sha256}")
+    out.print(f"created {b.created_at.isoformat()} by {b.created_by}")
     cols = ["name", "version", "selector", "content_sha256", "spectra_blob_sha256"]
     _table(cols, [[e[c] for c in cols] for e in b.experts])
 
@@ -209,7 +210,7 @@ def bundle_export(
 
     with _user_errors():
         rec, path = export_bundle(_registry(), *parse_bundle_ref(ref), Path(output))
-    out.print(f"bundle {rec.name}@{rec.version} -> {path} (spectra sha256 {rec.spectra_sha256[:12]})", highlight=False)
+    out.print(f"bundle {rec.name}@{rec.version} -> {path} (spectra sha256 {rec.spectra_sha256[:12]})")
 
 
 def _bundle_dict(b, full: bool = False) -> dict:

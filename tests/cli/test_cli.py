@@ -44,6 +44,25 @@ def test_base_add_then_ingest_without_base_model(prefect_harness, spectr_home, m
     assert "accepted cli-nobase v1" in result.output
 
 
-def test_ingest_unknown_source_is_rejected(spectr_home, tmp_path):
+def test_ingest_unknown_source_is_one_line(spectr_home, tmp_path):
     result = runner.invoke(app, ["ingest", str(tmp_path / "nope" / "*")])
-    assert result.exit_code == 1 and "rejected" in result.output
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [f"error: {tmp_path / 'nope' / '*'}: the pattern matches no folder"]
+
+
+def test_ingest_with_a_server_configured_records_flow_and_task_runs(prefect_harness, spectr_home, make_adapter,
+                                                                    tiny_base_dir, monkeypatch):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # what a user's configured server looks like
+    with get_client(sync_client=True) as client:
+        before = {r.id for r in client.read_flow_runs()}
+    result = runner.invoke(app, ["ingest", str(make_adapter("cli-served", seed=24)), "--base-model", str(tiny_base_dir)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == "accepted cli-served v1"
+    with get_client(sync_client=True) as client:
+        runs = [r for r in client.read_flow_runs() if r.id not in before]
+        assert len(runs) == 1 and runs[0].state.is_completed()
+        tasks = {t.name.split(" ")[0] for t in client.read_task_runs() if t.flow_run_id == runs[0].id}
+    assert {"fetch", "validate", "spectra"} <= tasks

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from spectr.flows import ingest as ingest_module
+from spectr.pipeline import spectra as spectra_module
 from spectr.flows.ingest import compute_spectra, fetch_adapter, ingest, validate_adapter
 from spectr.pipeline.basemodel import resolve_base_model
 from spectr.registry.spectra_format import spectra_from_bytes
@@ -20,13 +20,13 @@ from tests.pipeline.conftest import make_hub_cache
 def spectra_calls(monkeypatch) -> list[str]:
     """Counts the SVD stage's calls (the flow's tasks run in this process)."""
     calls: list[str] = []
-    real = ingest_module.adapter_spectra
+    real = spectra_module.adapter_spectra
 
     def counting(adapter, **kwargs):
         calls.append(adapter.source.name)
         return real(adapter, **kwargs)
 
-    monkeypatch.setattr(ingest_module, "adapter_spectra", counting)
+    monkeypatch.setattr(spectra_module, "adapter_spectra", counting)
     return calls
 
 

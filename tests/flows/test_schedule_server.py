@@ -90,6 +90,30 @@ def test_scheduled_ingest_runs_on_a_real_server(make_adapter, tiny_base_dir, tmp
         assert deployments[0]["schedules"], "the deployment carries its schedule"
         registry = Registry(f"sqlite:///{tmp_path / 'spectr-home' / 'registry.db'}", str(tmp_path / "spectr-home" / "blobs"))
         assert [(v.name, v.version) for v in registry.versions()] == [("sched", 1)]
+
+        # `spectr ingest` with the server configured: a flow run with its task runs there, one line per
+        # adapter on stdout, and Prefect's own logs on stderr only with --verbose.
+        served.terminate()  # its schedule no longer competes for the server's database
+        served.wait(timeout=30)
+        cli_env = dict(env, PREFECT_API_URL=api)
+        for verbose, name in ((False, "cli-quiet"), (True, "cli-verbose")):
+            done = subprocess.run(
+                [str(BIN / "spectr"), *(["--verbose"] if verbose else []), "ingest",
+                 str(make_adapter(name, seed=12 + verbose)), "--base-model", str(tiny_base_dir)],
+                env=cli_env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.splitlines()[0] == f"accepted {name} v1"
+            summary = "1 adapters: 1 new versions, 0 unchanged, 0 rejected"
+            if verbose:
+                assert "Finished in state Completed" in done.stderr and summary in done.stderr.splitlines()
+                assert "httpx" not in done.stderr
+            else:
+                assert done.stderr.splitlines() == [summary], done.stderr
+        runs = httpx.post(f"{api}/flow_runs/filter", json={}).json()
+        direct = [r for r in runs if not r.get("deployment_id")]
+        assert len(direct) == 2 and all(r["state_type"] == "COMPLETED" for r in direct)
+        tasks = httpx.post(f"{api}/task_runs/filter", json={}).json()
+        assert {t["name"].split(" ")[0] for t in tasks if t["flow_run_id"] == direct[0]["id"]} >= {"fetch", "validate", "spectra"}
     finally:
         for p in reversed(procs):
             p.terminate()

@@ -122,3 +122,22 @@ def test_resolve_hub_id_offline(tmp_path, tiny_base_dir, offline_hub):
 def test_names_match(a, b, ok):
     assert names_match(a, b) is ok
     assert names_match(b, a) is ok
+
+
+def test_module_table_is_cached_on_disk(tiny_base_dir, spectr_home, monkeypatch):
+    from spectr.pipeline import basemodel
+
+    cfg = json.loads((tiny_base_dir / "config.json").read_text())
+    cfg["vocab_size"] = cfg["vocab_size"] + 1  # a config no other test built
+    first = basemodel.base_model_from_config(cfg, "cached")
+    assert basemodel._disk_cache(first.config_sha256).is_file()
+    basemodel._CACHE.clear()
+
+    def no_transformers(*args):
+        raise AssertionError("a cached table must not need transformers")
+
+    monkeypatch.setattr(basemodel, "_instantiate", no_transformers)
+    again = basemodel.base_model_from_config(cfg, "cached")
+    assert (again.modules, again.architecture, again.model_type) == (first.modules, first.architecture,
+                                                                     first.model_type)
+    assert list(again.modules) == list(first.modules)  # the model's order, which validation reports in

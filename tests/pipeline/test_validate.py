@@ -141,23 +141,23 @@ def test_modules_to_save_kept_and_warned(make_adapter, tiny_base):
     assert any("lm_head" in w and "kept in the record, not routed" in w for w in ad.warnings)
 
 
-def test_lora_bias_is_kept(make_adapter, tiny_base):
+def test_lora_bias_is_refused_not_dropped(make_adapter, tiny_base):
     folder = make_adapter("lbias", lora_bias=True)
-    ad = load_adapter(_src(folder), tiny_base)
-    layers = _peft_layers(folder)
-    for name, f in ad.modules.items():
-        assert f.bias is not None and torch.equal(f.bias, layers[name].lora_B["default"].bias)
+    with pytest.raises(AdapterError, match=r"lora_bias: module model.layers.0.* trains a bias on lora_B.*"
+                                           r"retrain with lora_bias=False"):
+        load_adapter(_src(folder), tiny_base)
 
 
-def test_base_bias_keys_accepted_with_bias_all(make_adapter):
+def test_trained_base_biases_are_refused_not_dropped(make_adapter):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gcfg = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, n_positions=64)
-    folder = make_adapter("gpt2bias", model=GPT2LMHeadModel(gcfg), target_modules=["c_attn"], bias="all")
     base = base_model_from_config(json.loads(gcfg.to_json_string()), "tiny-org/tiny-llama")
-    ad = load_adapter(_src(folder), base)
-    assert list(ad.modules) == ["transformer.h.0.attn.c_attn"]
-    assert any("bias=all" in w for w in ad.warnings)
+    for mode in ("all", "lora_only"):
+        folder = make_adapter(f"gpt2bias-{mode}", model=GPT2LMHeadModel(gcfg), target_modules=["c_attn"], bias=mode)
+        with pytest.raises(AdapterError, match=rf"bias='{mode}': the adapter trains base-module biases.*"
+                                               r"retrain with bias='none'"):
+            load_adapter(_src(folder), base)
 
 
 def test_name_mismatch_is_a_warning_when_shapes_match(make_adapter, tiny_base_dir):

@@ -194,3 +194,15 @@ def test_0002_roundtrip_postgres(tmp_path):
         _roundtrip_0002(url, tmp_path / "blobs")
     finally:
         db.downgrade(url, "base")
+
+
+def test_quick_head_check_agrees_with_alembic(tmp_path):
+    from alembic.script import ScriptDirectory
+
+    from spectr.registry import db
+
+    assert db.head_revisions() == set(ScriptDirectory.from_config(db.alembic_config()).get_heads())
+    url = f"sqlite:///{tmp_path / 'quick.db'}"
+    assert not db.is_current(url)  # no database yet
+    db.ensure_current(url)
+    assert db.is_current(url) and db.current_revision(url) in db.head_revisions()

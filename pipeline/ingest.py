@@ -1,0 +1,286 @@
+"""Ingest: sources -> one Outcome per adapter, recorded as one ingestion run in the registry.
+
+Plain functions, no Prefect: the CLI runs `ingest_sources` directly, and flows/ingest.py runs the very same
+function with its steps as Prefect tasks (retries, a result cache, runs recorded on a server). An adapter
+whose content is already registered is recognised from its files' hash alone, before torch is imported.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from spectr.pipeline.fetch import expand_sources, fetch, locate_base_config
+from spectr.pipeline.files import adapter_content_sha256, config_sha256, read_adapter_config, read_json_object
+from spectr.pipeline.types import AdapterError, AdapterSource, BaseModelInfo, LoadedAdapter
+from spectr.registry.store import Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """One line of an ingest report."""
+
+    source: str
+    status: str  # "new", "unchanged" or "rejected"
+    name: str | None = None
+    version: int | None = None
+    reason: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def accepted(self) -> bool:
+        return self.status != "rejected"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def method_for(adapter: LoadedAdapter, rank: int | None) -> str:
+    """The SVD method: exact through the factors, randomized for dense deltas or a truncation below r."""
+    if adapter.dense_deltas or (rank is not None and rank < adapter.rank):
+        return "randomized"
+    return "exact"
+
+
+def validate(
+    src: AdapterSource, base: BaseModelInfo, dense_base_dir: str | None = None, rank: int | None = None,
+    config: dict | None = None, content_sha256: str | None = None,
+) -> LoadedAdapter:
+    """Check an adapter against its base and load its factors (or a dense fine-tune's deltas)."""
+    if dense_base_dir is not None:
+        from spectr.pipeline.dense import load_dense
+
+        if rank is None:
+            raise AdapterError(f"{src.path}: a dense expert needs a target rank (--rank)")
+        return load_dense(src, Path(dense_base_dir), base, rank=rank)
+    from spectr.pipeline.validate import load_adapter
+
+    return load_adapter(src, base, config=config, content_sha256=content_sha256)
+
+
+def compute_and_write(
+    adapter: LoadedAdapter, blob_url: str, method: str = "exact", rank: int | None = None, niter: int = 4,
+    device: str | None = None,
+) -> dict:
+    """The SVD stage, then the blob written (content-addressed); returns the SpectraBlob as a dict."""
+    from spectr.pipeline import spectra
+    from spectr.pipeline.persist import write_spectra_blob
+    from spectr.registry.blobs import BlobStore
+
+    result = spectra.adapter_spectra(adapter, method=method, rank=rank, niter=niter, device=device)
+    return write_spectra_blob(BlobStore(blob_url), adapter, result).to_dict()
+
+
+def _fetch_each(specs: list[str]) -> list[AdapterSource | Exception]:
+    out: list[AdapterSource | Exception] = []
+    for spec in specs:
+        try:
+            out.append(fetch(spec))
+        except AdapterError as exc:
+            out.append(exc)
+    return out
+
+
+@dataclass
+class Steps:
+    """How the per-adapter steps run: plainly, or as Prefect tasks (flows/ingest.py). A step may return an
+    AdapterError instead of raising it (a Prefect task does, so that a rejection is not a failed task)."""
+
+    fetch_all: Callable[[list[str]], list[Any]] = _fetch_each
+    validate: Callable[..., Any] = validate
+    spectra: Callable[..., dict] = compute_and_write
+
+
+def _value(result: Any) -> Any:
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+class BaseResolver:
+    """Finds each adapter's base model: --base-model if given, else the registry, else the HF cache.
+
+    Lazy: building a base model's module table needs transformers, which unchanged adapters never need.
+    """
+
+    def __init__(self, registry: Registry, base_model: str | None, base_name: str | None) -> None:
+        self.registry = registry
+        self.spec, self.name = base_model, base_name
+        self.fixed_config = None
+        if base_model:  # a mistake here fails before anything is recorded
+            self.fixed_config = read_json_object(locate_base_config(base_model), "base model config.json")
+        self._fixed: BaseModelInfo | None = None
+        self._by_name: dict[str, BaseModelInfo] = {}
+
+    def same_base(self, registered: str) -> bool:
+        """Is `registered` (a base already in the registry) the base this run would use?"""
+        if self.fixed_config is None:
+            return True  # the adapter names its base, which resolved to the registered one before
+        stored = self.registry.base_model_config(registered)
+        return stored is not None and config_sha256(stored[1]) == config_sha256(self.fixed_config)
+
+    def __call__(self, folder: Path, config: dict | None = None) -> BaseModelInfo:
+        from spectr.pipeline.basemodel import base_model_from_config, resolve_base_model
+
+        if self.spec:
+            if self._fixed is None:
+                self._fixed = resolve_base_model(self.spec, name=self.name)
+            return self._fixed
+        wanted = (config if config is not None else read_adapter_config(folder)).get("base_model_name_or_path")
+        if not wanted:
+            raise AdapterError(f"{folder / 'adapter_config.json'}: no base_model_name_or_path; pass --base-model")
+        if wanted not in self._by_name:
+            stored = self.registry.base_model_config(wanted)
+            if stored is not None:
+                name, cfg = stored
+                self._by_name[wanted] = base_model_from_config(cfg, name)
+            else:
+                try:
+                    self._by_name[wanted] = resolve_base_model(wanted)
+                except AdapterError as exc:
+                    raise AdapterError(
+                        f"{folder}: base model {wanted!r} is neither registered nor in the local "
+                        f"Hugging Face cache ({exc}); pass --base-model PATH or run `spectr base add`"
+                    ) from None
+        return self._by_name[wanted]
+
+
+def ingest_one(
+    registry: Registry,
+    spec: str,
+    src: AdapterSource | Exception,
+    resolve_base: BaseResolver,
+    steps: Steps,
+    *,
+    dense: bool = False,
+    rank: int | None = None,
+    niter: int = 4,
+    device: str | None = None,
+    run_id: str | None = None,
+    spectra_only: bool = False,
+) -> Outcome:
+    """Validate, compute and store one fetched adapter; every failure becomes a rejected Outcome.
+
+    The version keeps the adapter's original files (blobs beside the spectra) unless spectra_only; an
+    unchanged version that lacks them (ingested spectra-only before) gets them now."""
+    seconds: dict[str, float] = {}
+    name = None
+    try:
+        src = _value(src)
+        name = src.name
+        t0 = time.perf_counter()
+        config = sha = None
+        if not dense:  # unchanged content: the files' hash finds the version, no torch needed
+            config = read_adapter_config(src.path)
+            sha = adapter_content_sha256(src.path, config)
+            found = registry.find_version(src.name, sha)
+            if found is not None and registry.blobs.exists(found.blob_sha256) and resolve_base.same_base(found.base_model):
+                if not (spectra_only or found.files):
+                    _keep_files(registry, found, src.path)
+                seconds["hash"] = time.perf_counter() - t0
+                warnings = registry.recorded_warnings(found.name, found.version) or []
+                return Outcome(spec, "unchanged", found.name, found.version, warnings=warnings, seconds=seconds)
+        base = resolve_base(src.path, config)
+        dense_dir = str(base.path) if dense and base.path else None
+        if dense and dense_dir is None:
+            raise AdapterError(f"{src.path}: --dense needs --base-model PATH (a folder with the base weights)")
+        adapter: LoadedAdapter = _value(steps.validate(src, base, dense_dir, rank, config, sha))
+        seconds["validate"] = time.perf_counter() - t0
+        existing = registry.find_version(src.name, adapter.content_sha256)
+        if existing is not None and registry.blobs.exists(existing.blob_sha256):
+            if not (spectra_only or adapter.dense_deltas or existing.files):
+                _keep_files(registry, existing, src.path)
+            return Outcome(spec, "unchanged", src.name, existing.version, warnings=adapter.warnings, seconds=seconds)
+        from spectr.pipeline.persist import SpectraBlob, store_version, write_adapter_blobs
+
+        # Dense experts have no adapter files to keep: their spectra are the record.
+        keep = not (spectra_only or adapter.dense_deltas)
+        files = write_adapter_blobs(registry.blobs, src.path, adapter.content_sha256) if keep else {}
+        t0 = time.perf_counter()
+
+        blob = SpectraBlob(**steps.spectra(adapter=adapter, blob_url=registry.blobs.url,
+                                           method=method_for(adapter, rank), rank=rank, niter=niter, device=device))
+        seconds["spectra"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        info, created = store_version(registry, adapter, blob, run_id, files)
+        seconds["store"] = time.perf_counter() - t0
+        status = "new" if created else "unchanged"
+        return Outcome(spec, status, info.name, info.version, warnings=adapter.warnings, seconds=seconds)
+    except AdapterError as exc:
+        return Outcome(spec, "rejected", name, reason=str(exc), seconds=seconds)
+    except Exception as exc:  # a bug or an I/O error must not hide the other adapters' outcomes
+        log.debug("ingest of %s failed", spec, exc_info=True)
+        return Outcome(spec, "rejected", name, reason=f"{type(exc).__name__}: {exc}", seconds=seconds)
+
+
+def _keep_files(registry: Registry, version: Any, folder: Path) -> None:
+    from spectr.pipeline.persist import write_adapter_blobs
+
+    kept = write_adapter_blobs(registry.blobs, folder, version.content_sha256)
+    registry.keep_files(version.name, version.version, kept)
+
+
+def ingest_sources(
+    sources: list[str],
+    *,
+    base_model: str | None = None,
+    base_name: str | None = None,
+    dense: bool = False,
+    rank: int | None = None,
+    niter: int = 4,
+    device: str | None = None,
+    registry_url: str | None = None,
+    blob_url: str | None = None,
+    steps: Steps | None = None,
+    on_outcome: Callable[[Outcome], None] | None = None,
+    logger: Any = None,
+    spectra_only: bool = False,
+    flow_run_id: str | None = None,
+) -> list[Outcome]:
+    """Ingest adapter folders, globs and hub ids into the registry as one recorded run.
+
+    on_outcome is called with each adapter's Outcome as it is decided (the CLI prints it); logger (default:
+    this module's) gets one INFO line per adapter. An unusable --base-model raises AdapterError before
+    anything is recorded.
+    """
+    logger = logger or log
+    registry = Registry(registry_url, blob_url)
+    steps = steps or Steps()
+    resolve_base = BaseResolver(registry, base_model, base_name)
+    params = dict(base_model=base_model, dense=dense, rank=rank, niter=niter, device=device, spectra_only=spectra_only)
+
+    def emit(outcome: Outcome) -> None:
+        if outcome.accepted:
+            logger.info("%s %s v%s (%s)", outcome.status, outcome.name, outcome.version, outcome.source)
+        else:
+            logger.info("rejected %s: %s", outcome.source, outcome.reason)
+        for w in outcome.warnings:
+            logger.info("warning %s: %s", outcome.name, w)
+        if on_outcome is not None:
+            on_outcome(outcome)
+
+    try:
+        specs = expand_sources(sources)
+    except AdapterError as exc:
+        bad = Outcome(" ".join(sources), "rejected", reason=str(exc))
+        run_id = registry.start_run(list(sources), params, flow_run_id)
+        registry.record_result(run_id, source=bad.source, name=None, status=bad.status, reason=bad.reason)
+        registry.finish_run(run_id, "failed")
+        emit(bad)
+        return [bad]
+    run_id = registry.start_run(specs, params, flow_run_id)
+    outcomes = []
+    for spec, src in zip(specs, steps.fetch_all(specs)):
+        outcome = ingest_one(registry, spec, src, resolve_base, steps, dense=dense, rank=rank, niter=niter,
+                             device=device, run_id=run_id, spectra_only=spectra_only)
+        registry.record_result(run_id, source=spec, name=outcome.name, status=outcome.status,
+                               version=outcome.version, reason=outcome.reason, warnings=outcome.warnings)
+        emit(outcome)
+        outcomes.append(outcome)
+    registry.finish_run(run_id, "completed" if all(o.accepted for o in outcomes) else "completed_with_rejections")
+    return outcomes

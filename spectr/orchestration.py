@@ -1,0 +1,51 @@
+"""Where an ingest runs: as the Prefect flow on a configured server, else the same pipeline in-process.
+
+Without a server, Prefect would start a temporary one for every command (about 20 s on the shared 2-core
+box) only to record runs nobody can look at; with one, every run and task run is recorded there.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from spectr.registry.settings import spectr_home
+
+
+def prefect_home() -> Path:
+    """PREFECT_HOME, default $SPECTR_HOME/prefect (flows/__init__.py sets the same default for Prefect)."""
+    return Path(os.environ.get("PREFECT_HOME") or spectr_home() / "prefect").expanduser()
+
+
+def prefect_server_configured() -> bool:
+    """PREFECT_API_URL in the environment or in the active Prefect profile (read without importing prefect)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    profiles = prefect_home() / "profiles.toml"
+    if not profiles.is_file():
+        return False
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: no TOML reader in the standard library
+        return "PREFECT_API_URL" in profiles.read_text()
+    data = tomllib.loads(profiles.read_text())
+    active = os.environ.get("PREFECT_PROFILE") or data.get("active", "ephemeral")
+    return bool(data.get("profiles", {}).get(active, {}).get("PREFECT_API_URL"))
+
+
+def run_ingest(sources: list[str], on_outcome: Callable[[Any], None] | None = None, **args: Any) -> list[Any]:
+    """Ingest through the flow (a server is configured) or directly; returns pipeline.ingest.Outcome objects.
+
+    on_outcome sees each outcome as it is decided in-process, or all of them when the flow run returns.
+    """
+    from spectr.pipeline.ingest import Outcome, ingest_sources
+
+    if not prefect_server_configured():
+        return ingest_sources(list(sources), on_outcome=on_outcome, **args)
+    from spectr.flows.ingest import ingest as ingest_flow
+
+    outcomes = [Outcome(**o) for o in ingest_flow(sources=list(sources), **args)]
+    for o in outcomes:
+        if on_outcome is not None:
+            on_outcome(o)
+    return outcomes
