@@ -358,6 +358,35 @@ def set_expert_mask(model: nn.Module, mask: torch.Tensor | None) -> None:
     state.forward.expert_mask = mask.to(device)
 
 
+def set_token_top_k(model: nn.Module, k: torch.Tensor | None) -> None:
+    """Give each token row its own top_k in the next forwards (None clears it: every token uses the config's).
+
+    k: int (N,), one per token row the routed modules see (N = batch * seq, row-major, the rows of
+    set_expert_mask), each >= 1. spectr and arrow then pick each token's own k best experts (among its allowed
+    ones, so at most as many as it may use); weights (softmax or 1/k) are computed over that token's chosen
+    experts, and pooled decisions (pool="input"/"layer") keep each token's k. A token with k=1 routes exactly
+    as with top_k=1, one with k=2 as with top_k=2, in the same batch. uniform and fixed ignore it. Shapes stay
+    static (every expert is ranked, ranks past k_t get no weight), so it compiles; on a GPU the Triton routing
+    kernel is bypassed for the torch code while a per-token k is set. The values are checked here (one host
+    sync when k is on a GPU). Like the mask it stays until the next call: during generate() set one per
+    forward (a forward pre-hook), as `spectr serve` does.
+    """
+    state: RoutedState | None = getattr(model, "spectr", None)
+    if state is None or state.forward is None:
+        raise ValueError("set_token_top_k: model has no bundle loaded; call load_bundle(model, bundle) first")
+    if k is None:
+        state.forward.token_k = None
+        return
+    if not isinstance(k, torch.Tensor) or k.dtype.is_floating_point or k.dtype == torch.bool or k.is_complex():
+        raise ValueError(f"set_token_top_k: k must be an integer tensor, got {getattr(k, 'dtype', type(k))}")
+    if k.dim() != 1:
+        raise ValueError(f"set_token_top_k: k has shape {tuple(k.shape)}; expected (N,), one k per token row")
+    if k.numel() and int(k.min()) < 1:
+        raise ValueError(f"set_token_top_k: every k must be >= 1, got {int(k.min())}")
+    device = model.get_submodule(state.modules[0]).Vt.device
+    state.forward.token_k = k.to(device, torch.int64)
+
+
 def unload_bundle(model: nn.Module) -> nn.Module:
     """Put the original modules back; the model is then exactly what it was before load_bundle."""
     state: RoutedState | None = getattr(model, "spectr", None)
