@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from spectr.pipeline.spectra import exact_spectrum
-from spectr.pipeline.types import AdapterSpectra
+from spectr.runtime.spectrum import AdapterSpectra
 from spectr.runtime import PEFT_ARROW, REFERENCE, load_bundle, read_bundle, write_bundle
 from spectr.runtime.bundle import module_shape
 

@@ -98,7 +98,7 @@ def random_8b(layers: int, experts: int, rank: int, device: str, root: Path, smo
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from spectr.pipeline.spectra import exact_spectrum
-    from spectr.pipeline.types import AdapterSpectra
+    from spectr.runtime.spectrum import AdapterSpectra
     from spectr.runtime import write_bundle
     from spectr.runtime.bundle import module_shape
 

@@ -162,8 +162,12 @@ def ingest_one(
     niter: int = 4,
     device: str | None = None,
     run_id: str | None = None,
+    spectra_only: bool = False,
 ) -> Outcome:
-    """Validate, compute and store one fetched adapter; every failure becomes a rejected Outcome."""
+    """Validate, compute and store one fetched adapter; every failure becomes a rejected Outcome.
+
+    The version keeps the adapter's original files (blobs beside the spectra) unless spectra_only; an
+    unchanged version that lacks them (ingested spectra-only before) gets them now."""
     seconds: dict[str, float] = {}
     name = None
     try:
@@ -176,6 +180,8 @@ def ingest_one(
             sha = adapter_content_sha256(src.path, config)
             found = registry.find_version(src.name, sha)
             if found is not None and registry.blobs.exists(found.blob_sha256) and resolve_base.same_base(found.base_model):
+                if not (spectra_only or found.files):
+                    _keep_files(registry, found, src.path)
                 seconds["hash"] = time.perf_counter() - t0
                 warnings = registry.recorded_warnings(found.name, found.version) or []
                 return Outcome(spec, "unchanged", found.name, found.version, warnings=warnings, seconds=seconds)
@@ -187,15 +193,21 @@ def ingest_one(
         seconds["validate"] = time.perf_counter() - t0
         existing = registry.find_version(src.name, adapter.content_sha256)
         if existing is not None and registry.blobs.exists(existing.blob_sha256):
+            if not (spectra_only or adapter.dense_deltas or existing.files):
+                _keep_files(registry, existing, src.path)
             return Outcome(spec, "unchanged", src.name, existing.version, warnings=adapter.warnings, seconds=seconds)
+        from spectr.pipeline.persist import SpectraBlob, store_version, write_adapter_blobs
+
+        # Dense experts have no adapter files to keep: their spectra are the record.
+        keep = not (spectra_only or adapter.dense_deltas)
+        files = write_adapter_blobs(registry.blobs, src.path, adapter.content_sha256) if keep else {}
         t0 = time.perf_counter()
-        from spectr.pipeline.persist import SpectraBlob, store_version
 
         blob = SpectraBlob(**steps.spectra(adapter=adapter, blob_url=registry.blobs.url,
                                            method=method_for(adapter, rank), rank=rank, niter=niter, device=device))
         seconds["spectra"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        info, created = store_version(registry, adapter, blob, run_id)
+        info, created = store_version(registry, adapter, blob, run_id, files)
         seconds["store"] = time.perf_counter() - t0
         status = "new" if created else "unchanged"
         return Outcome(spec, status, info.name, info.version, warnings=adapter.warnings, seconds=seconds)
@@ -204,6 +216,13 @@ def ingest_one(
     except Exception as exc:  # a bug or an I/O error must not hide the other adapters' outcomes
         log.debug("ingest of %s failed", spec, exc_info=True)
         return Outcome(spec, "rejected", name, reason=f"{type(exc).__name__}: {exc}", seconds=seconds)
+
+
+def _keep_files(registry: Registry, version: Any, folder: Path) -> None:
+    from spectr.pipeline.persist import write_adapter_blobs
+
+    kept = write_adapter_blobs(registry.blobs, folder, version.content_sha256)
+    registry.keep_files(version.name, version.version, kept)
 
 
 def ingest_sources(
@@ -220,6 +239,8 @@ def ingest_sources(
     steps: Steps | None = None,
     on_outcome: Callable[[Outcome], None] | None = None,
     logger: Any = None,
+    spectra_only: bool = False,
+    flow_run_id: str | None = None,
 ) -> list[Outcome]:
     """Ingest adapter folders, globs and hub ids into the registry as one recorded run.
 
@@ -231,7 +252,7 @@ def ingest_sources(
     registry = Registry(registry_url, blob_url)
     steps = steps or Steps()
     resolve_base = BaseResolver(registry, base_model, base_name)
-    params = dict(base_model=base_model, dense=dense, rank=rank, niter=niter, device=device)
+    params = dict(base_model=base_model, dense=dense, rank=rank, niter=niter, device=device, spectra_only=spectra_only)
 
     def emit(outcome: Outcome) -> None:
         if outcome.accepted:
@@ -247,16 +268,16 @@ def ingest_sources(
         specs = expand_sources(sources)
     except AdapterError as exc:
         bad = Outcome(" ".join(sources), "rejected", reason=str(exc))
-        run_id = registry.start_run(list(sources), params)
+        run_id = registry.start_run(list(sources), params, flow_run_id)
         registry.record_result(run_id, source=bad.source, name=None, status=bad.status, reason=bad.reason)
         registry.finish_run(run_id, "failed")
         emit(bad)
         return [bad]
-    run_id = registry.start_run(specs, params)
+    run_id = registry.start_run(specs, params, flow_run_id)
     outcomes = []
     for spec, src in zip(specs, steps.fetch_all(specs)):
         outcome = ingest_one(registry, spec, src, resolve_base, steps, dense=dense, rank=rank, niter=niter,
-                             device=device, run_id=run_id)
+                             device=device, run_id=run_id, spectra_only=spectra_only)
         registry.record_result(run_id, source=spec, name=outcome.name, status=outcome.status,
                                version=outcome.version, reason=outcome.reason, warnings=outcome.warnings)
         emit(outcome)

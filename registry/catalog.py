@@ -13,13 +13,34 @@ from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Integer, sele
 from spectr.registry.models import Base
 from spectr.registry.store import Registry
 
-TABLES = ("experts", "base_models", "adapters", "adapter_versions", "spectra", "ingestion_runs", "ingestion_results")
+TABLES = ("experts", "lineage", "base_models", "adapters", "adapter_versions", "spectra", "ingestion_runs",
+          "ingestion_results", "adapter_files", "aliases", "alias_events", "adapter_tags", "version_tags",
+          "bundles", "bundle_experts")
 _EXPERT_COLUMNS = [
     ("name", "VARCHAR"), ("version", "BIGINT"), ("base_model", "VARCHAR"), ("rank", "BIGINT"),
     ("alpha", "DOUBLE"), ("modules", "BIGINT"), ("target_modules", "VARCHAR[]"),
     ("content_sha256", "VARCHAR"), ("blob_sha256", "VARCHAR"), ("method", "VARCHAR"), ("energy", "DOUBLE"),
     ("source", "VARCHAR"), ("revision", "VARCHAR"), ("created_at", "TIMESTAMPTZ"),
+    ("aliases", "VARCHAR[]"), ("tags", "JSON"), ("adapter_kept", "BOOLEAN"),
 ]
+_LINEAGE_COLUMNS = [
+    ("name", "VARCHAR"), ("version", "BIGINT"), ("source_kind", "VARCHAR"), ("source", "VARCHAR"),
+    ("repo", "VARCHAR"), ("commit", "VARCHAR"), ("content_sha256", "VARCHAR"), ("ingestion_run_id", "VARCHAR"),
+    ("flow_run_id", "VARCHAR"), ("svd_method", "VARCHAR"), ("svd_params", "JSON"), ("energy", "DOUBLE"),
+    ("bundles", "VARCHAR[]"), ("created_at", "TIMESTAMPTZ"),
+]
+
+
+def _cells(d: dict, columns: list[tuple[str, str]]) -> list:
+    row = []
+    for c, t in columns:
+        v = d[c]
+        if t == "TIMESTAMPTZ" and v is not None:
+            v = datetime.fromisoformat(v)
+        elif t == "JSON" and v is not None:
+            v = json.dumps(v, sort_keys=True)
+        row.append(v)
+    return row
 
 
 def _duck_type(sa_type: Any) -> str:
@@ -57,11 +78,8 @@ def _connect(registry: Registry) -> duckdb.DuckDBPyConnection:
                     row[i] = None if row[i] is None else json.dumps(row[i])
                 rows.append(row)
             _load(con, table.name, columns, rows)
-    experts = [
-        [datetime.fromisoformat(d[c]) if c == "created_at" else d[c] for c, _ in _EXPERT_COLUMNS]
-        for d in registry.catalog()
-    ]
-    _load(con, "experts", _EXPERT_COLUMNS, experts)
+    _load(con, "experts", _EXPERT_COLUMNS, [_cells(d, _EXPERT_COLUMNS) for d in registry.catalog()])
+    _load(con, "lineage", _LINEAGE_COLUMNS, [_cells(d, _LINEAGE_COLUMNS) for d in registry.lineage()])
     # The user's query may not touch files or change settings; the database is a throwaway copy anyway.
     con.execute("SET enable_external_access = false")
     con.execute(f"SET memory_limit = '{os.environ.get('SPECTR_SQL_MEMORY', '2GB')}'")
@@ -106,9 +124,9 @@ def _run_bounded(con: duckdb.DuckDBPyConnection, query: str, timeout: float) -> 
 def catalog_sql(
     query: str, registry: Registry | None = None, timeout: float | None = None
 ) -> tuple[list[str], list[tuple]]:
-    """Run one read-only query (SELECT/WITH/DESCRIBE/SHOW) over the tables `experts`, `base_models`,
-    `adapters`, `adapter_versions`, `spectra`, `ingestion_runs`, `ingestion_results`, stopped after
-    `timeout` seconds (default sql_timeout())."""
+    """Run one read-only query (SELECT/WITH/DESCRIBE/SHOW) over the tables in TABLES: `experts` (one row
+    per version, as `spectr catalog --json`), `lineage` (as Registry.lineage()) and the registry's own
+    tables; stopped after `timeout` seconds (default sql_timeout())."""
     parser = duckdb.connect(":memory:")
     try:
         statements = parser.extract_statements(query)

@@ -90,25 +90,39 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_bundle(path: Path, *, base: dict, experts: list[tuple[dict, AdapterSpectra]]) -> Path:
+def write_bundle(
+    path: Path, *, base: dict, experts: list[tuple[dict, AdapterSpectra]], router: dict | None = None
+) -> Path:
     """Write <path>/spectra.safetensors and <path>/manifest.json (deterministic bytes); return path.
 
     base: {"name", "architecture", "model_type", "config_sha256", "modules": {module: [in, out]}};
-    experts: (info, spectra) pairs, info with at least "name", "version", "content_sha256", "rank", "alpha".
+    experts: (info, spectra) pairs, info with at least "name", "version", "content_sha256", "rank", "alpha";
+    router: the bundle's suggested router options (RouterConfig fields), recorded in the manifest when given.
     Everything is checked before anything is written.
     """
     path = Path(path)
+    files = bundle_files(base=base, experts=experts, router=router, where=f"bundle {path}")
+    path.mkdir(parents=True, exist_ok=True)
+    for name in (SPECTRA, MANIFEST):  # the manifest last: it names the spectra file's hash
+        _write_atomic(path / name, files[name])
+    return path
+
+
+def bundle_files(
+    *, base: dict, experts: list[tuple[dict, AdapterSpectra]], router: dict | None = None, where: str = "bundle"
+) -> dict[str, bytes]:
+    """The bytes of a bundle's two files, {SPECTRA: ..., MANIFEST: ...}; the same input gives the same bytes."""
     if not experts:
-        raise ValueError(f"bundle {path}: no experts given")
+        raise ValueError(f"{where}: no experts given")
     names = [info["name"] for info, _ in experts]
     if len(set(names)) != len(names):
-        raise ValueError(f"bundle {path}: expert names repeat: {names}")
+        raise ValueError(f"{where}: expert names repeat: {names}")
     shapes = base["modules"]
     used = sorted({m for _, sp in experts for m in sp.modules})
     for info, sp in experts:
         for m in sp.modules:
             if m not in shapes:
-                raise ValueError(f"bundle {path}: expert {info['name']!r} adapts {m}, which base {base['name']!r} lacks")
+                raise ValueError(f"{where}: expert {info['name']!r} adapts {m}, which base {base['name']!r} lacks")
     tensors: dict[str, torch.Tensor] = {}
     for m in used:
         tensors.update(_stack_module(m, list(shapes[m]), experts))
@@ -122,10 +136,9 @@ def write_bundle(path: Path, *, base: dict, experts: list[tuple[dict, AdapterSpe
         },
         "spectra": {"file": SPECTRA, "sha256": hashlib.sha256(data).hexdigest()},
     }
-    path.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path / SPECTRA, data)
-    _write_atomic(path / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-    return path
+    if router:
+        manifest["router"] = dict(router)
+    return {SPECTRA: data, MANIFEST: (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()}
 
 
 MAX_MANIFEST_BYTES = 64 << 20
@@ -343,6 +356,35 @@ def set_expert_mask(model: nn.Module, mask: torch.Tensor | None) -> None:
                          f"for the bundle's {E} experts")
     device = model.get_submodule(state.modules[0]).Vt.device
     state.forward.expert_mask = mask.to(device)
+
+
+def set_token_top_k(model: nn.Module, k: torch.Tensor | None) -> None:
+    """Give each token row its own top_k in the next forwards (None clears it: every token uses the config's).
+
+    k: int (N,), one per token row the routed modules see (N = batch * seq, row-major, the rows of
+    set_expert_mask), each >= 1. spectr and arrow then pick each token's own k best experts (among its allowed
+    ones, so at most as many as it may use); weights (softmax or 1/k) are computed over that token's chosen
+    experts, and pooled decisions (pool="input"/"layer") keep each token's k. A token with k=1 routes exactly
+    as with top_k=1, one with k=2 as with top_k=2, in the same batch. uniform and fixed ignore it. Shapes stay
+    static (every expert is ranked, ranks past k_t get no weight), so it compiles; on a GPU the Triton routing
+    kernel is bypassed for the torch code while a per-token k is set. The values are checked here (one host
+    sync when k is on a GPU). Like the mask it stays until the next call: during generate() set one per
+    forward (a forward pre-hook), as `spectr serve` does.
+    """
+    state: RoutedState | None = getattr(model, "spectr", None)
+    if state is None or state.forward is None:
+        raise ValueError("set_token_top_k: model has no bundle loaded; call load_bundle(model, bundle) first")
+    if k is None:
+        state.forward.token_k = None
+        return
+    if not isinstance(k, torch.Tensor) or k.dtype.is_floating_point or k.dtype == torch.bool or k.is_complex():
+        raise ValueError(f"set_token_top_k: k must be an integer tensor, got {getattr(k, 'dtype', type(k))}")
+    if k.dim() != 1:
+        raise ValueError(f"set_token_top_k: k has shape {tuple(k.shape)}; expected (N,), one k per token row")
+    if k.numel() and int(k.min()) < 1:
+        raise ValueError(f"set_token_top_k: every k must be >= 1, got {int(k.min())}")
+    device = model.get_submodule(state.modules[0]).Vt.device
+    state.forward.token_k = k.to(device, torch.int64)
 
 
 def unload_bundle(model: nn.Module) -> nn.Module:

@@ -109,6 +109,18 @@ class ForwardState:
         # Which experts each token may use (set_expert_mask): bool (N, E) over the flattened token rows of
         # the next forwards, or (E,) for every token; None = all. Kept until changed, not reset per forward.
         self.expert_mask: torch.Tensor | None = None
+        # How many experts each token row picks (set_token_top_k): int (N,) over the same rows; None = cfg.top_k.
+        self.token_k: torch.Tensor | None = None
+
+    def top_k(self, module: RoutedLinear, t: int) -> int | torch.Tensor:
+        """The k for a call of `module` on t token rows: cfg.top_k, or the per-row (t,) tensor."""
+        k = self.token_k
+        if k is None:
+            return self.cfg.top_k
+        if k.shape[0] != t:
+            raise ValueError(f"set_token_top_k: k has shape {tuple(k.shape)} but module {module.name} sees {t} "
+                             f"token rows, i.e. needs ({t},)")
+        return k
 
     def allowed(self, module: RoutedLinear, t: int) -> torch.Tensor | None:
         """The expert mask for a call of `module` on t token rows: (t, E), (E,) or None."""
@@ -263,7 +275,7 @@ class RoutedLinear(nn.Module):
         cfg, st = self.cfg, self.routing_state
         if cfg.pool == "module":
             P, g, ev = self._evidence(x, shape)
-            return P, g, routing.select(ev, cfg.top_k)[1]
+            return P, g, routing.select(ev, st.top_k(self, x.shape[0]))[1]
         hit = st.groups.get(self.group) if st.active else None
         if cfg.pool == "layer" and st.active and self.layer in st.layers:
             idx = st.layers[self.layer]  # an earlier group of this layer decided
@@ -285,7 +297,7 @@ class RoutedLinear(nn.Module):
                 P, g, ev = m._evidence(x, shape)
                 results[m.name] = (P, g)
                 evidence.append(ev)
-            hit = (source, results, routing.select(routing.pool(evidence), cfg.top_k)[1])
+            hit = (source, results, routing.select(routing.pool(evidence), st.top_k(self, x.shape[0]))[1])
             if st.active:
                 st.groups[self.group] = hit
                 if cfg.pool == "layer":
@@ -312,12 +324,12 @@ class RoutedLinear(nn.Module):
         vals = idx = None
         if cfg.router in ("spectr", "arrow") and (cfg.pool != "module" or cfg.smooth > 0):
             P, g, idx = self._choose(x, shape or (1, x.shape[0]), x if source is None else source)
-            vals = g.gather(1, idx)
+            vals = routing.cut(g.gather(1, idx), self.routing_state.top_k(self, x.shape[0]))
             w = routing.weights(vals, idx, E, mode=cfg.weighting, temperature=cfg.temperature)
         elif cfg.router in ("spectr", "arrow"):  # the reference: each module decides on its own
             P = routing.project(x, self.Vt, E)
             g = routing.restrict(self._scores(P), self.routing_state.allowed(self, x.shape[0]))
-            vals, idx = routing.select(g, cfg.top_k)
+            vals, idx = routing.select(g, self.routing_state.top_k(self, x.shape[0]))
             w = routing.weights(vals, idx, E, mode=cfg.weighting, temperature=cfg.temperature)
         else:
             P = routing.project(x, self.Vt, E)
@@ -353,8 +365,10 @@ class RoutedLinear(nn.Module):
         cfg, st, t = self.cfg, self.routing_state, x.shape[0]
         members = self._group()
         allowed = st.allowed(self, t)
+        # the kernel has one static k: a per-token k (set_token_top_k) takes the torch code below
         if x.is_cuda and kernels.route is not None and cfg.router != "uniform" and cfg.smooth == 0 \
-                and cfg.pool != "layer" and (len(members) == 1 or hasattr(members[0], "S_group")):
+                and cfg.pool != "layer" and st.token_k is None \
+                and (len(members) == 1 or hasattr(members[0], "S_group")):
             return self._decide_group_kernel(members, x, allowed)
         Ps = self._project_group(members, x)
         if cfg.router == "uniform":
@@ -366,16 +380,17 @@ class RoutedLinear(nn.Module):
         if cfg.smooth > 0:
             evs = [st.smooth(m, routing.cosine(g, x), shape) for m, g in zip(members, gs)]
         gs = [routing.restrict(g, allowed) for g in gs]
+        k = st.top_k(self, t)
         idx = self.layer_idx if cfg.pool == "layer" else None  # an earlier group of this layer decided
         if idx is None or idx.shape[0] != t:
             evs = [routing.restrict(e, allowed) for e in evs]
-            idx = routing.select(evs[0] if len(evs) == 1 else routing.pool(evs), cfg.top_k)[1]
+            idx = routing.select(evs[0] if len(evs) == 1 else routing.pool(evs), k)[1]
             if cfg.pool == "layer" and st.active:
                 for m in self.layer_rest:
                     m.layer_idx = idx
         out = []
         for m, P, g in zip(members, Ps, gs):
-            vals = g.gather(1, idx)
+            vals = routing.cut(g.gather(1, idx), k)
             w = routing.weights(vals, idx, m.E, mode=cfg.weighting, temperature=cfg.temperature)
             out.append((routing.coefficients(P, w, m.S, m.s, combine=cfg.combine).reshape(t, -1), vals, idx))
         return out

@@ -41,6 +41,8 @@ which decides independently per token, per module, per layer):
   that no longer flicker on single ambiguous tokens.
 - Weights (uniform 1/k or softmax) always come from the module's own current scores at the chosen
   experts; pooling and smoothing change which experts are chosen, not how a module mixes them.
+- A per-token k (set_token_top_k): select() ranks every expert and cut() sets the ranks past each token's
+  k to -inf, so a token's choices, weights and counted decisions are those of top_k = k_t, at static shapes.
 Measured on the real SmolLM2 library (8 experts, k = 4, CPU; small sample: 2 test documents per
 domain x 128 tokens, switching on 8 domain pairs x 2 sequences): top-1 accuracy / mean tokens to
 switch: reference 0.538 / 6.5, input 0.585 / 6.5, layer 0.559 / 5.6, smooth 0.5 0.592 / 7.4,
@@ -98,9 +100,25 @@ def restrict(g: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
     return g if allowed is None else g.masked_fill(~allowed, float("-inf"))
 
 
-def select(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k experts per token: (values, indices), each (t, k)."""
+def select(g: torch.Tensor, k: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k experts per token: (values, indices), each (t, k).
+
+    k per token, an int tensor (t,) (set_token_top_k): every expert is ranked, so the shape stays (t, E)
+    whatever the k (static, no host sync), and the values past each token's own k are -inf (cut()).
+    """
+    if isinstance(k, torch.Tensor):
+        vals, idx = torch.topk(g, g.shape[1], dim=1)
+        return cut(vals, k), idx
     return torch.topk(g, min(k, g.shape[1]), dim=1)
+
+
+def cut(vals: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """Ranked choices (t, K) with the ranks >= k_t of each token set to -inf: not chosen, never weighted,
+    not counted as decisions. An int k (one for every token) changes nothing."""
+    if not isinstance(k, torch.Tensor):
+        return vals
+    ranks = torch.arange(vals.shape[1], device=vals.device)
+    return vals.masked_fill(ranks >= k.to(vals.device)[:, None], float("-inf"))
 
 
 def weights(

@@ -27,6 +27,8 @@ app.add_typer(base_app, name="base")
 app.add_typer(bundle_app, name="bundle")
 from spectr.eval_cli import eval_app  # noqa: E402  (spectr eval: routing, lm, switch)
 app.add_typer(eval_app, name="eval")
+from spectr.lifecycle_cli import register as _register_lifecycle  # noqa: E402  (export, alias, tag, lineage)
+_register_lifecycle(app, bundle_app)
 
 # markup=False: names, paths and reasons come from users and the registry; '[x]' in them is text, not style.
 out = Console(markup=False, highlight=False)
@@ -61,6 +63,8 @@ def ingest(
     rank: Optional[int] = typer.Option(None, "--rank", help="truncate to this rank (randomized SVD)"),
     niter: int = typer.Option(4, "--niter", help="power iterations of the randomized SVD"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)"),
+    spectra_only: bool = typer.Option(False, "--spectra-only",
+                                      help="store spectra and metadata only, not the adapter's files"),
 ) -> None:
     """Validate adapters, compute their spectra and store new versions. Exit 1 if any is rejected.
 
@@ -81,7 +85,7 @@ def ingest(
 
     # With a Prefect server the lines print when the flow run returns; its logs are on the server.
     lines = run_ingest(list(sources), on_outcome=_print_outcome, base_model=base_model, base_name=base_name,
-                       dense=dense, rank=rank, niter=niter, device=device)
+                       dense=dense, rank=rank, niter=niter, device=device, spectra_only=spectra_only)
     new = sum(o.status == "new" for o in lines)
     rejected = sum(o.status == "rejected" for o in lines)
     err.print(f"{len(lines)} adapters: {new} new versions, {len(lines) - new - rejected} unchanged, {rejected} rejected",
@@ -93,6 +97,9 @@ def ingest(
 def catalog(
     as_json: bool = typer.Option(False, "--json", help="print a JSON list of expert versions"),
     sql: Optional[str] = typer.Option(None, "--sql", help="a read-only DuckDB query over the registry's tables"),
+    name: Optional[str] = typer.Option(None, "--name", help="only this expert's versions"),
+    alias: Optional[str] = typer.Option(None, "--alias", help="only versions this alias points at"),
+    tag: Optional[str] = typer.Option(None, "--tag", help="only versions tagged KEY or KEY=VALUE"),
 ) -> None:
     """List experts and their versions, or query the registry with DuckDB SQL."""
     from spectr.registry.store import Registry
@@ -110,11 +117,12 @@ def catalog(
         else:
             _table(columns, rows)
         return
-    rows = registry.catalog()
+    rows = registry.catalog(name, alias=alias, tag=tag)
     if as_json:
         print(json.dumps(rows, default=str, indent=1))
         return
-    columns = ["name", "version", "base_model", "rank", "modules", "method", "energy", "content_sha256", "source"]
+    columns = ["name", "version", "aliases", "base_model", "rank", "modules", "method", "energy", "content_sha256",
+               "source"]
     _table(columns, [[_cell(c, r.get(c)) for c in columns] for r in rows], title=f"{len(rows)} expert versions")
 
 
@@ -123,6 +131,8 @@ def _cell(column: str, value) -> str:
         return value[:12]
     if column == "energy" and value is not None:
         return f"{value:.4f}"
+    if column == "aliases":
+        return ", ".join(value or [])
     return "" if value is None else str(value)
 
 
@@ -153,27 +163,30 @@ def base_add(
 
 @bundle_app.command("create")
 def bundle_create(
-    name: str = typer.Argument(..., help="the bundle's name"),
-    experts: Optional[str] = typer.Option(None, "--experts", help="comma-separated NAME or NAME@VERSION"),
+    name: str = typer.Argument(..., help="the bundle's name (recorded in the registry)"),
+    experts: Optional[str] = typer.Option(None, "--experts", help="comma-separated NAME, NAME@VERSION or NAME@ALIAS"),
     all_experts: bool = typer.Option(False, "--all", help="the latest version of every expert"),
     output: Path = typer.Option(..., "-o", "--output", help="bundle folder to write"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="router preset recorded with the bundle"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="top-k recorded with the bundle"),
 ) -> None:
-    """Export a chosen expert set (stacked spectra + manifest) for the runtime."""
+    """Export a chosen expert set (stacked spectra + manifest) and record it in the registry."""
     from spectr.pipeline.export import create_bundle
     from spectr.registry.store import Registry
 
     if all_experts == (experts is not None):
-        _fail("give exactly one of --experts NAME,NAME@VERSION or --all", 2)
-    selectors = None if all_experts else [e for e in experts.split(",") if e.strip()]
+        _fail("give exactly one of --experts NAME,NAME@VERSION,NAME@ALIAS or --all", 2)
+    selectors = None if all_experts else [e.strip() for e in experts.split(",") if e.strip()]
+    defaults = {k: v for k, v in (("preset", preset), ("top_k", top_k)) if v is not None}
+    registry = Registry()
     try:
-        path = create_bundle(Registry(), selectors, output, name=name)
+        path = create_bundle(registry, selectors, output, name=name, router=defaults)
+        rec = registry.get_bundle(name)
     except (KeyError, ValueError) as exc:
         _fail(exc)
-    from spectr.runtime.bundle import read_bundle
-
-    bundle = read_bundle(path)
-    out.print(f"bundle {name} -> {path}: {len(bundle.expert_names)} experts "
-              f"({', '.join(bundle.expert_names)}), {len(bundle.modules)} modules")
+    experts_list = ", ".join(f"{e['name']}@{e['version']}" for e in rec.experts)
+    out.print(f"bundle {name}@{rec.version} -> {path}: {len(rec.experts)} experts ({experts_list}), "
+              f"spectra sha256 {rec.spectra_sha256[:12]}", soft_wrap=True)
 
 
 @app.command()

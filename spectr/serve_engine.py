@@ -7,6 +7,8 @@ Routing is per token inside that packed batch. What the engine adds is per-reque
 a forward pre-hook on the model reads the batch processor's `requests_in_batch` (the same order as the
 packed rows, each with its query_length) to know which request each row belongs to, then
 - sets the expert mask for the rows of requests that restrict their experts (spectr.runtime.set_expert_mask),
+- sets one top_k per row when a request asks for its own k (spectr.runtime.set_token_top_k; the other
+  rows keep the server's --top-k),
 - and, for requests that asked for a routing summary, adds up which experts the routed modules chose at
   the rows that produce their next token (runtime.trace.DecisionCounter, on device; one copy per step).
 
@@ -130,6 +132,7 @@ class Engine:
                        model.register_forward_hook(after, always_call=True)]
         self._counter = None
         self._masked = False
+        self._own_k = False
         if state is not None:
             from spectr.runtime.trace import DecisionCounter
 
@@ -214,10 +217,6 @@ class Engine:
             if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n:
                 raise RequestError(f"spectr.top_k must be an integer from 1 to {n} (the experts it may choose "
                                    f"from), got {top_k!r}", param="spectr.top_k")
-            if min(top_k, n) != min(self.top_k, n):  # the effective k among the allowed experts
-                raise RequestError(f"spectr.top_k {top_k} is not supported: the server routes with top_k="
-                                   f"{self.top_k} (per-request k is not in the runtime yet; start the server with "
-                                   f"--top-k {top_k})", param="spectr.top_k")
         routing = Routing(experts=allowed, top_k=top_k, summary=summary)
         if routing.experts is not None and _expert_mask_api() is None:
             raise RequestError("per-request experts need spectr.runtime.set_expert_mask, which this runtime lacks",
@@ -280,13 +279,14 @@ class Engine:
         if ids is None or "cu_seq_lens_q" not in kwargs:  # a forward outside continuous batching
             return
         rows_total = ids.shape[-1]
-        spans, row, want_rows, restricted = [], 0, [], False
+        spans, row, want_rows, restricted, own_k = [], 0, [], False, False
         for fs in self._batch():
             live = self._live.get(fs.state.request_id)
             n = int(fs.query_length)
             if live is not None:
                 spans.append((live, row, n))
                 restricted |= live.routing.experts is not None
+                own_k |= live.routing.top_k not in (None, self.top_k)
                 if live.routing.summary and fs.has_new_token:
                     want_rows.append((live, row + n - 1))
             row += n
@@ -298,6 +298,15 @@ class Engine:
                     mask[start:start + n, live.routing.experts] = True
             _expert_mask_api()(model, mask.to(ids.device))
             self._masked = True
+        if own_k:  # a request with its own top_k: one k per packed row, the server's for every other row
+            k = torch.full((rows_total,), self.top_k, dtype=torch.int64)
+            for live, start, n in spans:
+                if live.routing.top_k is not None:
+                    k[start:start + n] = live.routing.top_k
+            from spectr.runtime import set_token_top_k
+
+            set_token_top_k(model, k.to(ids.device))
+            self._own_k = True
         self._rows = want_rows or None
         self._counter.take()
         model.spectr.recorder.enabled = bool(want_rows)
@@ -309,6 +318,11 @@ class Engine:
         if self._masked:
             _expert_mask_api()(model, None)
             self._masked = False
+        if self._own_k:
+            from spectr.runtime import set_token_top_k
+
+            set_token_top_k(model, None)
+            self._own_k = False
         counts, rows, self._rows = self._counter.take(), self._rows, None
         if counts is None or not rows:
             return

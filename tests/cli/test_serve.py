@@ -147,6 +147,31 @@ def test_fixed_expert_equals_plain_peft_lora(served, make_adapter):
         assert [f.result().choices[0].text for f in fixed] == want
 
 
+def test_per_request_top_k_equals_the_model_loaded_with_that_k(served, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from spectr import runtime
+    from spectr.runtime import load_bundle
+
+    seen = []  # the per-row k of every forward that had one: shared batches hold both 1 and 2
+    real = runtime.set_token_top_k
+    monkeypatch.setattr(runtime, "set_token_top_k", lambda m, k: (seen.append(k), real(m, k))[1])
+
+    url, model, base, bundle, engine = served
+    assert engine.top_k == 1  # the server routes with k=1; the k=2 requests bring their own
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    want = {k: [greedy(load_bundle(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval(), bundle,
+                                   top_k=k), tokenizer, p) for p in PROMPTS[:4]] for k in (1, 2)}
+    assert want[1] != want[2]  # k changes the text, so the comparison means something
+    with ThreadPoolExecutor(8) as pool:  # k=2 and k=1 requests share batches
+        k2 = [pool.submit(complete, url, model, p, 8, {"top_k": 2}) for p in PROMPTS[:4]]
+        k1 = [pool.submit(complete, url, model, p, 8, {"top_k": 1} if i % 2 else None)
+              for i, p in enumerate(PROMPTS[:4])]
+        assert [f.result().choices[0].text for f in k2] == want[2]
+        assert [f.result().choices[0].text for f in k1] == want[1]
+    assert any(k is not None and set(k.tolist()) == {1, 2} for k in seen)
+
+
 def test_bad_requests_get_4xx_and_leave_others_alone(served):
     url, model, *_ = served
     want = complete(url, model, PROMPTS[2], max_tokens=12).choices[0].text
@@ -157,6 +182,7 @@ def test_bad_requests_get_4xx_and_leave_others_alone(served):
             ({"spectr": {"experts": []}}, 400, "non-empty"),
             ({"spectr": {"top_k": 0}}, 400, "top_k"),
             ({"spectr": {"top_k": "two"}}, 400, "top_k"),
+            ({"spectr": {"top_k": 4}}, 400, "from 1 to 3 (the experts it may choose from), got 4"),
             ({"spectr": {"experts": ["red"], "top_k": 2}}, 400, "top_k"),
             ({"spectr": {"colour": 1}}, 400, "unknown fields"),
             ({"prompt": " ".join(["w5"] * 250), "max_tokens": 16}, 400, "context of 256"),
@@ -204,7 +230,7 @@ def test_serve_cli_refuses_bad_arguments(tmp_path, served):
     result = runner.invoke(app, ["serve", "--base-model", str(base)])
     assert result.exit_code == 2 and "exactly one of --bundle" in result.output
     result = runner.invoke(app, ["serve", "--base-model", str(tmp_path / "nope"), "--bundle", str(bundle)])
-    assert result.exit_code == 1 and "no config.json" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 1 and "nope: no such folder" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["serve", "--base-model", str(base), "--bundle", str(tmp_path / "nothing")])
     assert result.exit_code == 1 and "nothing" in result.output and "Traceback" not in result.output
 
@@ -237,3 +263,13 @@ def test_serve_cli_builds_the_bundle_from_the_registry(served, spectr_home, make
     assert seen == {"experts": ["green", "red"], "top_k": 2, "host": "127.0.0.1", "port": 8123}
     result = runner.invoke(app, ["serve", "--base-model", str(base), "--experts", "red@7"])
     assert result.exit_code == 1 and "no version 7" in result.output and "Traceback" not in result.output
+    # An alias works as a version does, and the registry records what the server loaded.
+    registry.set_alias("red", "prod", 1)
+    result = runner.invoke(app, ["serve", "--base-model", str(base), "--experts", "red@prod,green", "--device", "cpu",
+                                 "--num-blocks", "8"])
+    assert result.exit_code == 0, result.output
+    assert seen["experts"] == ["red", "green"]
+    assert [(e["name"], e["version"], e["selector"]) for e in registry.get_bundle("serve").experts] == [
+        ("red", 1, "red@prod"), ("green", 1, "green")]
+    result = runner.invoke(app, ["serve", "--base-model", str(base), "--experts", "red@staging"])
+    assert result.exit_code == 1 and "no alias 'staging'" in result.output and "Traceback" not in result.output
