@@ -5,12 +5,13 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import random
 import time
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol, TypeVar
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -38,6 +39,8 @@ from spectr.digest import canonical_json, sha256_json
 from spectr.registry.names import check_alias, check_bundle_name, check_tag
 from spectr.registry.selectors import Selector, parse_selector
 from spectr.registry.settings import registry_url
+
+T = TypeVar("T")
 
 
 # What the registry reads from the pipeline's objects (pipeline.types.BaseModelInfo and LoadedAdapter).
@@ -109,6 +112,23 @@ class BundleInfo:
     experts: tuple[dict[str, Any], ...]  # name, version, selector, content_sha256, spectra_blob_sha256
 
 
+def settle(attempt: Callable[[], T], deadline_s: float = 60.0) -> T:
+    """attempt() (one transaction) again until no concurrent writer is in its way. Two writers that choose the
+    same new key (a version number, a base model, a tag) clash on a unique constraint; SQLite answers a busy
+    writer with "database is locked". Both are retried with jittered exponential backoff, and the retry reads
+    the winner's rows, so writers released together all succeed (retrying once was not enough with 8)."""
+    delay, start = 0.002, time.monotonic()
+    while True:
+        try:
+            return attempt()
+        except (IntegrityError, OperationalError) as e:
+            busy = isinstance(e, OperationalError) and "locked" in str(e.orig).lower()
+            if not (isinstance(e, IntegrityError) or busy) or time.monotonic() - start > deadline_s:
+                raise
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 0.25)
+
+
 def current_user() -> str:
     """Who moves aliases and creates bundles: SPECTR_USER, else the login name."""
     user = os.environ.get("SPECTR_USER")
@@ -157,14 +177,11 @@ class Registry:
     # -- base models -------------------------------------------------------------------------
     def ensure_base_model(self, info: BaseModelInfo) -> None:
         """Insert the base model, or check that the stored one has the same config_sha256."""
-        for attempt in (0, 1):
-            try:
-                with self._session.begin() as s:
-                    self._ensure_base(s, info)
-                return
-            except IntegrityError:
-                if attempt:
-                    raise
+        def attempt() -> None:
+            with self._session.begin() as s:
+                self._ensure_base(s, info)
+
+        settle(attempt)
 
     def _ensure_base(self, s: Session, info: BaseModelInfo) -> BaseModelRow:
         row = s.scalar(select(BaseModelRow).where(BaseModelRow.name == info.name))
@@ -207,19 +224,16 @@ class Registry:
         for sha, _ in files.values():
             if not self.blobs.exists(sha):
                 raise ValueError(f"blob {sha} for {name!r} is not in the blob store {self.blobs.root}; put() it first")
-        for attempt in (0, 1):
-            try:
-                with self._session.begin() as s:
-                    vid = s.scalar(
-                        select(AdapterVersion.id).join(Adapter).where(Adapter.name == name, AdapterVersion.version == version)
-                    )
-                    if vid is None:
-                        raise KeyError(f"expert {name!r} has no version {version}")
-                    self._attach_files(s, vid, files)
-                return
-            except IntegrityError:  # another writer attached them first
-                if attempt:
-                    raise
+        def attempt() -> None:
+            with self._session.begin() as s:
+                vid = s.scalar(
+                    select(AdapterVersion.id).join(Adapter).where(Adapter.name == name, AdapterVersion.version == version)
+                )
+                if vid is None:
+                    raise KeyError(f"expert {name!r} has no version {version}")
+                self._attach_files(s, vid, files)
+
+        settle(attempt)  # another writer may attach them first
 
     def add_version(
         self,
@@ -243,16 +257,10 @@ class Registry:
                 raise ValueError(
                     f"blob {sha} for {adapter.source.name!r} is not in the blob store {self.blobs.root}; put() it first"
                 )
-        # Two writers may pick the same next version number; the unique constraint catches it, retry once.
-        for attempt in (0, 1):
-            try:
-                return self._add_version(
-                    adapter, spectra_blob_sha256, method, params, energy, n_modules, size_bytes, run_id, files or {}
-                )
-            except IntegrityError:
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
+        # Writers racing for the same next version number: the unique constraint picks one, the others retry.
+        return settle(lambda: self._add_version(
+            adapter, spectra_blob_sha256, method, params, energy, n_modules, size_bytes, run_id, files or {}
+        ))
 
     def _add_version(
         self, adapter: LoadedAdapter, blob: str, method: str, params: dict, energy: float,
@@ -534,29 +542,27 @@ class Registry:
                 version_id = s.scalar(
                     select(AdapterVersion.id).join(Adapter).where(Adapter.name == v.name, AdapterVersion.version == v.version)
                 )
-        for attempt in (0, 1):  # two writers adding the same new key: the unique constraint decides, retry once
-            try:
-                with self._session.begin() as s:
-                    adapter = s.scalar(select(Adapter).where(Adapter.name == sel.name))
-                    if adapter is None:
-                        raise KeyError(f"no expert named {sel.name!r} in the registry {self.url}")
-                    model, owner = (VersionTag, VersionTag.version_id == version_id) if version_id else (
-                        AdapterTag, AdapterTag.adapter_id == adapter.id)
-                    row = s.scalar(select(model).where(owner, model.key == key))
-                    if value is None:
-                        if row is not None:
-                            s.delete(row)
-                        return row is not None
-                    if row is None:
-                        ids = {"version_id": version_id} if version_id else {"adapter_id": adapter.id}
-                        s.add(model(key=key, value=value, updated_at=utcnow(), **ids))
-                    else:
-                        row.value, row.updated_at = value, utcnow()
-                    return True
-            except IntegrityError:
-                if attempt:
-                    raise
-        return False
+
+        def attempt() -> Any:
+            with self._session.begin() as s:
+                adapter = s.scalar(select(Adapter).where(Adapter.name == sel.name))
+                if adapter is None:
+                    raise KeyError(f"no expert named {sel.name!r} in the registry {self.url}")
+                model, owner = (VersionTag, VersionTag.version_id == version_id) if version_id else (
+                    AdapterTag, AdapterTag.adapter_id == adapter.id)
+                row = s.scalar(select(model).where(owner, model.key == key))
+                if value is None:
+                    if row is not None:
+                        s.delete(row)
+                    return row is not None
+                if row is None:
+                    ids = {"version_id": version_id} if version_id else {"adapter_id": adapter.id}
+                    s.add(model(key=key, value=value, updated_at=utcnow(), **ids))
+                else:
+                    row.value, row.updated_at = value, utcnow()
+                return True
+
+        return settle(attempt)  # two writers adding the same new key: the unique constraint decides
 
     # -- the original adapter ----------------------------------------------------------------
     def adapter_files(self, selector: str | Selector) -> dict[str, str]:
@@ -613,37 +619,35 @@ class Registry:
         newest version of `name` is no new version (created=False); otherwise the next version number."""
         check_bundle_name(name)
         manifest_sha = self.blobs.put(manifest)
-        for attempt in (0, 1):
-            try:
-                with self._session.begin() as s:
-                    newest = s.scalar(
-                        select(BundleRecord).where(BundleRecord.name == name).order_by(BundleRecord.version.desc()).limit(1)
+
+        def attempt() -> Any:
+            with self._session.begin() as s:
+                newest = s.scalar(
+                    select(BundleRecord).where(BundleRecord.name == name).order_by(BundleRecord.version.desc()).limit(1)
+                )
+                if newest is not None and newest.manifest_sha256 == manifest_sha:
+                    return self._bundle_info(s, newest), False
+                base = s.scalar(select(BaseModelRow).where(BaseModelRow.name == base_model))
+                if base is None:
+                    raise KeyError(f"base model {base_model!r} is not registered")
+                rec = BundleRecord(
+                    name=name, version=(newest.version if newest else 0) + 1, base_model_id=base.id,
+                    router=_jsonable(router), spectra_sha256=spectra_sha256, manifest_sha256=manifest_sha,
+                    created_at=utcnow(), created_by=actor or current_user(),
+                )
+                s.add(rec)
+                s.flush()
+                for pos, (v, selector) in enumerate(experts):
+                    vid = s.scalar(
+                        select(AdapterVersion.id).join(Adapter)
+                        .where(Adapter.name == v.name, AdapterVersion.version == v.version)
                     )
-                    if newest is not None and newest.manifest_sha256 == manifest_sha:
-                        return self._bundle_info(s, newest), False
-                    base = s.scalar(select(BaseModelRow).where(BaseModelRow.name == base_model))
-                    if base is None:
-                        raise KeyError(f"base model {base_model!r} is not registered")
-                    rec = BundleRecord(
-                        name=name, version=(newest.version if newest else 0) + 1, base_model_id=base.id,
-                        router=_jsonable(router), spectra_sha256=spectra_sha256, manifest_sha256=manifest_sha,
-                        created_at=utcnow(), created_by=actor or current_user(),
-                    )
-                    s.add(rec)
-                    s.flush()
-                    for pos, (v, selector) in enumerate(experts):
-                        vid = s.scalar(
-                            select(AdapterVersion.id).join(Adapter)
-                            .where(Adapter.name == v.name, AdapterVersion.version == v.version)
-                        )
-                        s.add(BundleExpert(bundle_id=rec.id, position=pos, version_id=vid, selector=selector,
-                                           content_sha256=v.content_sha256, spectra_blob_sha256=v.blob_sha256))
-                    s.flush()
-                    return self._bundle_info(s, rec), True
-            except IntegrityError:
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
+                    s.add(BundleExpert(bundle_id=rec.id, position=pos, version_id=vid, selector=selector,
+                                       content_sha256=v.content_sha256, spectra_blob_sha256=v.blob_sha256))
+                s.flush()
+                return self._bundle_info(s, rec), True
+
+        return settle(attempt)
 
     def get_bundle(self, name: str, version: int | None = None) -> BundleInfo:
         """A recorded bundle (the newest version when None); KeyError naming what exists otherwise."""
