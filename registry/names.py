@@ -5,9 +5,19 @@ import re
 
 from spectr.registry.selectors import ALIAS, LATEST, VERSIONISH
 
+_EXPERT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _TAG_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,254}$")
 _BUNDLE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
 MAX_TAG_VALUE = 5000
+
+
+def check_expert_name(name: str) -> str:
+    """An expert name: 1-128 letters, digits, '_', '.' or '-', starting with a letter or digit (a hub repo name
+    fits), so NAME@VERSION and comma-separated lists can always select it and it is never '.' or '..'."""
+    if not isinstance(name, str) or not _EXPERT.match(name):
+        raise ValueError(f"expert name {str(name)[:80]!r}: use 1-128 letters, digits, '_', '.' or '-', starting "
+                         f"with a letter or digit (rename the adapter folder)")
+    return name
 
 
 def check_alias(alias: str) -> str:

@@ -36,7 +36,7 @@ from spectr.registry.models import (
     utcnow,
 )
 from spectr.digest import canonical_json, sha256_json
-from spectr.registry.names import check_alias, check_bundle_name, check_tag
+from spectr.registry.names import check_alias, check_bundle_name, check_expert_name, check_tag
 from spectr.registry.selectors import Selector, parse_selector
 from spectr.registry.settings import registry_url
 
@@ -252,6 +252,7 @@ class Registry:
 
         files: the original adapter files kept as blobs, filename -> (blob sha256, size); a version that
         exists without them (ingested with --spectra-only) gets them attached."""
+        check_expert_name(adapter.source.name)  # the registry is the last line: every source is checked here too
         for sha in [spectra_blob_sha256, *(sha for sha, _ in (files or {}).values())]:
             if not self.blobs.exists(sha):
                 raise ValueError(
