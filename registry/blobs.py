@@ -118,17 +118,27 @@ class BlobStore:
                 found.append(sha)
         return sorted(found)
 
-    def sweep_temp(self, grace_s: float = 3600.0) -> list[str]:
-        """Remove temp files of writes that died (a killed process leaves its `.tmp-*`), once older than grace_s."""
+    def stale_temp_files(self, grace_s: float = 3600.0) -> list[str]:
+        """Temp files of writes that died (a killed process leaves its `.tmp-*`), older than grace_s."""
         root = Path(self.root) / "sha256"
         if self._fs is not None or not root.is_dir():
             return []
-        cutoff, removed = time.time() - grace_s, []
-        for tmp in root.glob("*/.tmp-*"):
+        cutoff, found = time.time() - grace_s, []
+        for tmp in sorted(root.glob("*/.tmp-*")):
             try:
                 if tmp.stat().st_mtime < cutoff:
-                    tmp.unlink()
-                    removed.append(str(tmp))
+                    found.append(str(tmp))
+            except FileNotFoundError:  # finished or swept meanwhile
+                pass
+        return found
+
+    def sweep_temp(self, grace_s: float = 3600.0) -> list[str]:
+        """Remove stale_temp_files(grace_s); the paths removed."""
+        removed = []
+        for tmp in self.stale_temp_files(grace_s):
+            try:
+                os.unlink(tmp)
+                removed.append(tmp)
             except FileNotFoundError:  # another sweeper was first
                 pass
         return removed

@@ -102,6 +102,8 @@ class IngestionRun(Base):
     rejected: Mapped[int] = mapped_column(Integer, default=0)
     new_versions: Mapped[int] = mapped_column(Integer, default=0)
     flow_run_id: Mapped[str | None] = mapped_column(String(36))  # the Prefect flow run, when there is one
+    host: Mapped[str | None] = mapped_column(String(255))  # who runs it: a run whose process is gone crashed
+    pid: Mapped[int | None] = mapped_column(Integer)
 
 
 class AdapterVersion(Base):

@@ -6,6 +6,7 @@ import getpass
 import json
 import os
 import random
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -127,6 +128,17 @@ def settle(attempt: Callable[[], T], deadline_s: float = 60.0) -> T:
                 raise
         time.sleep(delay * (0.5 + random.random()))
         delay = min(delay * 2, 0.25)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host with this id exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def current_user() -> str:
@@ -739,11 +751,25 @@ class Registry:
 
     # -- ingestion runs ----------------------------------------------------------------------
     def start_run(self, sources: list[str], params: dict, flow_run_id: str | None = None) -> str:
+        self.mark_crashed_runs()  # leftovers of killed ingests are swept whenever a new one starts
+        self.blobs.sweep_temp()
         run_id = str(uuid.uuid4())
         with self._session.begin() as s:
             s.add(IngestionRun(id=run_id, status="running", sources=list(sources), params=_jsonable(params),
-                               flow_run_id=flow_run_id))
+                               flow_run_id=flow_run_id, host=socket.gethostname(), pid=os.getpid()))
         return run_id
+
+    def mark_crashed_runs(self) -> list[str]:
+        """Runs still 'running' whose process on this host is gone: marked 'crashed' (ids returned). Runs of
+        other hosts are left alone: their processes cannot be seen from here."""
+        host, crashed = socket.gethostname(), []
+        with self._session.begin() as s:
+            for run in s.scalars(select(IngestionRun).where(IngestionRun.status == "running",
+                                                            IngestionRun.host == host)):
+                if run.pid is not None and not process_alive(run.pid):
+                    run.status, run.finished_at = "crashed", utcnow()
+                    crashed.append(run.id)
+        return crashed
 
     def record_result(
         self,

@@ -273,6 +273,27 @@ def migrate() -> None:
     out.print(f"{registry_url()} at revision {current_revision()}")
 
 
+@app.command()
+def doctor(
+    fix: bool = typer.Option(False, "--fix", help="repair what is safe: temp files and orphan blobs past an hour, "
+                                                  "runs of dead processes"),
+) -> None:
+    """Check the registry's rows against its blobs and find the debris of crashes; exit 1 while problems remain."""
+    from spectr.registry.doctor import examine
+    from spectr.registry.store import Registry
+
+    registry = Registry()
+    try:
+        findings = examine(registry, fix=fix)
+    finally:
+        registry.close()
+    for f in findings:
+        out.print(f.line(), soft_wrap=True)
+    left = sum(not f.fixed for f in findings)
+    err.print(f"doctor: {left} problems, {len(findings) - left} fixed" if findings else "doctor: the registry is clean")
+    raise typer.Exit(1 if left else 0)
+
+
 @app.command("serve-flows")
 def serve_flows(
     sources: list[str] = typer.Argument(..., help="folders, globs or hub ids to re-scan on every run"),

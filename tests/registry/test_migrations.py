@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 TABLES_0001 = {"base_models", "adapters", "adapter_versions", "spectra", "ingestion_runs", "ingestion_results"}
 TABLES_0002 = {"adapter_files", "aliases", "alias_events", "adapter_tags", "version_tags", "bundles", "bundle_experts"}
 TABLES = TABLES_0001 | TABLES_0002
-HEAD = "0002"
+HEAD = "0003"
 
 
 def _tables(url: str) -> set[str]:
@@ -192,6 +192,46 @@ def test_0002_roundtrip_postgres(tmp_path):
     db.downgrade(url, "base") if db.current_revision(url) else None
     try:
         _roundtrip_0002(url, tmp_path / "blobs")
+    finally:
+        db.downgrade(url, "base")
+
+
+def _roundtrip_0003(url: str, blob_dir: Path) -> None:
+    """head with a run that records its owner -> 0002 keeps the run -> head again."""
+    from spectr.registry import Registry
+
+    db.upgrade(url)
+    reg = Registry(url, blob_url=str(blob_dir), migrate=False)
+    try:
+        run = reg.start_run(["x"], {})
+    finally:
+        reg.close()
+    assert {"host", "pid"} <= _columns(url, "ingestion_runs")
+    db.downgrade(url, "0002")
+    assert not {"host", "pid"} & _columns(url, "ingestion_runs")
+    engine = create_engine(url)
+    try:
+        with engine.connect() as c:
+            assert c.execute(text("SELECT id FROM ingestion_runs")).scalars().all() == [run]
+    finally:
+        engine.dispose()
+    db.upgrade(url)
+    assert db.current_revision(url) == HEAD
+    command.check(db.alembic_config(url))
+
+
+def test_0003_roundtrip_sqlite(tmp_path):
+    _roundtrip_0003(f"sqlite:///{tmp_path / 'reg.db'}", tmp_path / "blobs")
+
+
+@pytest.mark.postgres
+def test_0003_roundtrip_postgres(tmp_path):
+    url = os.environ.get("SPECTR_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("SPECTR_TEST_POSTGRES_URL is not set")
+    db.downgrade(url, "base") if db.current_revision(url) else None
+    try:
+        _roundtrip_0003(url, tmp_path / "blobs")
     finally:
         db.downgrade(url, "base")
 
