@@ -104,13 +104,25 @@ def ingest(
     device: str | None = None,
     registry_url: str | None = None,
     blob_url: str | None = None,
+    spectra_only: bool = False,
 ) -> list[dict]:
-    """Ingest adapter folders, globs and hub ids into the registry; returns one dict per source."""
+    """Ingest adapter folders, globs and hub ids into the registry; returns one dict per source.
+
+    The ingestion run records this flow run's id (lineage); each version keeps its adapter unless spectra_only."""
     outcomes = pipeline_ingest.ingest_sources(
         sources, base_model=base_model, base_name=base_name, dense=dense, rank=rank, niter=niter, device=device,
         registry_url=registry_url, blob_url=blob_url, steps=STEPS, logger=get_run_logger(),
+        spectra_only=spectra_only, flow_run_id=_flow_run_id(),
     )
     return [o.to_dict() for o in outcomes]
+
+
+def _flow_run_id() -> str | None:
+    """The Prefect flow run this ingest runs in, or None outside one."""
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.id
+    return str(run_id) if run_id else None
 
 
 # -- distributed: every adapter's validate + SVD + blob write as one task on the flow's task runner -----------
@@ -146,12 +158,14 @@ def ingest_distributed(
     device: str | None = None,
     registry_url: str | None = None,
     blob_url: str | None = None,
+    spectra_only: bool = False,
 ) -> list[dict]:
     """As `ingest`, with each adapter's work a task on the flow's task runner (Dask: see dask_runner);
     this process alone writes the registry, in the sources' order, so versions match a plain run."""
     outcomes = pipeline_ingest.ingest_sources(
         sources, base_model=base_model, base_name=base_name, dense=dense, rank=rank, niter=niter, device=device,
         registry_url=registry_url, blob_url=blob_url, steps=DISTRIBUTED_STEPS, logger=get_run_logger(),
+        spectra_only=spectra_only, flow_run_id=_flow_run_id(),
     )
     return [o.to_dict() for o in outcomes]
 

@@ -11,6 +11,7 @@ from typing import Any, Callable, TypeVar
 from urllib.parse import urlparse
 
 from spectr.pipeline.types import AdapterError, AdapterSource
+from spectr.registry.names import check_expert_name
 
 # Hub repo names: letters, digits, "-", "_", "."; revision: branch, tag or commit (may hold "/").
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}(@[\w./-]+)?$", re.ASCII)
@@ -70,6 +71,10 @@ def fetch(spec: str) -> AdapterSource:
         path = p.resolve()
         # The name is the folder as the user sees it: a symlinked "latest" keeps its link name.
         name = p.absolute().name or path.name
+        try:
+            check_expert_name(name)
+        except ValueError as e:
+            raise AdapterError(f"{spec}: {e}") from None
         return AdapterSource(name=name, path=path, source=str(path), revision=None)
     if p.exists():
         raise AdapterError(f"{spec}: not an adapter folder (a file was given)")

@@ -90,13 +90,24 @@ def adapter_content_sha256(folder: Path, config: dict | None = None) -> str:
     """sha256 over the canonical config JSON, then the safetensors weights file's bytes."""
     folder = Path(folder)
     cfg = read_adapter_config(folder) if config is None else config
-    h = hashlib.sha256()
-    h.update(b"adapter_config.json\0" + canonical_json(cfg).encode() + b"\0")
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise AdapterError(f"{weights}: missing {WEIGHTS_FILE}")
+    return update_with_file(_content_hasher(cfg), weights).hexdigest()
+
+
+def content_sha256_of(config_bytes: bytes, weights_bytes: bytes) -> str:
+    """adapter_content_sha256 of a folder holding these two files' bytes (the kept adapter is checked with it)."""
+    h = _content_hasher(json.loads(config_bytes.decode("utf-8")))  # parsed as read_json_object parses it
+    h.update(weights_bytes)
+    return h.hexdigest()
+
+
+def _content_hasher(config: dict) -> Any:
+    h = hashlib.sha256()
+    h.update(b"adapter_config.json\0" + canonical_json(config).encode() + b"\0")
     h.update(WEIGHTS_FILE.encode() + b"\0")
-    return update_with_file(h, weights).hexdigest()
+    return h
 
 
 def _strip_volatile(obj: Any) -> Any:

@@ -165,8 +165,12 @@ def ingest_one(
     niter: int = 4,
     device: str | None = None,
     run_id: str | None = None,
+    spectra_only: bool = False,
 ) -> Outcome:
-    """Validate, compute and store one fetched adapter; every failure becomes a rejected Outcome."""
+    """Validate, compute and store one fetched adapter; every failure becomes a rejected Outcome.
+
+    The version keeps the adapter's original files (blobs beside the spectra) unless spectra_only; an
+    unchanged version that lacks them (ingested spectra-only before) gets them now."""
     seconds: dict[str, float] = {}
     name = None
     try:
@@ -179,6 +183,8 @@ def ingest_one(
             sha = adapter_content_sha256(src.path, config)
             found = registry.find_version(src.name, sha)
             if found is not None and registry.blobs.exists(found.blob_sha256) and resolve_base.same_base(found.base_model):
+                if not (spectra_only or found.files):
+                    _keep_files(registry, found, src.path)
                 seconds["hash"] = time.perf_counter() - t0
                 warnings = registry.recorded_warnings(found.name, found.version) or []
                 return Outcome(spec, "unchanged", found.name, found.version, warnings=warnings, seconds=seconds)
@@ -190,15 +196,21 @@ def ingest_one(
         seconds["validate"] = time.perf_counter() - t0
         existing = registry.find_version(src.name, adapter.content_sha256)
         if existing is not None and registry.blobs.exists(existing.blob_sha256):
+            if not (spectra_only or adapter.dense_deltas or existing.files):
+                _keep_files(registry, existing, src.path)
             return Outcome(spec, "unchanged", src.name, existing.version, warnings=adapter.warnings, seconds=seconds)
+        from spectr.pipeline.persist import SpectraBlob, store_version, write_adapter_blobs
+
+        # Dense experts have no adapter files to keep: their spectra are the record.
+        keep = not (spectra_only or adapter.dense_deltas)
+        files = write_adapter_blobs(registry.blobs, src.path, adapter.content_sha256) if keep else {}
         t0 = time.perf_counter()
-        from spectr.pipeline.persist import SpectraBlob, store_version
 
         blob = SpectraBlob(**steps.spectra(adapter=adapter, blob_url=registry.blobs.url,
                                            method=method_for(adapter, rank), rank=rank, niter=niter, device=device))
         seconds["spectra"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        info, created = store_version(registry, adapter, blob, run_id)
+        info, created = store_version(registry, adapter, blob, run_id, files)
         seconds["store"] = time.perf_counter() - t0
         status = "new" if created else "unchanged"
         return Outcome(spec, status, info.name, info.version, warnings=adapter.warnings, seconds=seconds)
@@ -207,6 +219,13 @@ def ingest_one(
     except Exception as exc:  # a bug or an I/O error must not hide the other adapters' outcomes
         log.debug("ingest of %s failed", spec, exc_info=True)
         return Outcome(spec, "rejected", name, reason=f"{type(exc).__name__}: {exc}", seconds=seconds)
+
+
+def _keep_files(registry: Registry, version: Any, folder: Path) -> None:
+    from spectr.pipeline.persist import write_adapter_blobs
+
+    kept = write_adapter_blobs(registry.blobs, folder, version.content_sha256)
+    registry.keep_files(version.name, version.version, kept)
 
 
 @dataclass
@@ -258,7 +277,7 @@ def compute_job(job: Job) -> Computed | AdapterError:
 
 
 def _plan(registry: Registry, spec: str, src: AdapterSource | Exception, resolve_base: BaseResolver, *,
-          dense: bool, rank: int | None, niter: int, device: str | None) -> Outcome | Job:
+          dense: bool, rank: int | None, niter: int, device: str | None, spectra_only: bool) -> Outcome | Job:
     """The cheap part on the driver: an Outcome already (unchanged by hash, or rejected), else a Job."""
     name = None
     try:
@@ -270,6 +289,8 @@ def _plan(registry: Registry, spec: str, src: AdapterSource | Exception, resolve
             sha = adapter_content_sha256(src.path, config)
             found = registry.find_version(src.name, sha)
             if found is not None and registry.blobs.exists(found.blob_sha256) and resolve_base.same_base(found.base_model):
+                if not (spectra_only or found.files):
+                    _keep_files(registry, found, src.path)
                 warnings = registry.recorded_warnings(found.name, found.version) or []
                 return Outcome(spec, "unchanged", found.name, found.version, warnings=warnings)
         base = resolve_base(src.path, config)
@@ -284,9 +305,9 @@ def _plan(registry: Registry, spec: str, src: AdapterSource | Exception, resolve
         return Outcome(spec, "rejected", name, reason=f"{type(exc).__name__}: {exc}")
 
 
-def _store(registry: Registry, job: Job, result: Any, run_id: str | None) -> Outcome:
+def _store(registry: Registry, job: Job, result: Any, run_id: str | None, spectra_only: bool) -> Outcome:
     """The registry write for one computed adapter, on the driver (one writer, versions in input order)."""
-    from spectr.pipeline.persist import SpectraBlob, store_version
+    from spectr.pipeline.persist import SpectraBlob, store_version, write_adapter_blobs
 
     name = job.src.name
     try:
@@ -295,9 +316,13 @@ def _store(registry: Registry, job: Job, result: Any, run_id: str | None) -> Out
         adapter, seconds = result.adapter, dict(result.seconds)
         existing = registry.find_version(name, adapter.content_sha256)
         if existing is not None and registry.blobs.exists(existing.blob_sha256):
+            if not (spectra_only or adapter.dense_deltas or existing.files):
+                _keep_files(registry, existing, job.src.path)
             return Outcome(job.spec, "unchanged", name, existing.version, warnings=adapter.warnings, seconds=seconds)
         t0 = time.perf_counter()
-        info, created = store_version(registry, adapter, SpectraBlob(**result.blob), run_id)
+        keep = not (spectra_only or adapter.dense_deltas)  # as ingest_one: dense experts keep no files
+        files = write_adapter_blobs(registry.blobs, job.src.path, adapter.content_sha256) if keep else {}
+        info, created = store_version(registry, adapter, SpectraBlob(**result.blob), run_id, files)
         seconds["store"] = time.perf_counter() - t0
         return Outcome(job.spec, "new" if created else "unchanged", info.name, info.version,
                        warnings=adapter.warnings, seconds=seconds)
@@ -309,11 +334,13 @@ def _store(registry: Registry, job: Job, result: Any, run_id: str | None) -> Out
 
 
 def _ingest_distributed(registry: Registry, specs: list[str], sources: list[Any], resolve_base: BaseResolver,
-                        steps: Steps, run_id: str, **args: Any) -> list[Outcome]:
-    planned = [_plan(registry, spec, src, resolve_base, **args) for spec, src in zip(specs, sources)]
+                        steps: Steps, run_id: str, spectra_only: bool = False, **args: Any) -> list[Outcome]:
+    planned = [_plan(registry, spec, src, resolve_base, spectra_only=spectra_only, **args)
+               for spec, src in zip(specs, sources)]
     jobs = [p for p in planned if isinstance(p, Job)]
     results = iter(steps.compute_all(jobs) if jobs else [])
-    return [p if isinstance(p, Outcome) else _store(registry, p, next(results), run_id) for p in planned]
+    return [p if isinstance(p, Outcome) else _store(registry, p, next(results), run_id, spectra_only)
+            for p in planned]
 
 
 def ingest_sources(
@@ -330,6 +357,8 @@ def ingest_sources(
     steps: Steps | None = None,
     on_outcome: Callable[[Outcome], None] | None = None,
     logger: Any = None,
+    spectra_only: bool = False,
+    flow_run_id: str | None = None,
 ) -> list[Outcome]:
     """Ingest adapter folders, globs and hub ids into the registry as one recorded run.
 
@@ -341,7 +370,7 @@ def ingest_sources(
     registry = Registry(registry_url, blob_url)
     steps = steps or Steps()
     resolve_base = BaseResolver(registry, base_model, base_name)
-    params = dict(base_model=base_model, dense=dense, rank=rank, niter=niter, device=device)
+    params = dict(base_model=base_model, dense=dense, rank=rank, niter=niter, device=device, spectra_only=spectra_only)
 
     def emit(outcome: Outcome) -> None:
         if outcome.accepted:
@@ -357,20 +386,21 @@ def ingest_sources(
         specs = expand_sources(sources)
     except AdapterError as exc:
         bad = Outcome(" ".join(sources), "rejected", reason=str(exc))
-        run_id = registry.start_run(list(sources), params)
+        run_id = registry.start_run(list(sources), params, flow_run_id)
         registry.record_result(run_id, source=bad.source, name=None, status=bad.status, reason=bad.reason)
         registry.finish_run(run_id, "failed")
         emit(bad)
         return [bad]
-    run_id = registry.start_run(specs, params)
+    run_id = registry.start_run(specs, params, flow_run_id)
     outcomes = []
     fetched = steps.fetch_all(specs)
     if steps.compute_all is not None:
         decided = _ingest_distributed(registry, specs, fetched, resolve_base, steps, run_id, dense=dense,
-                                      rank=rank, niter=niter, device=device)
+                                      rank=rank, niter=niter, device=device, spectra_only=spectra_only)
     else:  # one adapter at a time, each line printed as soon as it is decided
         decided = (ingest_one(registry, spec, src, resolve_base, steps, dense=dense, rank=rank, niter=niter,
-                              device=device, run_id=run_id) for spec, src in zip(specs, fetched))
+                              device=device, run_id=run_id, spectra_only=spectra_only)
+                   for spec, src in zip(specs, fetched))
     for spec, outcome in zip(specs, decided):
         registry.record_result(run_id, source=spec, name=outcome.name, status=outcome.status,
                                version=outcome.version, reason=outcome.reason, warnings=outcome.warnings)

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from spectr.pipeline.types import LoadedAdapter
+from spectr.pipeline.types import AdapterError, LoadedAdapter
+from spectr.pipeline.files import CONFIG_FILE, WEIGHTS_FILE, content_sha256_of
 from spectr.registry.spectra_format import spectra_to_bytes
 from spectr.runtime.spectrum import AdapterSpectra
 
@@ -45,10 +47,26 @@ def write_spectra_blob(blobs: BlobStore, adapter: LoadedAdapter, spectra: Adapte
     )
 
 
+def write_adapter_blobs(blobs: BlobStore, folder: Path, content_sha256: str) -> dict[str, tuple[str, int]]:
+    """Keep the original adapter_config.json and adapter_model.safetensors as blobs: filename -> (sha256, size).
+
+    The bytes are read once and must hash to the content hash that validation computed, so what is kept is
+    exactly what was validated."""
+    data = {name: (Path(folder) / name).read_bytes() for name in (CONFIG_FILE, WEIGHTS_FILE)}
+    if content_sha256_of(data[CONFIG_FILE], data[WEIGHTS_FILE]) != content_sha256:
+        raise AdapterError(f"{folder}: the adapter changed while it was being ingested; ingest it again")
+    return {name: (blobs.put(b), len(b)) for name, b in data.items()}
+
+
 def store_version(
-    registry: Registry, adapter: LoadedAdapter, blob: SpectraBlob, run_id: str | None = None
+    registry: Registry,
+    adapter: LoadedAdapter,
+    blob: SpectraBlob,
+    run_id: str | None = None,
+    files: dict[str, tuple[str, int]] | None = None,
 ) -> tuple[VersionInfo, bool]:
-    """Commit the version row that points at an existing blob; identical content is a no-op."""
+    """Commit the version row that points at existing blobs; identical content is a no-op (kept files that
+    the stored version lacks are attached)."""
     registry.ensure_base_model(adapter.base)
     return registry.add_version(
         adapter,
@@ -59,4 +77,5 @@ def store_version(
         n_modules=blob.n_modules,
         size_bytes=blob.size_bytes,
         run_id=run_id,
+        files=files,
     )

@@ -10,6 +10,7 @@ from typing import Any
 _EXPORTS = {
     "BlobError": "spectr.registry.blobs",
     "BlobStore": "spectr.registry.blobs",
+    "BundleInfo": "spectr.registry.store",
     "ImmutableVersionError": "spectr.registry.models",
     "Registry": "spectr.registry.store",
     "VersionInfo": "spectr.registry.store",

@@ -5,6 +5,7 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 
 from spectr.registry.settings import blob_url
@@ -106,6 +107,46 @@ class BlobStore:
         if got != sha256:
             raise BlobError(f"blob {p} is corrupt: sha256 {got}, expected {sha256} ({len(data)} bytes)")
         return data
+
+    def shas(self) -> list[str]:
+        """Every blob's sha256 in the store (local folders and fsspec stores alike)."""
+        root = f"{self.root}/sha256"
+        if self._fs is not None:
+            names = self._fs.find(root) if self._fs.exists(root) else []
+        else:
+            names = [str(p) for p in Path(root).glob("*/*")] if os.path.isdir(root) else []
+        found = []
+        for name in names:
+            prefix, file = name.replace("\\", "/").split("/")[-2:]
+            sha = prefix + file.removesuffix(".safetensors")
+            if file.endswith(".safetensors") and _HEX64.match(sha):
+                found.append(sha)
+        return sorted(found)
+
+    def stale_temp_files(self, grace_s: float = 3600.0) -> list[str]:
+        """Temp files of writes that died (a killed process leaves its `.tmp-*`), older than grace_s."""
+        root = Path(self.root) / "sha256"
+        if self._fs is not None or not root.is_dir():
+            return []
+        cutoff, found = time.time() - grace_s, []
+        for tmp in sorted(root.glob("*/.tmp-*")):
+            try:
+                if tmp.stat().st_mtime < cutoff:
+                    found.append(str(tmp))
+            except FileNotFoundError:  # finished or swept meanwhile
+                pass
+        return found
+
+    def sweep_temp(self, grace_s: float = 3600.0) -> list[str]:
+        """Remove stale_temp_files(grace_s); the paths removed."""
+        removed = []
+        for tmp in self.stale_temp_files(grace_s):
+            try:
+                os.unlink(tmp)
+                removed.append(tmp)
+            except FileNotFoundError:  # another sweeper was first
+                pass
+        return removed
 
     def delete(self, sha256: str) -> None:
         p = self.path(sha256)

@@ -21,12 +21,21 @@ from spectr.registry.store import Registry
 
 SNAPSHOT_FORMAT = 1  # bump when what a snapshot holds changes
 
-TABLES = ("experts", "base_models", "adapters", "adapter_versions", "spectra", "ingestion_runs", "ingestion_results")
+TABLES = ("experts", "lineage", "base_models", "adapters", "adapter_versions", "spectra", "ingestion_runs",
+          "ingestion_results", "adapter_files", "aliases", "alias_events", "adapter_tags", "version_tags",
+          "bundles", "bundle_experts")
 _EXPERT_COLUMNS = [
     ("name", "VARCHAR"), ("version", "BIGINT"), ("base_model", "VARCHAR"), ("rank", "BIGINT"),
     ("alpha", "DOUBLE"), ("modules", "BIGINT"), ("target_modules", "VARCHAR[]"),
     ("content_sha256", "VARCHAR"), ("blob_sha256", "VARCHAR"), ("method", "VARCHAR"), ("energy", "DOUBLE"),
     ("source", "VARCHAR"), ("revision", "VARCHAR"), ("created_at", "TIMESTAMPTZ"),
+    ("aliases", "VARCHAR[]"), ("tags", "JSON"), ("adapter_kept", "BOOLEAN"),
+]
+_LINEAGE_COLUMNS = [
+    ("name", "VARCHAR"), ("version", "BIGINT"), ("source_kind", "VARCHAR"), ("source", "VARCHAR"),
+    ("repo", "VARCHAR"), ("commit", "VARCHAR"), ("content_sha256", "VARCHAR"), ("ingestion_run_id", "VARCHAR"),
+    ("flow_run_id", "VARCHAR"), ("svd_method", "VARCHAR"), ("svd_params", "JSON"), ("energy", "DOUBLE"),
+    ("bundles", "VARCHAR[]"), ("created_at", "TIMESTAMPTZ"),
 ]
 
 
@@ -40,28 +49,28 @@ def _duck_type(sa_type: Any) -> str:
     return _duck_type(impl) if impl is not None else "VARCHAR"
 
 
-def _tables(registry: Registry) -> Iterator[tuple[str, list[tuple[str, str]], Iterable[list]]]:
-    """What the catalog holds: every registry table as stored, then the `experts` view (as Registry.catalog())."""
+def _tables(registry: Registry) -> Iterator[tuple[str, list[tuple[str, str]], Iterable[list], bool]]:
+    """What the catalog holds: every registry table as stored, then the views `experts` (Registry.catalog())
+    and `lineage` (Registry.lineage()). The last item: JSON of that table is written with sorted keys."""
     with registry.engine.connect() as sql:
         for table in Base.metadata.sorted_tables:
             columns = [(c.name, _duck_type(c.type)) for c in table.columns]
-            yield table.name, columns, (list(r) for r in sql.execute(select(table)))
-    experts = ([datetime.fromisoformat(d[c]) if c == "created_at" else d[c] for c, _ in _EXPERT_COLUMNS]
-               for d in registry.catalog())
-    yield "experts", _EXPERT_COLUMNS, experts
+            yield table.name, columns, (list(r) for r in sql.execute(select(table))), False
+    yield "experts", _EXPERT_COLUMNS, ([d[c] for c, _ in _EXPERT_COLUMNS] for d in registry.catalog()), True
+    yield "lineage", _LINEAGE_COLUMNS, ([d[c] for c, _ in _LINEAGE_COLUMNS] for d in registry.lineage()), True
 
 
-def _cell(value: Any, duck_type: str) -> Any:
+def _cell(value: Any, duck_type: str, sort_json: bool) -> Any:
     # JSON goes in as the text json.dumps writes (read as VARCHAR, so DuckDB keeps that text exactly).
     if duck_type == "JSON":
-        return None if value is None else json.dumps(value)
+        return None if value is None else json.dumps(value, sort_keys=sort_json)
     if isinstance(value, datetime):
         return value.isoformat()
     return value
 
 
 def _load(con: duckdb.DuckDBPyConnection, table: str, columns: list[tuple[str, str]], rows: Iterable[list],
-          scratch: Path) -> None:
+          scratch: Path, sort_json: bool = False) -> None:
     """One table, bulk-loaded through a newline-delimited JSON file: DuckDB's row-at-a-time executemany
     took seconds per thousand rows, read_json takes milliseconds."""
     cols = ", ".join(f'"{c}" {t}' for c, t in columns)
@@ -70,7 +79,7 @@ def _load(con: duckdb.DuckDBPyConnection, table: str, columns: list[tuple[str, s
     n = 0
     with open(path, "w", encoding="utf-8") as fh:
         for row in rows:
-            fh.write(json.dumps({c: _cell(v, t) for (c, t), v in zip(columns, row)}))
+            fh.write(json.dumps({c: _cell(v, t, sort_json) for (c, t), v in zip(columns, row)}))
             fh.write("\n")
             n += 1
     if n:
@@ -83,8 +92,8 @@ def _load(con: duckdb.DuckDBPyConnection, table: str, columns: list[tuple[str, s
 def _build(con: duckdb.DuckDBPyConnection, registry: Registry) -> None:
     _utc(con)
     with tempfile.TemporaryDirectory(prefix="spectr-catalog-") as scratch:
-        for name, columns, rows in _tables(registry):
-            _load(con, name, columns, rows, Path(scratch))
+        for name, columns, rows, sort_json in _tables(registry):
+            _load(con, name, columns, rows, Path(scratch), sort_json)
 
 
 def _utc(con: duckdb.DuckDBPyConnection) -> None:
@@ -148,7 +157,7 @@ def _stamp(registry: Registry) -> str | None:
 def _shape() -> str:
     # The snapshot's layout: a new spectr with other tables or columns must not read an old file.
     tables = [(t.name, [(c.name, _duck_type(c.type)) for c in t.columns]) for t in Base.metadata.sorted_tables]
-    return json.dumps([SNAPSHOT_FORMAT, tables, _EXPERT_COLUMNS])
+    return json.dumps([SNAPSHOT_FORMAT, tables, _EXPERT_COLUMNS, _LINEAGE_COLUMNS])
 
 
 def snapshot_dir() -> Path:
@@ -250,9 +259,9 @@ def _run_bounded(con: duckdb.DuckDBPyConnection, query: str, timeout: float) -> 
 def catalog_sql(
     query: str, registry: Registry | None = None, timeout: float | None = None
 ) -> tuple[list[str], list[tuple]]:
-    """Run one read-only query (SELECT/WITH/DESCRIBE/SHOW) over the tables `experts`, `base_models`,
-    `adapters`, `adapter_versions`, `spectra`, `ingestion_runs`, `ingestion_results`, stopped after
-    `timeout` seconds (default sql_timeout())."""
+    """Run one read-only query (SELECT/WITH/DESCRIBE/SHOW) over the tables in TABLES: `experts` (one row
+    per version, as `spectr catalog --json`), `lineage` (as Registry.lineage()) and the registry's own
+    tables; stopped after `timeout` seconds (default sql_timeout())."""
     parser = duckdb.connect(":memory:")
     try:
         statements = parser.extract_statements(query)

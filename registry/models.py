@@ -101,6 +101,9 @@ class IngestionRun(Base):
     accepted: Mapped[int] = mapped_column(Integer, default=0)
     rejected: Mapped[int] = mapped_column(Integer, default=0)
     new_versions: Mapped[int] = mapped_column(Integer, default=0)
+    flow_run_id: Mapped[str | None] = mapped_column(String(36))  # the Prefect flow run, when there is one
+    host: Mapped[str | None] = mapped_column(String(255))  # who runs it: a run whose process is gone crashed
+    pid: Mapped[int | None] = mapped_column(Integer)
 
 
 class AdapterVersion(Base):
@@ -165,6 +168,109 @@ class IngestionResult(Base):
     version: Mapped[int | None] = mapped_column(Integer)
     reason: Mapped[str | None] = mapped_column(Text)
     warnings: Mapped[list[str]] = mapped_column(JSON)
+
+
+class AdapterFile(Base):
+    """One original file of a version (adapter_config.json, adapter_model.safetensors), kept as a blob.
+
+    A row of its own, not a column of the immutable version: a version ingested with --spectra-only can have
+    its files attached later by ingesting the same content again."""
+
+    __tablename__ = "adapter_files"
+    __table_args__ = (UniqueConstraint("version_id", "filename"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id"))
+    filename: Mapped[str] = mapped_column(String(255))
+    blob_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Alias(Base):
+    """A movable name for one version of an expert ("prod" -> code_python v3)."""
+
+    __tablename__ = "aliases"
+    __table_args__ = (UniqueConstraint("adapter_id", "alias"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id"))
+    alias: Mapped[str] = mapped_column(String(64))
+    version_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id"), index=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_by: Mapped[str] = mapped_column(String(255))
+
+
+class AliasEvent(Base):
+    """The audit log of alias moves: who, when, from which version to which (None: created or removed)."""
+
+    __tablename__ = "alias_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id"), index=True)
+    alias: Mapped[str] = mapped_column(String(64))
+    from_version: Mapped[int | None] = mapped_column(Integer)
+    to_version: Mapped[int | None] = mapped_column(Integer)
+    actor: Mapped[str] = mapped_column(String(255))
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class AdapterTag(Base):
+    """A key/value tag on an expert (all its versions)."""
+
+    __tablename__ = "adapter_tags"
+    __table_args__ = (UniqueConstraint("adapter_id", "key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id"))
+    key: Mapped[str] = mapped_column(String(255))
+    value: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class VersionTag(Base):
+    """A key/value tag on one version (its own table: versions are immutable)."""
+
+    __tablename__ = "version_tags"
+    __table_args__ = (UniqueConstraint("version_id", "key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id"))
+    key: Mapped[str] = mapped_column(String(255))
+    value: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class BundleRecord(Base):
+    """A bundle as the registry recorded it: enough to write the same bytes again."""
+
+    __tablename__ = "bundles"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    version: Mapped[int] = mapped_column(Integer)
+    base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"), index=True)
+    router: Mapped[dict[str, Any]] = mapped_column(JSON)
+    spectra_sha256: Mapped[str] = mapped_column(String(64))
+    manifest_sha256: Mapped[str] = mapped_column(String(64))  # the manifest's bytes, kept as a blob
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(255))
+
+
+class BundleExpert(Base):
+    """One expert version inside a bundle, in the bundle's order, with the selector the user gave."""
+
+    __tablename__ = "bundle_experts"
+    __table_args__ = (UniqueConstraint("bundle_id", "position"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bundle_id: Mapped[int] = mapped_column(ForeignKey("bundles.id"))
+    position: Mapped[int] = mapped_column(Integer)
+    version_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id"), index=True)
+    selector: Mapped[str] = mapped_column(String(512))
+    content_sha256: Mapped[str] = mapped_column(String(64))
+    spectra_blob_sha256: Mapped[str] = mapped_column(String(64))
 
 
 class ImmutableVersionError(RuntimeError):

@@ -90,25 +90,39 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_bundle(path: Path, *, base: dict, experts: list[tuple[dict, AdapterSpectra]]) -> Path:
+def write_bundle(
+    path: Path, *, base: dict, experts: list[tuple[dict, AdapterSpectra]], router: dict | None = None
+) -> Path:
     """Write <path>/spectra.safetensors and <path>/manifest.json (deterministic bytes); return path.
 
     base: {"name", "architecture", "model_type", "config_sha256", "modules": {module: [in, out]}};
-    experts: (info, spectra) pairs, info with at least "name", "version", "content_sha256", "rank", "alpha".
+    experts: (info, spectra) pairs, info with at least "name", "version", "content_sha256", "rank", "alpha";
+    router: the bundle's suggested router options (RouterConfig fields), recorded in the manifest when given.
     Everything is checked before anything is written.
     """
     path = Path(path)
+    files = bundle_files(base=base, experts=experts, router=router, where=f"bundle {path}")
+    path.mkdir(parents=True, exist_ok=True)
+    for name in (SPECTRA, MANIFEST):  # the manifest last: it names the spectra file's hash
+        _write_atomic(path / name, files[name])
+    return path
+
+
+def bundle_files(
+    *, base: dict, experts: list[tuple[dict, AdapterSpectra]], router: dict | None = None, where: str = "bundle"
+) -> dict[str, bytes]:
+    """The bytes of a bundle's two files, {SPECTRA: ..., MANIFEST: ...}; the same input gives the same bytes."""
     if not experts:
-        raise ValueError(f"bundle {path}: no experts given")
+        raise ValueError(f"{where}: no experts given")
     names = [info["name"] for info, _ in experts]
     if len(set(names)) != len(names):
-        raise ValueError(f"bundle {path}: expert names repeat: {names}")
+        raise ValueError(f"{where}: expert names repeat: {names}")
     shapes = base["modules"]
     used = sorted({m for _, sp in experts for m in sp.modules})
     for info, sp in experts:
         for m in sp.modules:
             if m not in shapes:
-                raise ValueError(f"bundle {path}: expert {info['name']!r} adapts {m}, which base {base['name']!r} lacks")
+                raise ValueError(f"{where}: expert {info['name']!r} adapts {m}, which base {base['name']!r} lacks")
     tensors: dict[str, torch.Tensor] = {}
     for m in used:
         tensors.update(_stack_module(m, list(shapes[m]), experts))
@@ -122,10 +136,9 @@ def write_bundle(path: Path, *, base: dict, experts: list[tuple[dict, AdapterSpe
         },
         "spectra": {"file": SPECTRA, "sha256": hashlib.sha256(data).hexdigest()},
     }
-    path.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path / SPECTRA, data)
-    _write_atomic(path / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-    return path
+    if router:
+        manifest["router"] = dict(router)
+    return {SPECTRA: data, MANIFEST: (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()}
 
 
 MAX_MANIFEST_BYTES = 64 << 20

@@ -27,6 +27,8 @@ app.add_typer(base_app, name="base")
 app.add_typer(bundle_app, name="bundle")
 from spectr.eval_cli import eval_app  # noqa: E402  (spectr eval: routing, lm, switch)
 app.add_typer(eval_app, name="eval")
+from spectr.lifecycle_cli import register as _register_lifecycle  # noqa: E402  (export, alias, tag, lineage)
+_register_lifecycle(app, bundle_app)
 
 # markup=False: names, paths and reasons come from users and the registry; '[x]' in them is text, not style.
 out = Console(markup=False, highlight=False)
@@ -65,6 +67,8 @@ def ingest(
                                        "e.g. tcp://HOST:8786 (workers must reach the blob store)"),
     workers: Optional[int] = typer.Option(None, "--workers", help="run each adapter's work on a local Dask "
                                           "cluster of N worker processes"),
+    spectra_only: bool = typer.Option(False, "--spectra-only",
+                                      help="store spectra and metadata only, not the adapter's files"),
 ) -> None:
     """Validate adapters, compute their spectra and store new versions. Exit 1 if any is rejected.
 
@@ -90,7 +94,8 @@ def ingest(
     # With a Prefect server the lines print when the flow run returns; its logs are on the server.
     try:
         lines = run_ingest(list(sources), on_outcome=_print_outcome, base_model=base_model, base_name=base_name,
-                           dense=dense, rank=rank, niter=niter, device=device, dask_address=dask, workers=workers)
+                           dense=dense, rank=rank, niter=niter, device=device, spectra_only=spectra_only,
+                           dask_address=dask, workers=workers)
     except ValueError as exc:  # the dask extra is missing
         if dask or workers:
             _fail(exc)
@@ -108,6 +113,9 @@ def catalog(
     sql: Optional[str] = typer.Option(None, "--sql", help="a read-only DuckDB query over the registry's tables"),
     limit: Optional[int] = typer.Option(None, "--limit", help="versions per page (table default 100; 0: all)"),
     offset: int = typer.Option(0, "--offset", help="skip this many versions (name, version order)"),
+    name: Optional[str] = typer.Option(None, "--name", help="only this expert's versions"),
+    alias: Optional[str] = typer.Option(None, "--alias", help="only versions this alias points at"),
+    tag: Optional[str] = typer.Option(None, "--tag", help="only versions tagged KEY or KEY=VALUE"),
 ) -> None:
     """List experts and their versions, or query the registry with DuckDB SQL."""
     from spectr.registry.store import Registry
@@ -129,14 +137,19 @@ def catalog(
 
     if limit is None and not as_json:
         limit = 100  # a terminal table of 10,000 rows helps nobody; JSON stays complete unless asked
-    try:
+    if limit is not None and limit < 0 or offset < 0:
+        _fail(f"--limit and --offset must be >= 0, got {limit} and {offset}", 2)
+    if name or alias or tag:  # filtered through the registry, then paged
+        rows = registry.catalog(name, alias=alias, tag=tag)
+        total = len(rows)
+        rows = rows[offset:offset + limit] if limit else rows[offset:]
+    else:  # straight from the catalog's snapshot: one page, not every version
         rows, total = catalog_page(registry, limit or None, offset)
-    except ValueError as exc:
-        _fail(exc, 2)
     if as_json:
         print(json.dumps(rows, default=str, indent=1))
         return
-    columns = ["name", "version", "base_model", "rank", "modules", "method", "energy", "content_sha256", "source"]
+    columns = ["name", "version", "aliases", "base_model", "rank", "modules", "method", "energy", "content_sha256",
+               "source"]
     title = f"{total} expert versions"
     if rows and len(rows) < total:
         title += f" (showing {offset + 1}-{offset + len(rows)}"
@@ -149,6 +162,8 @@ def _cell(column: str, value) -> str:
         return value[:12]
     if column == "energy" and value is not None:
         return f"{value:.4f}"
+    if column == "aliases":
+        return ", ".join(value or [])
     return "" if value is None else str(value)
 
 
@@ -179,27 +194,30 @@ def base_add(
 
 @bundle_app.command("create")
 def bundle_create(
-    name: str = typer.Argument(..., help="the bundle's name"),
-    experts: Optional[str] = typer.Option(None, "--experts", help="comma-separated NAME or NAME@VERSION"),
+    name: str = typer.Argument(..., help="the bundle's name (recorded in the registry)"),
+    experts: Optional[str] = typer.Option(None, "--experts", help="comma-separated NAME, NAME@VERSION or NAME@ALIAS"),
     all_experts: bool = typer.Option(False, "--all", help="the latest version of every expert"),
     output: Path = typer.Option(..., "-o", "--output", help="bundle folder to write"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="router preset recorded with the bundle"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="top-k recorded with the bundle"),
 ) -> None:
-    """Export a chosen expert set (stacked spectra + manifest) for the runtime."""
+    """Export a chosen expert set (stacked spectra + manifest) and record it in the registry."""
     from spectr.pipeline.export import create_bundle
     from spectr.registry.store import Registry
 
     if all_experts == (experts is not None):
-        _fail("give exactly one of --experts NAME,NAME@VERSION or --all", 2)
-    selectors = None if all_experts else [e for e in experts.split(",") if e.strip()]
+        _fail("give exactly one of --experts NAME,NAME@VERSION,NAME@ALIAS or --all", 2)
+    selectors = None if all_experts else [e.strip() for e in experts.split(",") if e.strip()]
+    defaults = {k: v for k, v in (("preset", preset), ("top_k", top_k)) if v is not None}
+    registry = Registry()
     try:
-        path = create_bundle(Registry(), selectors, output, name=name)
+        path = create_bundle(registry, selectors, output, name=name, router=defaults)
+        rec = registry.get_bundle(name)
     except (KeyError, ValueError) as exc:
         _fail(exc)
-    from spectr.runtime.bundle import read_bundle
-
-    bundle = read_bundle(path)
-    out.print(f"bundle {name} -> {path}: {len(bundle.expert_names)} experts "
-              f"({', '.join(bundle.expert_names)}), {len(bundle.modules)} modules")
+    experts_list = ", ".join(f"{e['name']}@{e['version']}" for e in rec.experts)
+    out.print(f"bundle {name}@{rec.version} -> {path}: {len(rec.experts)} experts ({experts_list}), "
+              f"spectra sha256 {rec.spectra_sha256[:12]}", soft_wrap=True)
 
 
 @app.command()
@@ -284,6 +302,27 @@ def migrate() -> None:
 
     upgrade()
     out.print(f"{registry_url()} at revision {current_revision()}")
+
+
+@app.command()
+def doctor(
+    fix: bool = typer.Option(False, "--fix", help="repair what is safe: temp files and orphan blobs past an hour, "
+                                                  "runs of dead processes"),
+) -> None:
+    """Check the registry's rows against its blobs and find the debris of crashes; exit 1 while problems remain."""
+    from spectr.registry.doctor import examine
+    from spectr.registry.store import Registry
+
+    registry = Registry()
+    try:
+        findings = examine(registry, fix=fix)
+    finally:
+        registry.close()
+    for f in findings:
+        out.print(f.line(), soft_wrap=True)
+    left = sum(not f.fixed for f in findings)
+    err.print(f"doctor: {left} problems, {len(findings) - left} fixed" if findings else "doctor: the registry is clean")
+    raise typer.Exit(1 if left else 0)
 
 
 @app.command("serve-flows")

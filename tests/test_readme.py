@@ -11,7 +11,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def python_snippet() -> str:
     text = README.read_text()
-    section = text[text.index("### Python"):]
+    section = text[text.index("### Python: `runtime`"):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -26,3 +26,26 @@ def test_readme_python_snippet_runs(setup, tmp_path, monkeypatch):  # noqa: F811
     model = scope["model"]
     assert not hasattr(model, "spectr")  # unloaded at the end
     assert scope["out"].shape[1] > scope["input_ids"].shape[1]
+
+
+def test_readme_registry_snippet_runs(spectr_home, make_adapter, tiny_base_dir, tmp_path, monkeypatch):
+    """The registry snippet, as written, against a registry holding code_python v1 and v2."""
+    import shutil
+
+    from spectr.pipeline.ingest import ingest_sources
+
+    folder = tmp_path / "code_python"
+    for seed in (51, 52):  # the same name retrained: versions 1 and 2
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(make_adapter(f"readme-cp-{seed}", seed=seed), folder)
+        assert ingest_sources([str(folder)], base_model=str(tiny_base_dir))[0].status == "new"
+    text = README.read_text()
+    section = text[text.index("### Python: the registry"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, str(README), "exec"), scope)
+    assert [(v.name, v.version) for v in scope["reviewed"]] == [("code_python", 1)]
+    assert (tmp_path / "out" / "code_python" / "adapter_model.safetensors").read_bytes() == (
+        folder / "adapter_model.safetensors").read_bytes()
+    assert scope["lineage"][0]["version"] == 2 and scope["bundles"] == []

@@ -263,3 +263,13 @@ def test_serve_cli_builds_the_bundle_from_the_registry(served, spectr_home, make
     assert seen == {"experts": ["green", "red"], "top_k": 2, "host": "127.0.0.1", "port": 8123}
     result = runner.invoke(app, ["serve", "--base-model", str(base), "--experts", "red@7"])
     assert result.exit_code == 1 and "no version 7" in result.output and "Traceback" not in result.output
+    # An alias works as a version does, and the registry records what the server loaded.
+    registry.set_alias("red", "prod", 1)
+    result = runner.invoke(app, ["serve", "--base-model", str(base), "--experts", "red@prod,green", "--device", "cpu",
+                                 "--num-blocks", "8"])
+    assert result.exit_code == 0, result.output
+    assert seen["experts"] == ["red", "green"]
+    assert [(e["name"], e["version"], e["selector"]) for e in registry.get_bundle("serve").experts] == [
+        ("red", 1, "red@prod"), ("green", 1, "green")]
+    result = runner.invoke(app, ["serve", "--base-model", str(base), "--experts", "red@staging"])
+    assert result.exit_code == 1 and "no alias 'staging'" in result.output and "Traceback" not in result.output

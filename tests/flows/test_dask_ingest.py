@@ -48,7 +48,9 @@ def test_local_two_worker_cluster_matches_the_default_runner(prefect_harness, tm
         assert [o.status for o in again] == ["unchanged", "unchanged"]
         homes[how] = _content(home)
     assert homes["dask"] == homes["default"]
-    assert len(homes["default"]["versions"]) == 5 and len(homes["default"]["blobs"]) == 5
+    versions, blobs = homes["default"]["versions"], homes["default"]["blobs"]
+    assert len(versions) == 5 and all(v["adapter_kept"] for v in versions)  # files kept, as a plain run
+    assert {f"sha256/{v['blob_sha256'][:2]}/{v['blob_sha256'][2:]}.safetensors" for v in versions} <= set(blobs)
 
 
 @pytest.mark.parametrize("args, message", [

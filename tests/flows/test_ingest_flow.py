@@ -68,9 +68,10 @@ def test_rejection_is_an_outcome_and_changes_nothing(prefect_harness, spectr_hom
     assert [o["status"] for o in outcomes] == ["rejected", "new"]
     assert "DoRA" in outcomes[0]["reason"] or "use_dora" in outcomes[0]["reason"]
     assert [r[0] for r in _registry_rows(registry)] == ["good"]
-    # The rejected adapter left no blob behind: the only blob is the good one's.
+    # The rejected adapter left no blob behind: the only blobs are the good one's spectra and kept files.
     stored = sorted(Path(registry.blobs.root).rglob("*.safetensors"))
-    assert stored == [Path(registry.blobs.path(registry.get_version("good").blob_sha256))]
+    good_blobs = [registry.get_version("good").blob_sha256, *registry.adapter_files("good").values()]
+    assert stored == sorted(Path(registry.blobs.path(sha)) for sha in good_blobs) and len(stored) == 3
     runs = registry.get_run(registry_last_run(registry))
     assert (runs["accepted"], runs["rejected"], runs["new_versions"]) == (1, 1, 1)
 
@@ -111,8 +112,25 @@ def test_hub_source_offline_records_the_commit(prefect_harness, spectr_home, mak
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     outcomes = ingest(sources=["tiny-org/hub-expert@main"], base_model=str(tiny_base_dir))
     assert [(o["name"], o["status"]) for o in outcomes] == [("hub-expert", "new")]
-    info = Registry().get_version("hub-expert")
+    registry = Registry()
+    info = registry.get_version("hub-expert")
     assert info.revision == commit and info.source.startswith("tiny-org/hub-expert")
+    # Lineage names the repo and the commit "main" resolved to, the run and its Prefect flow run, and the SVD.
+    [row] = registry.lineage("hub-expert@1")
+    assert (row["source_kind"], row["repo"], row["commit"], row["source"]) == (
+        "hub", "tiny-org/hub-expert", commit, "tiny-org/hub-expert@main")
+    assert row["ingestion_run_id"] == info.ingestion_run_id is not None
+    assert row["flow_run_id"] == registry.get_run(info.ingestion_run_id)["flow_run_id"]
+    assert len(row["flow_run_id"]) == 36 and row["svd_method"] == "exact" and row["bundles"] == []
+    from spectr.registry.catalog import catalog_sql
+
+    _, rows = catalog_sql("select repo, \"commit\" from lineage where name = 'hub-expert'", registry)
+    assert rows == [("tiny-org/hub-expert", commit)]
+    # The kept adapter is the snapshot's bytes.
+    out = registry.export_adapter("hub-expert", tmp_path / "exported")
+    snap = cache / "models--tiny-org--hub-expert" / "snapshots" / commit
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (out / f).read_bytes() == (snap / f).read_bytes()
 
 
 def test_base_model_found_in_registry_by_adapter_name(prefect_harness, spectr_home, make_adapter, tiny_base_dir):
@@ -147,6 +165,7 @@ def test_dense_finetune_ingested_by_randomized_svd(prefect_harness, spectr_home,
     registry = Registry()
     info = registry.get_version("tiny-ft")
     assert info.method == "randomized" and info.rank == 4
+    assert info.files == ()  # a dense expert has no adapter files to keep; `spectr export` says so in one line
     spectra = spectra_from_bytes(registry.load_spectra_bytes("tiny-ft"))
     assert sorted(spectra.modules) == sorted(updates)
     for name, delta in updates.items():

@@ -245,3 +245,33 @@ def test_hub_endpoint_that_never_answers_times_out(monkeypatch):
     assert held, "the fake endpoint was never contacted"
     msg = str(box["err"].value)
     assert msg.startswith("org/silent: the Hugging Face Hub did not answer within 2 s") and "\n" not in msg
+
+
+# ---- names -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("folder", ["a@b", "a,b", "-dash", "x[red]", "é"])
+def test_expert_names_that_could_not_be_selected_are_refused(make_adapter, tmp_path, folder):
+    odd = clone(make_adapter("plain"), tmp_path / folder)
+    with pytest.raises(AdapterError, match=r"expert name .* use 1-128 letters, digits"):
+        fetch(str(odd))
+
+
+def test_dot_dot_is_not_an_expert_name(make_adapter, tmp_path):
+    clone(make_adapter("plain"), tmp_path / "inner")
+    with pytest.raises(AdapterError, match=r"expert name '\.\.'"):
+        fetch(str(tmp_path / "inner" / ".."))
+
+
+def test_the_registry_refuses_a_bad_name_from_any_caller(spectr_home):
+    from spectr.registry import Registry
+    from tests.registry.conftest import loaded
+
+    reg = Registry()
+    try:
+        with pytest.raises(ValueError, match="expert name 'a@b'"):
+            reg.add_version(loaded("a@b", "1"), "0" * 64, method="exact", params={}, energy=1.0, n_modules=1,
+                            size_bytes=1)
+        assert reg.versions() == []
+    finally:
+        reg.close()

@@ -97,7 +97,7 @@ def _reference(reg) -> dict[str, list[tuple]]:
     import duckdb
     from sqlalchemy import select
 
-    from spectr.registry.catalog import _EXPERT_COLUMNS, _duck_type
+    from spectr.registry.catalog import _EXPERT_COLUMNS, _LINEAGE_COLUMNS, _duck_type
     from spectr.registry.models import Base
 
     con = duckdb.connect(":memory:")
@@ -114,8 +114,13 @@ def _reference(reg) -> dict[str, list[tuple]]:
             rows = [[json.dumps(v) if t == "JSON" and v is not None else v for v, (_, t) in zip(r, columns)]
                     for r in sql.execute(select(table))]
             load(table.name, columns, rows)
-    load("experts", _EXPERT_COLUMNS, [[datetime.fromisoformat(d[c]) if c == "created_at" else d[c]
-                                       for c, _ in _EXPERT_COLUMNS] for d in reg.catalog()])
+    def cells(d, columns):  # as the old loader converted the Registry's dicts
+        return [datetime.fromisoformat(d[c]) if t == "TIMESTAMPTZ" and d[c] is not None
+                else json.dumps(d[c], sort_keys=True) if t == "JSON" and d[c] is not None else d[c]
+                for c, t in columns]
+
+    load("experts", _EXPERT_COLUMNS, [cells(d, _EXPERT_COLUMNS) for d in reg.catalog()])
+    load("lineage", _LINEAGE_COLUMNS, [cells(d, _LINEAGE_COLUMNS) for d in reg.lineage()])
     return {t: con.execute(f'SELECT * FROM "{t}" ORDER BY ALL').fetchall() for t in TABLES}
 
 

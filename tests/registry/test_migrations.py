@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,10 @@ from spectr.registry import db
 from spectr.registry.models import Base
 
 REPO = Path(__file__).resolve().parents[2]
-TABLES = {"base_models", "adapters", "adapter_versions", "spectra", "ingestion_runs", "ingestion_results"}
+TABLES_0001 = {"base_models", "adapters", "adapter_versions", "spectra", "ingestion_runs", "ingestion_results"}
+TABLES_0002 = {"adapter_files", "aliases", "alias_events", "adapter_tags", "version_tags", "bundles", "bundle_experts"}
+TABLES = TABLES_0001 | TABLES_0002
+HEAD = "0003"
 
 
 def _tables(url: str) -> set[str]:
@@ -30,7 +32,7 @@ def test_upgrade_downgrade_upgrade_and_no_drift(tmp_path):
     url = f"sqlite:///{tmp_path / 'deep' / 'reg.db'}"
     db.upgrade(url)  # creates the folder too
     assert _tables(url) == TABLES
-    assert db.current_revision(url) == "0001"
+    assert db.current_revision(url) == HEAD
     command.check(db.alembic_config(url))  # raises on any drift between models and migrations
     db.downgrade(url, "base")
     assert _tables(url) == set() and db.current_revision(url) is None
@@ -65,8 +67,8 @@ def test_migration_matches_model_names(tmp_path):
 
 
 def test_alembic_cli_from_repo_root(tmp_path):
-    exe = Path(sys.executable).with_name("alembic")
-    cmd = [str(exe)] if exe.exists() else [shutil.which("alembic") or "alembic"]
+    # `python -m alembic` with this interpreter: a venv's `alembic` script may carry another venv's shebang.
+    cmd = [sys.executable, "-m", "alembic"]
     env = {**os.environ, "SPECTR_REGISTRY_URL": f"sqlite:///{tmp_path / 'cli' / 'reg.db'}"}
 
     def run(*args: str) -> subprocess.CompletedProcess:
@@ -78,13 +80,13 @@ def test_alembic_cli_from_repo_root(tmp_path):
     check = run("check")
     assert check.returncode == 0 and "No new upgrade operations detected" in check.stdout + check.stderr
     cur = run("current")
-    assert "0001 (head)" in cur.stdout
+    assert f"{HEAD} (head)" in cur.stdout
 
 
 def test_default_url_follows_spectr_home(spectr_home):
     db.upgrade()
     assert (spectr_home / "registry.db").is_file()
-    assert db.current_revision() == "0001"
+    assert db.current_revision() == HEAD
 
 
 @pytest.mark.postgres
@@ -116,6 +118,121 @@ def test_postgres_migrations_and_registry():
                 c.execute(text("UPDATE adapter_versions SET rank = 1"))
     finally:
         reg.close()
+        db.downgrade(url, "base")
+
+
+def _columns(url: str, table: str) -> set[str]:
+    engine = create_engine(url)
+    try:
+        return {c["name"] for c in inspect(engine).get_columns(table)}
+    finally:
+        engine.dispose()
+
+
+def _roundtrip_0002(url: str, blob_dir: Path) -> None:
+    """head with lifecycle rows -> 0001 keeps every 0001 row (and the immutability trigger) -> head again."""
+    from spectr.registry import Registry
+    from tests.registry.conftest import loaded, spectra_bytes
+
+    db.upgrade(url)
+    reg = Registry(url, blob_url=str(blob_dir), migrate=False)
+    try:
+        data = spectra_bytes(0)
+        blob = reg.blobs.put(data)
+        cfg = reg.blobs.put(b'{"r": 4}')
+        kw = dict(method="exact", params={"a": 1}, energy=1.0, n_modules=1, size_bytes=len(data))
+        run = reg.start_run(["x"], {}, flow_run_id="0f0f0f0f-0000-0000-0000-000000000000")
+        v1, _ = reg.add_version(loaded("rt", "1"), blob, run_id=run, files={"adapter_config.json": (cfg, 8)}, **kw)
+        reg.add_version(loaded("rt", "2"), blob, **kw)
+        reg.set_alias("rt", "prod", 1, actor="t")
+        reg.set_alias("rt", "prod", 2, actor="t")
+        reg.set_tag("rt@1", "reviewed", "yes")
+        reg.set_tag("rt", "team", "search")
+        reg.record_bundle("b", base_model=v1.base_model, router={"top_k": 1}, experts=[(v1, "rt@1")],
+                          spectra_sha256="0" * 64, manifest=b"{}")
+        assert reg.resolve("rt@prod").version == 2 and reg.get_run(run)["flow_run_id"].startswith("0f0f")
+    finally:
+        reg.close()
+
+    db.downgrade(url, "0001")
+    assert db.current_revision(url) == "0001"
+    assert _tables(url) == TABLES_0001
+    assert "flow_run_id" not in _columns(url, "ingestion_runs")
+    engine = create_engine(url)
+    try:
+        with engine.connect() as c:
+            assert c.execute(text("SELECT count(*) FROM adapter_versions")).scalar() == 2
+            assert c.execute(text("SELECT count(*) FROM ingestion_runs")).scalar() == 1
+        with pytest.raises(Exception, match="immutable"):
+            with engine.begin() as c:
+                c.execute(text("UPDATE adapter_versions SET rank = 1"))
+    finally:
+        engine.dispose()
+
+    db.upgrade(url)
+    assert _tables(url) == TABLES and db.current_revision(url) == HEAD
+    command.check(db.alembic_config(url))
+    reg = Registry(url, blob_url=str(blob_dir), migrate=False)
+    try:
+        assert [v.version for v in reg.versions("rt")] == [1, 2] and reg.aliases() == []
+        assert reg.set_alias("rt", "prod", 1, actor="t") == (None, 1)
+    finally:
+        reg.close()
+
+
+def test_0002_roundtrip_sqlite(tmp_path):
+    _roundtrip_0002(f"sqlite:///{tmp_path / 'reg.db'}", tmp_path / "blobs")
+
+
+@pytest.mark.postgres
+def test_0002_roundtrip_postgres(tmp_path):
+    url = os.environ.get("SPECTR_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("SPECTR_TEST_POSTGRES_URL is not set")
+    db.downgrade(url, "base") if db.current_revision(url) else None
+    try:
+        _roundtrip_0002(url, tmp_path / "blobs")
+    finally:
+        db.downgrade(url, "base")
+
+
+def _roundtrip_0003(url: str, blob_dir: Path) -> None:
+    """head with a run that records its owner -> 0002 keeps the run -> head again."""
+    from spectr.registry import Registry
+
+    db.upgrade(url)
+    reg = Registry(url, blob_url=str(blob_dir), migrate=False)
+    try:
+        run = reg.start_run(["x"], {})
+    finally:
+        reg.close()
+    assert {"host", "pid"} <= _columns(url, "ingestion_runs")
+    db.downgrade(url, "0002")
+    assert not {"host", "pid"} & _columns(url, "ingestion_runs")
+    engine = create_engine(url)
+    try:
+        with engine.connect() as c:
+            assert c.execute(text("SELECT id FROM ingestion_runs")).scalars().all() == [run]
+    finally:
+        engine.dispose()
+    db.upgrade(url)
+    assert db.current_revision(url) == HEAD
+    command.check(db.alembic_config(url))
+
+
+def test_0003_roundtrip_sqlite(tmp_path):
+    _roundtrip_0003(f"sqlite:///{tmp_path / 'reg.db'}", tmp_path / "blobs")
+
+
+@pytest.mark.postgres
+def test_0003_roundtrip_postgres(tmp_path):
+    url = os.environ.get("SPECTR_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("SPECTR_TEST_POSTGRES_URL is not set")
+    db.downgrade(url, "base") if db.current_revision(url) else None
+    try:
+        _roundtrip_0003(url, tmp_path / "blobs")
+    finally:
         db.downgrade(url, "base")
 
 
