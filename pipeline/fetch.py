@@ -84,7 +84,9 @@ def fetch(spec: str) -> AdapterSource:
     from huggingface_hub import snapshot_download
 
     try:
-        folder = Path(_with_deadline(
+        # A commit's snapshot never changes: a cached one is used as it is (huggingface_hub 1.x, offline,
+        # would otherwise try to list the repo's tree for a commit revision and fail).
+        folder = _cached_commit(repo_id, revision) or Path(_with_deadline(
             lambda: snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS), spec))
     except AdapterError:
         raise
@@ -98,6 +100,16 @@ def fetch(spec: str) -> AdapterSource:
     if commit is None:
         commit = _remote_commit(repo_id, revision, spec)
     return AdapterSource(name=repo_id.split("/")[-1], path=folder, source=spec, revision=commit)
+
+
+def _cached_commit(repo_id: str, revision: str | None) -> Path | None:
+    """The cached snapshot folder of a commit revision holding adapter_config.json, else None."""
+    if revision is None or not _COMMIT.match(revision):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(repo_id, "adapter_config.json", revision=revision)
+    return Path(hit).parent if isinstance(hit, str) else None
 
 
 def hub_timeout() -> float:
