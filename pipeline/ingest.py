@@ -153,6 +153,29 @@ class BaseResolver:
         return self._by_name[wanted]
 
 
+def _known_or_base(
+    registry: Registry, spec: str, src: AdapterSource, resolve_base: BaseResolver, *, dense: bool, spectra_only: bool
+) -> Outcome | tuple[dict | None, str | None, BaseModelInfo, str | None]:
+    """The cheap first step of every ingest path: an "unchanged" Outcome when the files' hash finds a stored
+    version (no torch needed), else (config, content hash, base model, dense base folder) for the next steps,
+    so the config is read once."""
+    config = sha = None
+    if not dense:
+        config = read_adapter_config(src.path)
+        sha = adapter_content_sha256(src.path, config)
+        found = registry.find_version(src.name, sha)
+        if found is not None and registry.blobs.exists(found.blob_sha256) and resolve_base.same_base(found.base_model):
+            if not (spectra_only or found.files):
+                _keep_files(registry, found, src.path)
+            warnings = registry.recorded_warnings(found.name, found.version) or []
+            return Outcome(spec, "unchanged", found.name, found.version, warnings=warnings)
+    base = resolve_base(src.path, config)
+    dense_dir = str(base.path) if dense and base.path else None
+    if dense and dense_dir is None:
+        raise AdapterError(f"{src.path}: --dense needs --base-model PATH (a folder with the base weights)")
+    return config, sha, base, dense_dir
+
+
 def ingest_one(
     registry: Registry,
     spec: str,
@@ -177,21 +200,12 @@ def ingest_one(
         src = _value(src)
         name = src.name
         t0 = time.perf_counter()
-        config = sha = None
-        if not dense:  # unchanged content: the files' hash finds the version, no torch needed
-            config = read_adapter_config(src.path)
-            sha = adapter_content_sha256(src.path, config)
-            found = registry.find_version(src.name, sha)
-            if found is not None and registry.blobs.exists(found.blob_sha256) and resolve_base.same_base(found.base_model):
-                if not (spectra_only or found.files):
-                    _keep_files(registry, found, src.path)
-                seconds["hash"] = time.perf_counter() - t0
-                warnings = registry.recorded_warnings(found.name, found.version) or []
-                return Outcome(spec, "unchanged", found.name, found.version, warnings=warnings, seconds=seconds)
-        base = resolve_base(src.path, config)
-        dense_dir = str(base.path) if dense and base.path else None
-        if dense and dense_dir is None:
-            raise AdapterError(f"{src.path}: --dense needs --base-model PATH (a folder with the base weights)")
+        known = _known_or_base(registry, spec, src, resolve_base, dense=dense, spectra_only=spectra_only)
+        if isinstance(known, Outcome):
+            seconds["hash"] = time.perf_counter() - t0
+            known.seconds = seconds
+            return known
+        config, sha, base, dense_dir = known
         adapter: LoadedAdapter = _value(steps.validate(src, base, dense_dir, rank, config, sha))
         seconds["validate"] = time.perf_counter() - t0
         existing = registry.find_version(src.name, adapter.content_sha256)
@@ -283,20 +297,10 @@ def _plan(registry: Registry, spec: str, src: AdapterSource | Exception, resolve
     try:
         src = _value(src)
         name = src.name
-        config = sha = None
-        if not dense:
-            config = read_adapter_config(src.path)
-            sha = adapter_content_sha256(src.path, config)
-            found = registry.find_version(src.name, sha)
-            if found is not None and registry.blobs.exists(found.blob_sha256) and resolve_base.same_base(found.base_model):
-                if not (spectra_only or found.files):
-                    _keep_files(registry, found, src.path)
-                warnings = registry.recorded_warnings(found.name, found.version) or []
-                return Outcome(spec, "unchanged", found.name, found.version, warnings=warnings)
-        base = resolve_base(src.path, config)
-        dense_dir = str(base.path) if dense and base.path else None
-        if dense and dense_dir is None:
-            raise AdapterError(f"{src.path}: --dense needs --base-model PATH (a folder with the base weights)")
+        known = _known_or_base(registry, spec, src, resolve_base, dense=dense, spectra_only=spectra_only)
+        if isinstance(known, Outcome):
+            return known
+        config, sha, base, dense_dir = known
         return Job(spec, src, base, registry.blobs.url, dense_dir, rank, niter, device, config, sha)
     except AdapterError as exc:
         return Outcome(spec, "rejected", name, reason=str(exc))

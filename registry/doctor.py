@@ -4,15 +4,14 @@ A missing or corrupt blob that a row needs is only reported: nothing can rebuild
 from __future__ import annotations
 
 import os
-import socket
 import time
 from dataclasses import dataclass
 
 from sqlalchemy import select
 
 from spectr.registry.blobs import BlobError
-from spectr.registry.models import AdapterFile, BundleRecord, IngestionRun, Spectra
-from spectr.registry.store import Registry, process_alive
+from spectr.registry.models import AdapterFile, BundleRecord, Spectra
+from spectr.registry.store import Registry
 
 GRACE_S = 3600.0  # a blob or temp file younger than this may belong to a write in progress
 
@@ -53,8 +52,7 @@ def examine(reg: Registry, fix: bool = False, grace_s: float = GRACE_S) -> list[
     need = _referenced(reg)
     for sha, row in sorted(need.items()):
         try:
-            data = reg.blobs.get(sha)  # verifies the hash
-            del data
+            reg.blobs.get(sha)  # reads and verifies the hash
         except BlobError as e:
             kind = "missing-blob" if "missing" in str(e) else "corrupt-blob"
             findings.append(Finding(kind, f"{sha[:12]} ({row}): {e}; re-ingest its source"))
@@ -69,11 +67,6 @@ def examine(reg: Registry, fix: bool = False, grace_s: float = GRACE_S) -> list[
                      for r in reg.mark_crashed_runs()]
     else:
         findings += [Finding("temp-file", f"{p} (a write that died)") for p in reg.blobs.stale_temp_files(grace_s)]
-        host = socket.gethostname()
-        with reg.engine.connect() as c:
-            for run_id, pid in c.execute(select(IngestionRun.id, IngestionRun.pid).where(
-                    IngestionRun.status == "running", IngestionRun.host == host)):
-                if pid is not None and not process_alive(pid):
-                    findings.append(Finding("crashed-run", f"ingestion run {run_id} is 'running' but its process "
-                                                           f"{pid} is gone"))
+        findings += [Finding("crashed-run", f"ingestion run {r} is 'running' but its process is gone")
+                     for r in reg.crashed_runs()]
     return findings

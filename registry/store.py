@@ -759,16 +759,21 @@ class Registry:
                                flow_run_id=flow_run_id, host=socket.gethostname(), pid=os.getpid()))
         return run_id
 
+    def crashed_runs(self) -> list[str]:
+        """Runs still 'running' whose process on this host is gone. Runs of other hosts are left out: their
+        processes cannot be seen from here."""
+        with self._session() as s:
+            rows = s.execute(select(IngestionRun.id, IngestionRun.pid).where(
+                IngestionRun.status == "running", IngestionRun.host == socket.gethostname()))
+            return [run_id for run_id, pid in rows if pid is not None and not process_alive(pid)]
+
     def mark_crashed_runs(self) -> list[str]:
-        """Runs still 'running' whose process on this host is gone: marked 'crashed' (ids returned). Runs of
-        other hosts are left alone: their processes cannot be seen from here."""
-        host, crashed = socket.gethostname(), []
-        with self._session.begin() as s:
-            for run in s.scalars(select(IngestionRun).where(IngestionRun.status == "running",
-                                                            IngestionRun.host == host)):
-                if run.pid is not None and not process_alive(run.pid):
-                    run.status, run.finished_at = "crashed", utcnow()
-                    crashed.append(run.id)
+        """crashed_runs(), marked 'crashed' (ids returned)."""
+        crashed = self.crashed_runs()
+        if crashed:
+            with self._session.begin() as s:
+                s.execute(update(IngestionRun).where(IngestionRun.id.in_(crashed), IngestionRun.status == "running")
+                          .values(status="crashed", finished_at=utcnow()))
         return crashed
 
     def record_result(

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, inspect
 
 from spectr.registry import db
 from spectr.registry.models import Base
+from tests.registry.test_migrations import _tables
 
 # Runs in a child: the real upgrade, except that the process is SIGKILLed right after the second CREATE TABLE.
 KILL_HALF_WAY = """
@@ -32,14 +32,6 @@ def create_then_die(self, table, **kw):
 DefaultImpl.create_table = create_then_die
 db.upgrade(sys.argv[1])
 """
-
-
-def _tables(url: str) -> set[str]:
-    engine = create_engine(url)
-    try:
-        return set(inspect(engine).get_table_names()) - {"alembic_version"}
-    finally:
-        engine.dispose()
 
 
 def _head(url: str) -> str:

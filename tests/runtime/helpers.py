@@ -50,3 +50,12 @@ def bundle_from_adapters(out: Path, folders: list[Path], model) -> Path:
         experts.append((info, sp))
     modules = sorted({m for _, sp in experts for m in sp.modules})
     return write_bundle(out, base=base_of(model, modules), experts=experts)
+
+
+def left_pad(rows: list[torch.Tensor], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows left-padded with 0 to `width`: (input_ids, attention_mask)."""
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    return ids, mask

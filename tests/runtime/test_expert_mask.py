@@ -7,7 +7,7 @@ import torch
 from spectr.runtime import (REFERENCE, load_bundle, read_bundle, routing, set_expert_mask, trace_routing,
                             unload_bundle)
 from tests.conftest import build_tiny_llama
-from tests.runtime.helpers import bundle_from_adapters
+from tests.runtime.helpers import bundle_from_adapters, left_pad
 
 NAMES = ("alpha", "beta", "gamma", "delta")
 IDS = torch.tensor([[5, 17, 99, 3, 42, 8, 64, 120, 1, 77, 12, 90]])
@@ -105,14 +105,6 @@ def test_per_token_rows_at_one_module(bundle):
     dy, _, _ = q.delta(x)
     mean = (lora * allowed[..., None]).sum(1) / allowed.sum(1, keepdim=True).clamp(min=1)
     assert torch.allclose(dy, mean, atol=1e-6)
-
-
-def left_pad(rows, width):
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
-    return ids, mask
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ import torch
 from spectr.runtime import (PEFT_ARROW, REFERENCE, load_bundle, read_bundle, set_expert_mask, set_router,
                             trace_routing)
 from tests.conftest import build_tiny_llama
-from tests.runtime.helpers import bundle_from_adapters
+from tests.runtime.helpers import bundle_from_adapters, left_pad
 
 NAMES = ("alpha", "beta", "gamma", "delta")
 IDS = torch.tensor([[5, 17, 99, 3, 42, 8, 64, 120, 1, 77, 12, 90]])
@@ -52,14 +52,6 @@ def run(model, *args, **kw):
     with trace_routing(model) as trace:
         out = model(*args, **kw).logits
     return out, {m: trace.choices(m)[0].clone() for m in trace.calls}
-
-
-def left_pad(rows, width):
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
-    return ids, mask
 
 
 @torch.no_grad()

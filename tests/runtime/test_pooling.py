@@ -9,7 +9,7 @@ from spectr.runtime.spectrum import AdapterSpectra, ModuleSpectrum
 from spectr.runtime import REFERENCE, RouterConfig, load_bundle, read_bundle, routing, set_router, trace_routing, unload_bundle
 from spectr.runtime import write_bundle
 from tests.conftest import build_tiny_llama
-from tests.runtime.helpers import bundle_from_adapters
+from tests.runtime.helpers import bundle_from_adapters, left_pad
 
 NAMES = ("alpha", "beta", "gamma", "delta")
 IDS = torch.tensor([[5, 17, 99, 3, 42, 8, 64, 120, 1, 77, 12, 90]])
@@ -256,14 +256,6 @@ def test_generate_with_cache_equals_without_and_equals_one_forward(bundle, opts)
         model(cached[:, :-1])
     for m, got in steps.items():
         assert torch.equal(got, choices(trace, m)), m
-
-
-def left_pad(rows, width):
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
-    return ids, mask
 
 
 @torch.no_grad()
