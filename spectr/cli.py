@@ -128,6 +128,8 @@ def catalog(
             columns, rows = catalog_sql(sql, registry)
         except ValueError as exc:
             _fail(exc, 2)
+        except KeyboardInterrupt:  # Ctrl-C: the query was interrupted, as the shell expects (128 + SIGINT)
+            _fail("catalog query interrupted (Ctrl-C)", 130)
         if as_json:
             print(json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=1))
         else:
