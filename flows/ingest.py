@@ -183,4 +183,7 @@ def dask_runner(address: str | None = None, workers: int | None = None) -> Any:
 
 def ingest_on_dask(sources: list[str], address: str | None = None, workers: int | None = None,
                    **args: Any) -> list[dict]:
-    return ingest_distributed.with_options(task_runner=dask_runner(address, workers))(sources=sources, **args)
+    from spectr.flows.temporary_server import tied_temporary_server
+
+    with tied_temporary_server():  # no server configured: a temporary one that dies with this process
+        return ingest_distributed.with_options(task_runner=dask_runner(address, workers))(sources=sources, **args)

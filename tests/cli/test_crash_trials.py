@@ -68,6 +68,25 @@ def _files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
 
 
+def _survivors(sid: int) -> list[str]:
+    """Live processes of the session the ingest led (started with start_new_session: sid = its pid),
+    after a bounded wait for re-parented children to notice and exit."""
+    found: list[str] = []
+    for _ in range(100):
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(") ", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] != "Z" and int(fields[3]) == sid:  # state, ppid, pgrp, session
+                found.append(stat.parent.name)
+        if not found:
+            return []
+        time.sleep(0.1)
+    return found
+
+
 def _age(home: Path) -> None:
     """Let the grace period pass for everything the killed process left (blobs and temp files)."""
     old = time.time() - AGE_S
@@ -96,6 +115,7 @@ def trial(rng: random.Random, point: str, home: Path, adapters: list[Path], base
     _, err = child.communicate(timeout=600)
     killed = child.returncode == -signal.SIGKILL
     assert killed or child.returncode == 0, (what, child.returncode, err.decode()[-2000:])
+    assert _survivors(child.pid) == [], (what, "processes outlived the killed ingest")
 
     _age(home)
     monkeypatch.setenv("SPECTR_HOME", str(home))
