@@ -8,6 +8,7 @@ import os
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -252,26 +253,28 @@ def _run_bounded(con: duckdb.DuckDBPyConnection, query: str, timeout: float) -> 
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         previous, installed = signal.signal(signal.SIGINT, on_sigint), True
     worker = threading.Thread(target=work, name="spectr-catalog-query", daemon=True)
+    deadline, timed_out = time.monotonic() + timeout, False
     try:
         worker.start()
-        worker.join(timeout)
-        timed_out = worker.is_alive()
-        if timed_out:
-            cur.interrupt()
-            worker.join(10)  # the interrupt is checked between DuckDB's vectors: milliseconds
+        while worker.is_alive():
+            worker.join(0.05)
+            timed_out = timed_out or time.monotonic() > deadline
+            if (timed_out or interrupted.is_set()) and worker.is_alive():
+                # Again until the worker returns: an interrupt that lands before DuckDB starts executing (a
+                # loaded machine) is lost, and the query would then run to its end.
+                cur.interrupt()
     finally:
         if installed:  # None: a handler not set from Python; the default is the nearest
             signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
-    if not worker.is_alive():
-        cur.close()
+    cur.close()
     if interrupted.is_set():
         raise KeyboardInterrupt
+    if "result" in box:  # finished, even if just at the deadline
+        return box["result"]
     if timed_out:
         raise ValueError(f"catalog query stopped after {timeout:g} s (SPECTR_SQL_TIMEOUT); "
                          "narrow it or raise the limit")
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
+    raise box["error"]
 
 
 def catalog_sql(
