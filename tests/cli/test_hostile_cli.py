@@ -392,8 +392,7 @@ def test_hostile_case(battery, cid):
 
 # ---- a few cases through the installed executable, under the same limits ---------------------------------
 
-EXECUTABLE_CASES = ["config-fifo", "weights-sparse-giant", "path-bracket-markup", "registry-read-only",
-                    "bundle-file-outside"]
+EXECUTABLE_CASES = ["config-fifo", "weights-sparse-giant", "registry-read-only", "bundle-file-outside"]
 
 
 @pytest.mark.parametrize("cid", EXECUTABLE_CASES)
