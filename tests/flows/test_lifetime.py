@@ -13,7 +13,7 @@ import pytest
 # A child that starts the temporary server the way `ingest --workers` does, reports the server's pid, and waits.
 HOLD_SERVER = """
 import sys, time
-from spectr.flows.temporary_server import tied_temporary_server
+from spectr.flows.lifetime import tied_temporary_server
 with tied_temporary_server() as server:
     print(server.server_process.pid, server.api_url, flush=True)
     time.sleep(600)
@@ -59,7 +59,7 @@ def test_temporary_server_dies_with_a_killed_parent(tmp_path):
 def test_temporary_server_is_skipped_where_one_is_configured(monkeypatch):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from spectr.flows.temporary_server import tied_temporary_server
+    from spectr.flows.lifetime import tied_temporary_server
 
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):
         with tied_temporary_server() as server:

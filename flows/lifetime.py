@@ -1,4 +1,9 @@
-"""Prefect's temporary API server, tied to the process that started it.
+"""Processes that Prefect starts for spectr end with the process that needs them (none outlives the CLI).
+
+exit_with_parent(): a flow run that Prefect's runner (`spectr serve-flows`) started in a child process exits
+when the runner is gone; such runs outlived a stopped serve-flows before, still talking to a dead server.
+
+tied_temporary_server(): Prefect's temporary API server, tied to the process that started it.
 
 Without a configured server (PREFECT_API_URL), a flow run makes Prefect start a temporary one: uvicorn in a
 child process, stopped at exit. A `spectr ingest --workers N` killed with SIGKILL never reaches its exit, and
@@ -13,6 +18,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -78,3 +85,24 @@ def tied_temporary_server() -> Iterator[TiedServer | None]:
             SubprocessASGIServer._instances.pop(None, None)
         else:
             SubprocessASGIServer._instances[None] = prior
+
+
+_tethered = threading.Event()
+
+
+def exit_with_parent(poll_s: float = 0.5) -> None:
+    """In a child that multiprocessing started (a flow run of Prefect's runner): exit as soon as the parent
+    is gone. Nothing in a process of its own (`spectr ingest` may rightly outlive its shell)."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is None or _tethered.is_set():
+        return
+    _tethered.set()
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="spectr-parent-watch", daemon=True).start()
