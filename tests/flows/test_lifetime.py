@@ -64,3 +64,57 @@ def test_temporary_server_is_skipped_where_one_is_configured(monkeypatch):
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):
         with tied_temporary_server() as server:
             assert server is None
+
+
+# A process whose multiprocessing child (as Prefect's runner starts a flow run) tethers itself, then waits.
+RUNNER_LIKE = """
+import multiprocessing as mp, os, sys, time
+
+def flow_run(q):
+    from spectr.flows.lifetime import exit_with_parent
+    exit_with_parent(0.1)
+    q.put(os.getpid())
+    time.sleep(600)
+
+if __name__ == "__main__":
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    ctx.Process(target=flow_run, args=(q,)).start()
+    print(q.get(timeout=300), flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_flow_run_process_exits_when_its_runner_is_killed(tmp_path):
+    script = tmp_path / "runner_like.py"
+    script.write_text(RUNNER_LIKE)
+    runner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        line = runner.stdout.readline()
+        assert line, runner.stderr.read()[-3000:]
+        run_pid = int(line)
+        assert _alive(run_pid)
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(60)
+        for _ in range(600):
+            if not _alive(run_pid):
+                break
+            time.sleep(0.1)
+        assert not _alive(run_pid), "the flow run's process outlived its runner"
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+        try:
+            os.killpg(runner.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_process_of_its_own_is_not_tethered():
+    from spectr.flows import lifetime
+
+    lifetime.exit_with_parent()  # pytest itself: no multiprocessing parent, nothing started
+    assert not lifetime._tethered.is_set()
+    assert "spectr-parent-watch" not in {t.name for t in __import__("threading").enumerate()}
