@@ -59,7 +59,7 @@ def _race_first_use(url: str, n: int = 8) -> list[int]:
     for p in procs:
         p.start()
     for p in procs:
-        p.join(180)
+        p.join(900)  # a bound against a hang; 8 imports and migrations on a loaded 2-core box take minutes
     return [p.exitcode for p in procs]
 
 
@@ -80,3 +80,42 @@ def test_eight_processes_first_use_postgres():
         assert _tables(url) == set(Base.metadata.tables) and db.current_revision(url) == _head(url)
     finally:
         db.downgrade(url, "base")
+
+
+def test_a_migrator_that_waits_past_the_busy_timeout_retries(tmp_path, monkeypatch):
+    """SQLite gives up on a held write lock after its busy timeout (30 s; 0.2 s here): the migration, one
+    transaction that left nothing, is tried again until the holder lets go, and then succeeds."""
+    import sqlite3
+    import threading
+
+    url = f"sqlite:///{tmp_path / 'held.db'}"
+    real = db.make_engine
+    monkeypatch.setattr(db, "make_engine", lambda u=None, **kw: real(u, connect_args={"timeout": 0.2}, **kw))
+    holder = sqlite3.connect(tmp_path / "held.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process's write transaction, held for a while
+    refused = []
+    from alembic import command
+
+    real_command = command.upgrade
+
+    def counting(cfg, rev):
+        try:
+            return real_command(cfg, rev)
+        except Exception as e:
+            refused.append(type(e).__name__)
+            raise
+
+    monkeypatch.setattr(command, "upgrade", counting)
+    box: dict = {}
+    worker = threading.Thread(target=lambda: box.setdefault("done", db.upgrade(url) or True))
+    worker.start()
+    for _ in range(600):  # until the migrator has been refused at least twice
+        if len(refused) >= 2:
+            break
+        threading.Event().wait(0.05)
+    holder.execute("COMMIT")
+    holder.close()
+    worker.join(120)
+    assert not worker.is_alive() and box.get("done"), refused
+    assert refused and set(refused) == {"OperationalError"}
+    assert db.current_revision(url) == _head(url)
