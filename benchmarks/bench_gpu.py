@@ -188,8 +188,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--experts", default="8,32,64")
-    ap.add_argument("--compiled", default="base,defaults:8,defaults:64,reference:32,arrow:8",
+    ap.add_argument("--compiled", default="base,defaults:8,defaults:64,dense:64,reference:32,arrow:8",
                     help="variant:E pairs also measured compiled (or 'none')")
+    ap.add_argument("--skip", default="", help="short variant names not measured (e.g. plain,arrow)")
     ap.add_argument("--peft", action=argparse.BooleanOptionalAction, default=True, help="measure PEFT Arrow at E=8")
     ap.add_argument("--profile", type=Path, help="write torch.profiler tables (defaults E=8, eager) here")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -202,13 +203,17 @@ def main() -> None:
     sizes = [int(e) for e in a.experts.split(",")]
     want_compiled = set() if a.compiled == "none" else set(a.compiled.split(","))
     variants = {
-        "defaults": {},  # load_bundle's defaults: spectr, k=1, pool="input", impl="fused"
+        "defaults": {},  # load_bundle's defaults: spectr, k=1, pool="input", impl="fused", apply="auto"
+        # the two applies side by side: auto gathers from E*r >= 512 (E >= 32 at r = 16) on a GPU
+        "defaults, apply=gathered": dict(apply="gathered"),
+        "defaults, apply=dense": dict(apply="dense"),
         "defaults, impl=plain": dict(impl="plain"),  # the readable path (and the code the issue measured)
         "reference": dict(REFERENCE),
         "arrow (our PEFT_ARROW preset)": dict(PEFT_ARROW),
     }
-    short = {"defaults": "defaults", "defaults, impl=plain": "plain", "reference": "reference",
-             "arrow (our PEFT_ARROW preset)": "arrow"}
+    short = {"defaults": "defaults", "defaults, apply=gathered": "gathered", "defaults, apply=dense": "dense",
+             "defaults, impl=plain": "plain", "reference": "reference", "arrow (our PEFT_ARROW preset)": "arrow"}
+    skip = set(filter(None, a.skip.split(",")))
     rows: list[dict] = []
     t_start = time.perf_counter()
     base = base_model(a.layers)
@@ -229,8 +234,10 @@ def main() -> None:
         for E in sizes:
             bundle = subset_bundle(Path(tmp), full, E)
             for label, opts in variants.items():
-                if label == "defaults, impl=plain" and E != sizes[0]:
+                if short[label] in skip or (label == "defaults, impl=plain" and E != sizes[0]):
                     continue
+                if (short[label] == "gathered" and E >= 32) or (short[label] == "dense" and E < 32):
+                    continue  # what auto picks there anyway
                 model = load_bundle(copy.deepcopy(base), bundle, **opts)
                 record(label, E, False, measure(model, False, f"{label} E={E}"))
                 if f"{short[label]}:{E}" in want_compiled:
@@ -241,7 +248,7 @@ def main() -> None:
                         from spectr.runtime import kernels
 
                         if kernels.route is not None:
-                            kernels.route = None
+                            kernels.route = kernels.expand = None
                             record(label + " (no Triton kernel)", E, True, measure(model, True, f"{label} E={E}"))
                 if a.profile and label in ("defaults", "defaults, impl=plain") and E == sizes[0]:
                     a.profile.mkdir(parents=True, exist_ok=True)
@@ -249,16 +256,21 @@ def main() -> None:
                 del model
                 gc.collect()
                 torch.cuda.empty_cache()
-            if a.peft and E == 8:
-                from peft import ArrowConfig, create_arrow_model
-
-                peft = create_arrow_model(copy.deepcopy(base), [str(f) for f in folders[:E]],
-                                          ArrowConfig(top_k=3, router_temperature=1.0, rng_seed=0)).eval()
-                record("PEFT create_arrow_model (top-3)", E, False, measure(peft, False, f"peft arrow E={E}"))
-                del peft
-                gc.collect()
-                torch.cuda.empty_cache()
+                if a.peft and E == 8 and label == "defaults":  # next: the time-added target's other side
+                    measure_peft(base, folders, E, record)
     write_results(rows, a, time.perf_counter() - t_start)
+
+
+def measure_peft(base, folders, E: int, record) -> None:
+    """PEFT's own Arrow (create_arrow_model, top-3) on the same factors, eager."""
+    from peft import ArrowConfig, create_arrow_model
+
+    peft = create_arrow_model(copy.deepcopy(base), [str(f) for f in folders[:E]],
+                              ArrowConfig(top_k=3, router_temperature=1.0, rng_seed=0)).eval()
+    record("PEFT create_arrow_model (top-3)", E, False, measure(peft, False, f"peft arrow E={E}"))
+    del peft
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def write_results(rows: list[dict], a, seconds: float, quiet: bool = False) -> None:
