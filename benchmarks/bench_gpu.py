@@ -192,7 +192,8 @@ def main() -> None:
                     help="variant:E pairs also measured compiled (or 'none')")
     ap.add_argument("--skip", default="", help="short variant names not measured (e.g. plain,arrow)")
     ap.add_argument("--peft", action=argparse.BooleanOptionalAction, default=True, help="measure PEFT Arrow at E=8")
-    ap.add_argument("--profile", type=Path, help="write torch.profiler tables (defaults E=8, eager) here")
+    ap.add_argument("--profile", type=Path, help="write torch.profiler tables (defaults, eager) here")
+    ap.add_argument("--profile-experts", default="8,64", help="the E's profiled with --profile")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: check the script, not the speed")
     a = ap.parse_args()
@@ -250,7 +251,7 @@ def main() -> None:
                         if kernels.route is not None:
                             kernels.route = kernels.expand = None
                             record(label + " (no Triton kernel)", E, True, measure(model, True, f"{label} E={E}"))
-                if a.profile and label in ("defaults", "defaults, impl=plain") and E == sizes[0]:
+                if a.profile and label == "defaults" and str(E) in a.profile_experts.split(","):
                     a.profile.mkdir(parents=True, exist_ok=True)
                     profile(model, a.profile / f"profile_{short[label]}_E{E}.txt", f"{label} E={E}")
                 del model
