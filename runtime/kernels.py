@@ -143,7 +143,7 @@ if torch.cuda.is_available() or INTERPRET:
                             mask=row_ok[:, None] & r_ok[None, :], other=0.0)
                 cur = tl.min(tl.where(row_ok, e_rows, big), axis=0)
                 while cur < big:  # each expert met in this block of rows: one product over the block
-                    a = tl.where((e_rows == cur)[:, None], c, 0.0)
+                    a = tl.where((e_rows == cur)[:, None], c, tl.zeros_like(c))
                     u = tl.load(US + n[:, None] * stride_u + cur * R + r[None, :],
                                 mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(a.dtype)
                     if IEEE:
