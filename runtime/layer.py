@@ -36,10 +36,11 @@ class RouterConfig:
     expert: int | None = None  # index of the expert for router="fixed"
     apply: str = "auto"  # dense | grouped | gathered | auto (see dense_max, gather_min)
     dense_max: int = 4096  # auto: dense when E*r <= dense_max or 2k >= E (dense won every size measured)
-    # auto, fused path on a GPU with the Triton kernels: the gathered apply (only the chosen experts' columns of
-    # U Sigma, kernels.expand) when E*r >= gather_min and 2k < E; "gathered" asks for it at any size (where
-    # the kernels do not run, e.g. on a CPU, the fused path applies densely: the same sum)
-    gather_min: int = 512
+    # apply="gathered": only the chosen experts' columns of U Sigma (kernels.expand, in the fused path on a GPU
+    # with Triton; where the kernels do not run, e.g. on a CPU, the fused path applies densely: the same sum).
+    # auto gathers when E*r >= gather_min and 2k < E; None = never, until the H200 table measures where it
+    # wins (at E=8 it lost: benchmarks/results/gpu_h200.md)
+    gather_min: int | None = None
     pool: str = "input"  # input (q,k,v; gate,up decide together) | module (the paper's code) | layer
     smooth: float = 0.0  # causal moving average of evidence over tokens; 0 = off (see routing.py)
     # fused: one scoring GEMM per input group, decisions handed to siblings by module attributes, the dense
@@ -409,7 +410,8 @@ class RoutedLinear(nn.Module):
         cfg = self.cfg
         if cfg.apply not in ("auto", "gathered") or kernels.expand is None or not self._kernel_ok(x):
             return False
-        return cfg.apply == "gathered" or (self.Vt.shape[0] >= cfg.gather_min and 2 * cfg.top_k < self.E)
+        return cfg.apply == "gathered" or (cfg.gather_min is not None and self.Vt.shape[0] >= cfg.gather_min
+                                           and 2 * cfg.top_k < self.E)
 
     def _decide_group_kernel(self, members: list[RoutedLinear], x: torch.Tensor,
                              allowed: torch.Tensor | None) -> list[tuple]:
