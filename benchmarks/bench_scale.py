@@ -96,13 +96,23 @@ def main() -> None:
     i.add_argument("--no-in-process", dest="in_process", action="store_false",
                    help="skip the in-process runner (no Prefect, no Dask)")
     i.add_argument("--gen-procs", type=int, default=1, help="processes generating the adapters")
+    i.add_argument("--stop-after", type=float, help="start no further run after this many seconds (a time-boxed "
+                   "host); runs not started are listed as skipped")
+    i.add_argument("--md", type=Path, help="also write the results as a markdown table here")
     i.add_argument("--out", type=Path)
     i.add_argument("--root", type=Path, help="keep the generated adapters here (reused by later runs)")
     a = ap.parse_args()
     if a.what == "catalog":
         res = bench_catalog([int(s) for s in a.sizes.split(",")], a.repeats)
     else:
-        res = bench_ingest(a.adapters, parse_runs(a.workers, a.adapters), a.root, a.in_process, a.gen_procs)
+        def save(results: list[dict]) -> None:  # after every run: a host that times out keeps what it measured
+            if a.out:
+                a.out.write_text(json.dumps(results, indent=1) + "\n")
+            if a.md:
+                a.md.write_text(markdown(results))
+
+        res = bench_ingest(a.adapters, parse_runs(a.workers, a.adapters), a.root, a.in_process, a.gen_procs,
+                           a.stop_after, save)
     if a.out:
         a.out.write_text(json.dumps(res, indent=1) + "\n")
 
@@ -220,8 +230,30 @@ def parse_runs(workers: str, n: int) -> list[tuple[int, int]]:
     return runs
 
 
+def _speedups(out: list[dict]) -> None:
+    """Throughput over the 1-worker run's, so runs on different adapter counts compare."""
+    ref = next((r for r in out if r["runner"] == "dask-1" and not r.get("skipped")), None)
+    for r in out:
+        if not r.get("skipped"):
+            r["speedup_vs_dask_1"] = round(r["adapters_per_s"] / ref["adapters_per_s"], 2) if ref else None
+
+
+def markdown(results: list[dict]) -> str:
+    rows = ["| runner | adapters | wall | adapters/s | vs Dask 1 worker | CPU s (this run's processes) | "
+            "machine CPU s | load before / after |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if r.get("skipped"):
+            rows.append(f"| {r['runner']} | {r['adapters']} | skipped: {r['skipped']} | | | | | |")
+            continue
+        rows.append(f"| {r['runner']} | {r['adapters']} | {r['wall_s']} s | {r['adapters_per_s']} | "
+                    f"{r.get('speedup_vs_dask_1') or '-'}x | {r['cpu_s']} | {r['machine_cpu_s']} | "
+                    f"{r['load_avg_before']} / {r['load_avg_after']} |")
+    first = next((r for r in results if not r.get("skipped")), {})
+    return (f"Machine: {first.get('machine', '?')}, {first.get('cores', '?')} cores\n\n" + "\n".join(rows) + "\n")
+
+
 def bench_ingest(n: int, runs: list[tuple[int, int]], root: Path | None = None, in_process: bool = True,
-                 gen_procs: int = 1) -> list[dict]:
+                 gen_procs: int = 1, stop_after: float | None = None, save=None) -> list[dict]:
     """The in-process runner (on n adapters), then Prefect's Dask task runner on local clusters of each
     worker count, each into a fresh registry (removed after it is measured), one after the other in this
     run. One Prefect server is started first and shared (without one configured, every Dask run would pay
@@ -234,6 +266,7 @@ def bench_ingest(n: int, runs: list[tuple[int, int]], root: Path | None = None, 
     from spectr.flows.ingest import ingest_on_dask
     from spectr.pipeline.ingest import ingest_sources
 
+    started = time.monotonic()
     keep = root is not None
     root = root or Path(tempfile.mkdtemp(prefix="bench-scale-"))
     most = max([n if in_process else 0, *(c for _, c in runs)])
@@ -244,6 +277,10 @@ def bench_ingest(n: int, runs: list[tuple[int, int]], root: Path | None = None, 
     plan = ([("in-process", None, n)] if in_process else []) + [(f"dask-{w}", w, c) for w, c in runs]
     with prefect_test_harness(server_startup_timeout=120):
         for how, workers, count in plan:
+            if stop_after is not None and time.monotonic() - started > stop_after:
+                out.append(dict(runner=how, adapters=count, skipped=f"past --stop-after {stop_after:.0f} s"))
+                print(json.dumps(out[-1]), flush=True)
+                continue
             home = root / f"home-{how}"
             shutil.rmtree(home, ignore_errors=True)  # every runner starts from an empty registry
             sources = [str(lib / f"gen-{i:04d}") for i in range(count)]
@@ -263,9 +300,9 @@ def bench_ingest(n: int, runs: list[tuple[int, int]], root: Path | None = None, 
                      load_avg_after=round(cpu.load_after, 2), cores=os.cpu_count(), machine=platform.platform())
             print(json.dumps(r), flush=True)
             out.append(r)
-    ref = next((r for r in out if r["runner"] == "dask-1"), None)
-    for r in out:  # by throughput, so runs on different adapter counts compare
-        r["speedup_vs_dask_1"] = round(r["adapters_per_s"] / ref["adapters_per_s"], 2) if ref else None
+            _speedups(out)
+            if save:
+                save(out)
     if not keep:
         shutil.rmtree(root, ignore_errors=True)
     return out

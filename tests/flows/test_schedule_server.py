@@ -114,6 +114,39 @@ def test_scheduled_ingest_runs_on_a_real_server(make_adapter, tiny_base_dir, tmp
         assert len(direct) == 2 and all(r["state_type"] == "COMPLETED" for r in direct)
         tasks = httpx.post(f"{api}/task_runs/filter", json={}).json()
         assert {t["name"].split(" ")[0] for t in tasks if t["flow_run_id"] == direct[0]["id"]} >= {"fetch", "validate", "spectra"}
+
+        # The scheduled deployment on Dask: each run starts a local 2-worker cluster and ingests through it.
+        drop_dask = tmp_path / "drop-dask"
+        drop_dask.mkdir()
+        for i, name in enumerate(["sched-dask-a", "sched-dask-b"]):
+            (drop_dask / name).symlink_to(make_adapter(f"{name}-src", seed=20 + i), target_is_directory=True)
+        served = subprocess.Popen(
+            [str(BIN / "spectr"), "serve-flows", f"{drop_dask}/*", "--interval", "5", "--workers", "2",
+             "--base-model", str(tiny_base_dir), "--name", "test-schedule-dask"],
+            env=cli_env, cwd=REPO, stdout=open(logs / "serve-dask.log", "w"), stderr=subprocess.STDOUT,
+        )
+        procs.append(served)
+
+        def dask_deployment_runs() -> list[dict]:
+            deps = httpx.post(f"{api}/deployments/filter", json={}).json()
+            ids = {d["id"] for d in deps if d["name"] == "test-schedule-dask"}
+            return [r for r in completed_runs() if r["deployment_id"] in ids]
+
+        try:
+            _wait(lambda: len(dask_deployment_runs()) >= 1, 300, "a scheduled Dask flow run to complete", procs)
+        except AssertionError:
+            print((logs / "serve-dask.log").read_text()[-4000:])
+            raise
+        served.terminate()
+        served.wait(timeout=30)
+        got = {(v.name, v.version) for v in registry.versions()}
+        assert {("sched-dask-a", 1), ("sched-dask-b", 1)} <= got
+        run = dask_deployment_runs()[0]
+        children = httpx.post(f"{api}/flow_runs/filter", json={}).json()
+        sub = [r for r in children if (r.get("parent_task_run_id") and r["id"] != run["id"])]
+        tasks = httpx.post(f"{api}/task_runs/filter", json={}).json()
+        batches = [t for t in tasks if t["name"].startswith("process ") and t["state_type"] == "COMPLETED"]
+        assert batches and {t["flow_run_id"] for t in batches} <= {r["id"] for r in sub}, "batches ran in the subflow"
     finally:
         for p in reversed(procs):
             p.terminate()
