@@ -77,15 +77,15 @@ def test_scheduled_ingest_runs_on_a_real_server(make_adapter, tiny_base_dir, tmp
         procs.append(served)
 
         def completed_runs() -> list[dict]:
-            r = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})
+            r = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}, timeout=60)
             return [run for run in r.json() if run.get("deployment_id")]
 
-        try:
+        try:  # a busy shared box makes the server slow to answer: API calls wait up to a minute
             _wait(lambda: len(completed_runs()) >= 1, 240, "a scheduled flow run to complete", procs)
         except AssertionError:
             print((logs / "serve.log").read_text()[-4000:])
             raise
-        deployments = httpx.post(f"{api}/deployments/filter", json={}).json()
+        deployments = httpx.post(f"{api}/deployments/filter", json={}, timeout=60).json()
         assert [d["name"] for d in deployments] == ["test-schedule"]
         assert deployments[0]["schedules"], "the deployment carries its schedule"
         registry = Registry(f"sqlite:///{tmp_path / 'spectr-home' / 'registry.db'}", str(tmp_path / "spectr-home" / "blobs"))
@@ -109,10 +109,10 @@ def test_scheduled_ingest_runs_on_a_real_server(make_adapter, tiny_base_dir, tmp
                 assert "httpx" not in done.stderr
             else:
                 assert done.stderr.splitlines() == [summary], done.stderr
-        runs = httpx.post(f"{api}/flow_runs/filter", json={}).json()
+        runs = httpx.post(f"{api}/flow_runs/filter", json={}, timeout=60).json()
         direct = [r for r in runs if not r.get("deployment_id")]
         assert len(direct) == 2 and all(r["state_type"] == "COMPLETED" for r in direct)
-        tasks = httpx.post(f"{api}/task_runs/filter", json={}).json()
+        tasks = httpx.post(f"{api}/task_runs/filter", json={}, timeout=60).json()
         assert {t["name"].split(" ")[0] for t in tasks if t["flow_run_id"] == direct[0]["id"]} >= {"fetch", "validate", "spectra"}
 
         # The scheduled deployment on Dask: each run starts a local 2-worker cluster and ingests through it.
@@ -128,7 +128,7 @@ def test_scheduled_ingest_runs_on_a_real_server(make_adapter, tiny_base_dir, tmp
         procs.append(served)
 
         def dask_deployment_runs() -> list[dict]:
-            deps = httpx.post(f"{api}/deployments/filter", json={}).json()
+            deps = httpx.post(f"{api}/deployments/filter", json={}, timeout=60).json()
             ids = {d["id"] for d in deps if d["name"] == "test-schedule-dask"}
             return [r for r in completed_runs() if r["deployment_id"] in ids]
 
@@ -142,9 +142,9 @@ def test_scheduled_ingest_runs_on_a_real_server(make_adapter, tiny_base_dir, tmp
         got = {(v.name, v.version) for v in registry.versions()}
         assert {("sched-dask-a", 1), ("sched-dask-b", 1)} <= got
         run = dask_deployment_runs()[0]
-        children = httpx.post(f"{api}/flow_runs/filter", json={}).json()
+        children = httpx.post(f"{api}/flow_runs/filter", json={}, timeout=60).json()
         sub = [r for r in children if (r.get("parent_task_run_id") and r["id"] != run["id"])]
-        tasks = httpx.post(f"{api}/task_runs/filter", json={}).json()
+        tasks = httpx.post(f"{api}/task_runs/filter", json={}, timeout=60).json()
         batches = [t for t in tasks if t["name"].startswith("process ") and t["state_type"] == "COMPLETED"]
         assert batches and {t["flow_run_id"] for t in batches} <= {r["id"] for r in sub}, "batches ran in the subflow"
     finally:
