@@ -36,9 +36,11 @@ def serve_ingest(
     if (cron is None) == (interval_seconds is None):
         raise ValueError("give exactly one of cron or interval_seconds")
     parameters: dict = {"sources": list(sources), "base_model": base_model}
-    served = ingest
+    served, limit = ingest, None
     if dask_address or workers:
-        served = ingest_on_dask_flow
+        # One run at a time: a run that outlasts the interval would otherwise overlap the next, each with
+        # its own cluster (seen on the 2-core box: --interval 5 piled up a dozen local clusters).
+        served, limit = ingest_on_dask_flow, 1
         parameters.update(dask_address=dask_address, workers=workers)
     served.serve(
         name=name,
@@ -47,4 +49,5 @@ def serve_ingest(
         parameters=parameters,
         description="Re-scan the configured adapter sources and ingest what is new.",
         print_starting_message=True,
+        limit=limit,
     )

@@ -67,6 +67,19 @@ def test_dask_option_mistakes_are_one_line(spectr_home, make_adapter, args, mess
     assert not (spectr_home / "registry.db").exists()  # nothing recorded
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--dask", "tcp://127.0.0.1:8786", "--workers", "2"], "--dask and --workers exclude each other"),
+    (["--workers", "0"], "--workers must be at least 1, got 0"),
+])
+def test_serve_flows_dask_option_mistakes_are_one_line(spectr_home, args, message):
+    from typer.testing import CliRunner
+
+    from spectr.cli import app
+
+    r = CliRunner().invoke(app, ["serve-flows", "/nowhere/*", "--interval", "5", *args])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+
+
 def _free_port() -> int:
     import socket
 

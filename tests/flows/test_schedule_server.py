@@ -36,6 +36,29 @@ def _wait(predicate, timeout: float, what: str, procs: list[subprocess.Popen]) -
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def _stop(p: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if the runner is still shutting down a minute later (a busy shared box); then
+    whatever it had started that is still there (a killed flow run's Dask nanny and worker processes
+    outlive it)."""
+    import psutil
+
+    try:
+        tree = psutil.Process(p.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    p.terminate()
+    try:
+        p.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def test_scheduled_ingest_runs_on_a_real_server(make_adapter, tiny_base_dir, tmp_path):
     drop = tmp_path / "drop"  # the scheduled source: a glob over this folder
     drop.mkdir()
@@ -93,8 +116,8 @@ def test_scheduled_ingest_runs_on_a_real_server(make_adapter, tiny_base_dir, tmp
 
         # `spectr ingest` with the server configured: a flow run with its task runs there, one line per
         # adapter on stdout, and Prefect's own logs on stderr only with --verbose.
-        served.terminate()  # its schedule no longer competes for the server's database
-        served.wait(timeout=30)
+        _stop(served)  # its schedule no longer competes for the server's database
+        procs.remove(served)
         cli_env = dict(env, PREFECT_API_URL=api)
         for verbose, name in ((False, "cli-quiet"), (True, "cli-verbose")):
             done = subprocess.run(
@@ -115,7 +138,8 @@ def test_scheduled_ingest_runs_on_a_real_server(make_adapter, tiny_base_dir, tmp
         tasks = httpx.post(f"{api}/task_runs/filter", json={}, timeout=60).json()
         assert {t["name"].split(" ")[0] for t in tasks if t["flow_run_id"] == direct[0]["id"]} >= {"fetch", "validate", "spectra"}
 
-        # The scheduled deployment on Dask: each run starts a local 2-worker cluster and ingests through it.
+        # The scheduled deployment on Dask: each run starts a local 2-worker cluster and ingests through it
+        # (one run at a time: the deployment's limit).
         drop_dask = tmp_path / "drop-dask"
         drop_dask.mkdir()
         for i, name in enumerate(["sched-dask-a", "sched-dask-b"]):
@@ -137,8 +161,8 @@ def test_scheduled_ingest_runs_on_a_real_server(make_adapter, tiny_base_dir, tmp
         except AssertionError:
             print((logs / "serve-dask.log").read_text()[-4000:])
             raise
-        served.terminate()
-        served.wait(timeout=30)
+        _stop(served)
+        procs.remove(served)
         got = {(v.name, v.version) for v in registry.versions()}
         assert {("sched-dask-a", 1), ("sched-dask-b", 1)} <= got
         run = dask_deployment_runs()[0]
