@@ -161,16 +161,17 @@ def test_scheduled_ingest_runs_on_a_real_server(make_adapter, tiny_base_dir, tmp
         except AssertionError:
             print((logs / "serve-dask.log").read_text()[-4000:])
             raise
+        run = dask_deployment_runs()[0]  # read before the runner stops (its deployment goes with it)
         _stop(served)
         procs.remove(served)
         got = {(v.name, v.version) for v in registry.versions()}
         assert {("sched-dask-a", 1), ("sched-dask-b", 1)} <= got
-        run = dask_deployment_runs()[0]
-        children = httpx.post(f"{api}/flow_runs/filter", json={}, timeout=60).json()
-        sub = [r for r in children if (r.get("parent_task_run_id") and r["id"] != run["id"])]
+        flow_runs = httpx.post(f"{api}/flow_runs/filter", json={}, timeout=60).json()
         tasks = httpx.post(f"{api}/task_runs/filter", json={}, timeout=60).json()
-        batches = [t for t in tasks if t["name"].startswith("process ") and t["state_type"] == "COMPLETED"]
-        assert batches and {t["flow_run_id"] for t in batches} <= {r["id"] for r in sub}, "batches ran in the subflow"
+        in_run = {t["id"] for t in tasks if t["flow_run_id"] == run["id"]}  # the subflow's parent task run
+        sub = {r["id"] for r in flow_runs if r.get("parent_task_run_id") in in_run}
+        batches = [t for t in tasks if t["flow_run_id"] in sub and t["name"].startswith("process ")]
+        assert batches and all(t["state_type"] == "COMPLETED" for t in batches), "the batches ran in its subflow"
     finally:
         for p in reversed(procs):
             p.terminate()
