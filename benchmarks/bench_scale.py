@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/bench_scale.py catalog --sizes 100,1000,10000
     .venv/bin/python benchmarks/bench_scale.py ingest --adapters 1000 --workers 1,2
+    python3 benchmarks/bench_scale.py ingest --adapters 1000 --workers 1:300,2:600,8 --no-in-process --gen-procs 8
 
 Catalog: the registry is filled through SQLAlchemy Core with rows shaped as add_version writes them (one
 shared spectra blob), then timed through catalog_sql: the first query after a change (builds the snapshot)
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -56,8 +58,6 @@ def bench_catalog(sizes: list[int], repeats: int) -> list[dict]:
     out = []
     for n in sizes:
         with tempfile.TemporaryDirectory() as d:
-            import os
-
             os.environ["SPECTR_CATALOG_CACHE"] = f"{d}/cache"
             reg = Registry(f"sqlite:///{d}/reg.db", f"{d}/blobs")
             fill(reg, n)
@@ -92,14 +92,27 @@ def main() -> None:
     c.add_argument("--out", type=Path)
     i = sub.add_parser("ingest")
     i.add_argument("--adapters", type=int, default=1000)
-    i.add_argument("--workers", default="1,2")
+    i.add_argument("--workers", default="1,2", help='worker counts, each optionally with its own adapter count: "1:300,8"')
+    i.add_argument("--no-in-process", dest="in_process", action="store_false",
+                   help="skip the in-process runner (no Prefect, no Dask)")
+    i.add_argument("--gen-procs", type=int, default=1, help="processes generating the adapters")
+    i.add_argument("--stop-after", type=float, help="start no further run after this many seconds (a time-boxed "
+                   "host); runs not started are listed as skipped")
+    i.add_argument("--md", type=Path, help="also write the results as a markdown table here")
     i.add_argument("--out", type=Path)
     i.add_argument("--root", type=Path, help="keep the generated adapters here (reused by later runs)")
     a = ap.parse_args()
     if a.what == "catalog":
         res = bench_catalog([int(s) for s in a.sizes.split(",")], a.repeats)
     else:
-        res = bench_ingest(a.adapters, [int(w) for w in a.workers.split(",")], a.root)
+        def save(results: list[dict]) -> None:  # after every run: a host that times out keeps what it measured
+            if a.out:
+                a.out.write_text(json.dumps(results, indent=1) + "\n")
+            if a.md:
+                a.md.write_text(markdown(results))
+
+        res = bench_ingest(a.adapters, parse_runs(a.workers, a.adapters), a.root, a.in_process, a.gen_procs,
+                           a.stop_after, save)
     if a.out:
         a.out.write_text(json.dumps(res, indent=1) + "\n")
 
@@ -113,27 +126,22 @@ SMOLLM2_MODULES = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 5
                    "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}
 
 
-def make_adapters(root: Path, n: int, rank: int = 8) -> tuple[Path, Path]:
-    """(base folder with SmolLM2's config.json, folder of n adapters in PEFT's layout: bf16 factors of every
-    linear module, as PEFT saves the shared library's experts), written with safetensors."""
+def _write_adapters(lib: Path, indices: list[int], rank: int) -> None:
+    """Adapters number `indices`, each from its own seed (the same bytes whichever process writes it)."""
     import torch
     from safetensors.torch import save_file
 
-    base = root / "SmolLM2-135M-Instruct"
-    base.mkdir(parents=True, exist_ok=True)
-    (base / "config.json").write_text(json.dumps(SMOLLM2_CONFIG))
-    lib = root / "adapters"
-    lib.mkdir(exist_ok=True)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
               "target_modules": sorted(SMOLLM2_MODULES), "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
               "bias": "none", "fan_in_fan_out": False, "lora_dropout": 0.0, "modules_to_save": None,
               "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True}
-    g = torch.Generator().manual_seed(0)
-    for i in range(n):
+    torch.set_num_threads(1)
+    for i in indices:
         folder = lib / f"gen-{i:04d}"
         if (folder / "adapter_model.safetensors").is_file():
             continue
         folder.mkdir(exist_ok=True)
+        g = torch.Generator().manual_seed(i)
         tensors = {}
         for layer in range(SMOLLM2_CONFIG["num_hidden_layers"]):
             for short, (out_f, in_f) in SMOLLM2_MODULES.items():
@@ -141,16 +149,115 @@ def make_adapters(root: Path, n: int, rank: int = 8) -> tuple[Path, Path]:
                 key = f"base_model.model.model.layers.{layer}.{part}.{short}"
                 tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, in_f, generator=g) / in_f**0.5).bfloat16()
                 tensors[f"{key}.lora_B.weight"] = (torch.randn(out_f, rank, generator=g) * 0.01).bfloat16()
-        save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
         (folder / "adapter_config.json").write_text(json.dumps(config, indent=1))
+        save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+def make_adapters(root: Path, n: int, rank: int = 8, procs: int = 1) -> tuple[Path, Path]:
+    """(base folder with SmolLM2's config.json, folder of n adapters in PEFT's layout: bf16 factors of every
+    linear module, as PEFT saves the shared library's experts), written with safetensors by `procs`
+    processes. Adapters already there are kept."""
+    base = root / "SmolLM2-135M-Instruct"
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "config.json").write_text(json.dumps(SMOLLM2_CONFIG))
+    lib = root / "adapters"
+    lib.mkdir(exist_ok=True)
+    if procs <= 1:
+        _write_adapters(lib, list(range(n)), rank)
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(procs) as pool:
+            list(pool.map(_write_adapters, [lib] * procs, [list(range(k, n, procs)) for k in range(procs)],
+                          [rank] * procs))
     return base, lib
 
 
-def bench_ingest(n: int, workers: list[int], root: Path | None = None) -> list[dict]:
-    """The in-process runner, then Prefect's Dask task runner on local clusters of each worker count, each
-    into a fresh registry, one after the other in this run. One Prefect server is started first and
-    shared (without one configured, every Dask run would pay a temporary server's start)."""
-    import os
+class CpuMeter:
+    """CPU seconds of this process and all its descendants (the flow, the Dask workers, the Prefect server),
+    sampled every 0.2 s so that children which exit before the end are counted; and the whole machine's
+    busy CPU seconds over the same time (what the other users of a shared box took is the difference)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._seen: dict[int, float] = {}
+        self._base: dict[int, float] = {}
+
+    def _sample(self) -> None:
+        me = self._psutil.Process()
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                self._seen[p.pid] = t.user + t.system
+            except self._psutil.Error:
+                pass
+
+    def __enter__(self) -> "CpuMeter":
+        import threading
+
+        self._sample()
+        self._base = dict(self._seen)
+        m = self._psutil.cpu_times()
+        self._machine0 = m.user + m.system + getattr(m, "nice", 0.0)
+        self._load0 = os.getloadavg()[0]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.2):
+            self._sample()
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        m = self._psutil.cpu_times()
+        self.machine_cpu_s = m.user + m.system + getattr(m, "nice", 0.0) - self._machine0
+        self.cpu_s = sum(v - self._base.get(pid, 0.0) for pid, v in self._seen.items())
+        self.load_before, self.load_after = self._load0, os.getloadavg()[0]
+
+
+def parse_runs(workers: str, n: int) -> list[tuple[int, int]]:
+    """"1:300,2,8" -> [(1, 300), (2, n), (8, n)]: worker counts, each with its own adapter count if given."""
+    runs = []
+    for part in workers.split(","):
+        w, _, count = part.partition(":")
+        runs.append((int(w), int(count) if count else n))
+    return runs
+
+
+def _speedups(out: list[dict]) -> None:
+    """Throughput over the 1-worker run's, so runs on different adapter counts compare."""
+    ref = next((r for r in out if r["runner"] == "dask-1" and not r.get("skipped")), None)
+    for r in out:
+        if not r.get("skipped"):
+            r["speedup_vs_dask_1"] = round(r["adapters_per_s"] / ref["adapters_per_s"], 2) if ref else None
+
+
+def markdown(results: list[dict]) -> str:
+    rows = ["| runner | adapters | wall | adapters/s | vs Dask 1 worker | CPU s (this run's processes) | "
+            "machine CPU s | load before / after |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if r.get("skipped"):
+            rows.append(f"| {r['runner']} | {r['adapters']} | skipped: {r['skipped']} | | | | | |")
+            continue
+        rows.append(f"| {r['runner']} | {r['adapters']} | {r['wall_s']} s | {r['adapters_per_s']} | "
+                    f"{r.get('speedup_vs_dask_1') or '-'}x | {r['cpu_s']} | {r['machine_cpu_s']} | "
+                    f"{r['load_avg_before']} / {r['load_avg_after']} |")
+    first = next((r for r in results if not r.get("skipped")), {})
+    return (f"Machine: {first.get('machine', '?')}, {first.get('cores', '?')} cores\n\n" + "\n".join(rows) + "\n")
+
+
+def bench_ingest(n: int, runs: list[tuple[int, int]], root: Path | None = None, in_process: bool = True,
+                 gen_procs: int = 1, stop_after: float | None = None, save=None) -> list[dict]:
+    """The in-process runner (on n adapters), then Prefect's Dask task runner on local clusters of each
+    worker count, each into a fresh registry (removed after it is measured), one after the other in this
+    run. One Prefect server is started first and shared (without one configured, every Dask run would pay
+    a temporary server's start)."""
     import platform
     import shutil
 
@@ -159,33 +266,43 @@ def bench_ingest(n: int, workers: list[int], root: Path | None = None) -> list[d
     from spectr.flows.ingest import ingest_on_dask
     from spectr.pipeline.ingest import ingest_sources
 
+    started = time.monotonic()
     keep = root is not None
     root = root or Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    most = max([n if in_process else 0, *(c for _, c in runs)])
     t = time.perf_counter()
-    base, lib = make_adapters(root, n)
-    sources = [str(lib / f"gen-{i:04d}") for i in range(n)]
-    print(f"generated {n} adapters in {time.perf_counter() - t:.1f} s under {lib}", flush=True)
+    base, lib = make_adapters(root, most, procs=gen_procs)
+    print(f"generated {most} adapters in {time.perf_counter() - t:.1f} s under {lib}", flush=True)
     out = []
+    plan = ([("in-process", None, n)] if in_process else []) + [(f"dask-{w}", w, c) for w, c in runs]
     with prefect_test_harness(server_startup_timeout=120):
-        for how in ["in-process"] + [f"dask-{w}" for w in workers]:
+        for how, workers, count in plan:
+            if stop_after is not None and time.monotonic() - started > stop_after:
+                out.append(dict(runner=how, adapters=count, skipped=f"past --stop-after {stop_after:.0f} s"))
+                print(json.dumps(out[-1]), flush=True)
+                continue
             home = root / f"home-{how}"
             shutil.rmtree(home, ignore_errors=True)  # every runner starts from an empty registry
+            sources = [str(lib / f"gen-{i:04d}") for i in range(count)]
             kw = dict(base_model=str(base), base_name="HuggingFaceTB/SmolLM2-135M-Instruct",
                       registry_url=f"sqlite:///{home}/registry.db", blob_url=str(home / "blobs"))
-            t = time.perf_counter()
-            if how == "in-process":
-                statuses = [o.status for o in ingest_sources(sources, **kw)]
-            else:
-                statuses = [o["status"] for o in ingest_on_dask(sources, workers=int(how.split("-")[1]), **kw)]
-            wall = time.perf_counter() - t
-            r = dict(runner=how, adapters=n, new=statuses.count("new"), wall_s=round(wall, 1),
-                     adapters_per_s=round(n / wall, 2), load_avg_after=os.getloadavg()[0],
-                     cores=os.cpu_count(), machine=platform.platform())
+            with CpuMeter() as cpu:
+                t = time.perf_counter()
+                if workers is None:
+                    statuses = [o.status for o in ingest_sources(sources, **kw)]
+                else:
+                    statuses = [o["status"] for o in ingest_on_dask(sources, workers=workers, **kw)]
+                wall = time.perf_counter() - t
+            shutil.rmtree(home, ignore_errors=True)  # ~15 MB of blobs per adapter
+            r = dict(runner=how, adapters=count, new=statuses.count("new"), wall_s=round(wall, 1),
+                     adapters_per_s=round(count / wall, 2), cpu_s=round(cpu.cpu_s, 1),
+                     machine_cpu_s=round(cpu.machine_cpu_s, 1), load_avg_before=round(cpu.load_before, 2),
+                     load_avg_after=round(cpu.load_after, 2), cores=os.cpu_count(), machine=platform.platform())
             print(json.dumps(r), flush=True)
             out.append(r)
-    ref = next(r for r in out if r["runner"] == "dask-1")["wall_s"] if any(r["runner"] == "dask-1" for r in out) else None
-    for r in out:
-        r["speedup_vs_dask_1"] = round(ref / r["wall_s"], 2) if ref else None
+            _speedups(out)
+            if save:
+                save(out)
     if not keep:
         shutil.rmtree(root, ignore_errors=True)
     return out

@@ -6,11 +6,12 @@ whose content is already registered is recognised from its files' hash alone, be
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 from spectr.pipeline.fetch import expand_sources, fetch, locate_base_config
 from spectr.pipeline.files import (
@@ -97,8 +98,8 @@ class Steps:
     validate: Callable[..., Any] = validate
     spectra: Callable[..., dict] = compute_and_write
     # Set for distributed runs (flows/ingest.py on Dask): runs every Job's compute_job, in any order or
-    # place, and returns their results in the jobs' order. Registry writes stay in this process.
-    compute_all: Callable[[list["Job"]], list[Any]] | None = None
+    # place, and yields their results in the jobs' order. Registry writes stay in this process.
+    compute_all: Callable[[list["Job"]], Iterable[Any]] | None = None
 
 
 def _value(result: Any) -> Any:
@@ -170,7 +171,8 @@ def max_lora_bytes(base: BaseModelInfo) -> int:
     return 8 * factors + 8 + MAX_HEADER_BYTES
 
 
-def _bounded_weights(folder: Path, config: dict, resolve_base: BaseResolver) -> None:
+def _bounded_weights(folder: Path, config: dict,
+                     resolve_base: Callable[[Path, dict], BaseModelInfo]) -> None:
     file = weights_file(folder)
     size = file.stat().st_size
     if size <= LAZY_WEIGHT_BYTES:
@@ -182,28 +184,44 @@ def _bounded_weights(folder: Path, config: dict, resolve_base: BaseResolver) -> 
                            f"({most} bytes at full rank in float64); refused unread")
 
 
+def _unchanged(registry: Registry, spec: str, src: AdapterSource, sha: str, resolve_base: BaseResolver, *,
+               spectra_only: bool) -> Outcome | None:
+    """The "unchanged" Outcome when a stored version has this content hash, its spectra blob and the base this
+    run would use (no torch needed); its adapter files are kept now if it lacks them. None otherwise."""
+    found = registry.find_version(src.name, sha)
+    if found is None or not registry.blobs.exists(found.blob_sha256) or not resolve_base.same_base(found.base_model):
+        return None
+    if not (spectra_only or found.files):
+        _keep_files(registry, found, src.path)
+    warnings = registry.recorded_warnings(found.name, found.version) or []
+    return Outcome(spec, "unchanged", found.name, found.version, warnings=warnings)
+
+
 def _known_or_base(
     registry: Registry, spec: str, src: AdapterSource, resolve_base: BaseResolver, *, dense: bool, spectra_only: bool
 ) -> Outcome | tuple[dict | None, str | None, BaseModelInfo, str | None]:
-    """The cheap first step of every ingest path: an "unchanged" Outcome when the files' hash finds a stored
-    version (no torch needed), else (config, content hash, base model, dense base folder) for the next steps,
-    so the config is read once."""
+    """The cheap first step of the in-process path: an "unchanged" Outcome when the files' hash finds a stored
+    version, else (config, content hash, base model, dense base folder) for the next steps, so the config
+    is read once."""
     config = sha = None
     if not dense:
         config = read_adapter_config(src.path)
         _bounded_weights(src.path, config, resolve_base)
         sha = adapter_content_sha256(src.path, config)
-        found = registry.find_version(src.name, sha)
-        if found is not None and registry.blobs.exists(found.blob_sha256) and resolve_base.same_base(found.base_model):
-            if not (spectra_only or found.files):
-                _keep_files(registry, found, src.path)
-            warnings = registry.recorded_warnings(found.name, found.version) or []
-            return Outcome(spec, "unchanged", found.name, found.version, warnings=warnings)
+        known = _unchanged(registry, spec, src, sha, resolve_base, spectra_only=spectra_only)
+        if known is not None:
+            return known
+    base, dense_dir = _base_for(src, config, resolve_base, dense)
+    return config, sha, base, dense_dir
+
+
+def _base_for(src: AdapterSource, config: dict | None, resolve_base: BaseResolver,
+              dense: bool) -> tuple[BaseModelInfo, str | None]:
     base = resolve_base(src.path, config)
     dense_dir = str(base.path) if dense and base.path else None
     if dense and dense_dir is None:
         raise AdapterError(f"{src.path}: --dense needs --base-model PATH (a folder with the base weights)")
-    return config, sha, base, dense_dir
+    return base, dense_dir
 
 
 def ingest_one(
@@ -274,7 +292,11 @@ def _keep_files(registry: Registry, version: Any, folder: Path) -> None:
 
 @dataclass
 class Job:
-    """One adapter's heavy work, shipped to a worker: everything it needs, no registry connection."""
+    """One adapter's work, shipped to a worker: paths and small metadata, no tensors, no registry connection.
+
+    content_sha256 is None when the worker is to hash the files itself (the distributed path: hashing
+    4.9 MB per adapter on the driver would serialise it); known holds the content hashes already stored
+    under this name, so a worker that finds one skips the SVD and reports the hash (the driver decides)."""
 
     spec: str
     src: AdapterSource
@@ -286,52 +308,80 @@ class Job:
     device: str | None = None
     config: dict | None = None
     content_sha256: str | None = None
+    known: frozenset[str] = frozenset()
+    keep_files: bool = True  # False with --spectra-only
 
 
 @dataclass
 class Computed:
-    """What a worker sends back: the adapter without its factors (the registry stores metadata only) and
-    the written blob's description."""
+    """What a worker sends back: the adapter without its factors (the registry stores metadata only), the
+    written spectra blob's description and the adapter files it kept as blobs (filename -> (sha256, size))."""
 
     adapter: LoadedAdapter
     blob: dict
+    files: dict[str, tuple[str, int]]
     seconds: dict[str, float]
 
 
-def compute_job(job: Job) -> Computed | AdapterError:
-    """Validate, SVD and write the blob (content-addressed, so workers racing on one blob are harmless)."""
-    import dataclasses
+@dataclass
+class Known:
+    """A worker's answer for an adapter whose content hash is already stored under its name: no SVD done."""
+
+    content_sha256: str
+    seconds: dict[str, float]
+
+
+def compute_job(job: Job) -> Computed | Known | AdapterError:
+    """Hash, validate, SVD, and write the spectra and adapter-file blobs (content-addressed, so workers racing
+    on one blob are harmless); every failure is returned, not raised: one adapter's rejection."""
+    from spectr.pipeline.persist import write_adapter_blobs
+    from spectr.registry.blobs import BlobStore
 
     seconds: dict[str, float] = {}
     try:
         t0 = time.perf_counter()
-        adapter = validate(job.src, job.base, job.dense_dir, job.rank, job.config, job.content_sha256)
+        sha = job.content_sha256
+        if sha is None and job.dense_dir is None:
+            _bounded_weights(job.src.path, job.config, lambda folder, config: job.base)
+            sha = adapter_content_sha256(job.src.path, job.config)
+            if sha in job.known:
+                return Known(sha, {"hash": time.perf_counter() - t0})
+        adapter = validate(job.src, job.base, job.dense_dir, job.rank, job.config, sha)
         seconds["validate"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         blob = compute_and_write(adapter, job.blob_url, method_for(adapter, job.rank), job.rank, job.niter,
                                  job.device)
         seconds["spectra"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        keep = job.keep_files and not adapter.dense_deltas  # as ingest_one: dense experts keep no files
+        files = write_adapter_blobs(BlobStore(job.blob_url), job.src.path, adapter.content_sha256) if keep else {}
+        seconds["files"] = time.perf_counter() - t0
     except AdapterError as exc:
         return exc
     except Exception as exc:  # a bug or an I/O error on a worker: this adapter's rejection, not the run's end
         return AdapterError(f"{job.spec}: {type(exc).__name__}: {exc}")
     light = dataclasses.replace(adapter, modules=dict.fromkeys(adapter.modules),
                                 dense_deltas=dict.fromkeys(adapter.dense_deltas))
-    return Computed(light, blob, seconds)
+    return Computed(light, blob, files, seconds)
 
 
-def _plan(registry: Registry, spec: str, src: AdapterSource | Exception, resolve_base: BaseResolver, *,
-          dense: bool, rank: int | None, niter: int, device: str | None, spectra_only: bool) -> Outcome | Job:
-    """The cheap part on the driver: an Outcome already (unchanged by hash, or rejected), else a Job."""
+def compute_jobs(jobs: list[Job]) -> list[Computed | Known | AdapterError]:
+    """compute_job over a batch (one task on a worker: the per-task scheduling cost is paid once per batch)."""
+    return [compute_job(job) for job in jobs]
+
+
+def _plan(registry: Registry, spec: str, src: AdapterSource | Exception, resolve_base: BaseResolver,
+          known: dict[str, set[str]], *, dense: bool, rank: int | None, niter: int, device: str | None,
+          spectra_only: bool) -> Outcome | Job:
+    """The cheap part on the driver (no hashing, no tensors): an Outcome already (rejected), else a Job."""
     name = None
     try:
         src = _value(src)
         name = src.name
-        known = _known_or_base(registry, spec, src, resolve_base, dense=dense, spectra_only=spectra_only)
-        if isinstance(known, Outcome):
-            return known
-        config, sha, base, dense_dir = known
-        return Job(spec, src, base, registry.blobs.url, dense_dir, rank, niter, device, config, sha)
+        config = None if dense else read_adapter_config(src.path)
+        base, dense_dir = _base_for(src, config, resolve_base, dense)
+        return Job(spec, src, base, registry.blobs.url, dense_dir, rank, niter, device, config, None,
+                   frozenset(known.get(src.name, ())), keep_files=not spectra_only)
     except AdapterError as exc:
         return Outcome(spec, "rejected", name, reason=str(exc))
     except Exception as exc:
@@ -341,22 +391,20 @@ def _plan(registry: Registry, spec: str, src: AdapterSource | Exception, resolve
 
 def _store(registry: Registry, job: Job, result: Any, run_id: str | None, spectra_only: bool) -> Outcome:
     """The registry write for one computed adapter, on the driver (one writer, versions in input order)."""
-    from spectr.pipeline.persist import SpectraBlob, store_version, write_adapter_blobs
+    from spectr.pipeline.persist import SpectraBlob, store_version
 
     name = job.src.name
     try:
         if isinstance(result, Exception):
             raise result
-        adapter, seconds = result.adapter, dict(result.seconds)
+        adapter, seconds = dataclasses.replace(result.adapter, base=job.base), dict(result.seconds)
         existing = registry.find_version(name, adapter.content_sha256)
         if existing is not None and registry.blobs.exists(existing.blob_sha256):
             if not (spectra_only or adapter.dense_deltas or existing.files):
                 _keep_files(registry, existing, job.src.path)
             return Outcome(job.spec, "unchanged", name, existing.version, warnings=adapter.warnings, seconds=seconds)
         t0 = time.perf_counter()
-        keep = not (spectra_only or adapter.dense_deltas)  # as ingest_one: dense experts keep no files
-        files = write_adapter_blobs(registry.blobs, job.src.path, adapter.content_sha256) if keep else {}
-        info, created = store_version(registry, adapter, SpectraBlob(**result.blob), run_id, files)
+        info, created = store_version(registry, adapter, SpectraBlob(**result.blob), run_id, result.files)
         seconds["store"] = time.perf_counter() - t0
         return Outcome(job.spec, "new" if created else "unchanged", info.name, info.version,
                        warnings=adapter.warnings, seconds=seconds)
@@ -368,13 +416,31 @@ def _store(registry: Registry, job: Job, result: Any, run_id: str | None, spectr
 
 
 def _ingest_distributed(registry: Registry, specs: list[str], sources: list[Any], resolve_base: BaseResolver,
-                        steps: Steps, run_id: str, spectra_only: bool = False, **args: Any) -> list[Outcome]:
-    planned = [_plan(registry, spec, src, resolve_base, spectra_only=spectra_only, **args)
-               for spec, src in zip(specs, sources)]
+                        steps: Steps, run_id: str, *, dense: bool, rank: int | None, niter: int,
+                        device: str | None, spectra_only: bool = False) -> Iterator[Outcome]:
+    """Outcomes in the sources' order, each stored as soon as its batch is back (storing overlaps the
+    workers' computing)."""
+    known = {} if dense else registry.content_hashes(
+        [s.name for s in sources if not isinstance(s, Exception)])
+    planned = [_plan(registry, spec, src, resolve_base, known, dense=dense, rank=rank, niter=niter, device=device,
+                     spectra_only=spectra_only) for spec, src in zip(specs, sources)]
     jobs = [p for p in planned if isinstance(p, Job)]
     results = iter(steps.compute_all(jobs) if jobs else [])
-    return [p if isinstance(p, Outcome) else _store(registry, p, next(results), run_id, spectra_only)
-            for p in planned]
+    for p in planned:
+        if isinstance(p, Outcome):
+            yield p
+            continue
+        result = next(results)
+        if isinstance(result, Known):
+            outcome = _unchanged(registry, p.spec, p.src, result.content_sha256, resolve_base,
+                                 spectra_only=spectra_only)
+            if outcome is None:  # its blob went missing, or another base: the plain path recomputes it
+                outcome = ingest_one(registry, p.spec, p.src, resolve_base, steps, dense=dense, rank=rank,
+                                     niter=niter, device=device, run_id=run_id, spectra_only=spectra_only)
+            outcome.seconds = dict(result.seconds)
+            yield outcome
+        else:
+            yield _store(registry, p, result, run_id, spectra_only)
 
 
 def ingest_sources(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import sys
 
 import torch
 from safetensors.torch import load as st_load
@@ -31,12 +32,7 @@ def _canonical_header(data: bytes) -> bytes:
     return data[:8] + text + b" " * (n - len(text)) + data[8 + n :]
 
 
-def spectra_to_bytes(spectra: AdapterSpectra, metadata: dict[str, str] | None = None) -> bytes:
-    """Serialize spectra; the same input gives bit-identical bytes."""
-    extra = dict(metadata or {})
-    clash = sorted(set(extra) & set(_RESERVED))
-    if clash:
-        raise ValueError(f"spectra_to_bytes: metadata keys {clash} are reserved")
+def _tensors(spectra: AdapterSpectra) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for name, m in spectra.modules.items():
         r = m.S.shape[0]
@@ -50,8 +46,50 @@ def spectra_to_bytes(spectra: AdapterSpectra, metadata: dict[str, str] | None = 
         tensors[f"{name}.V"] = m.V.detach().to("cpu", torch.float32).contiguous()
         tensors[f"{name}.scaling"] = torch.tensor([m.scaling], dtype=torch.float32)
         tensors[f"{name}.energy"] = torch.tensor([m.energy], dtype=torch.float32)
+    return tensors
+
+
+def _metadata(spectra: AdapterSpectra, metadata: dict[str, str] | None) -> dict[str, str]:
+    extra = dict(metadata or {})
+    clash = sorted(set(extra) & set(_RESERVED))
+    if clash:
+        raise ValueError(f"spectra_to_bytes: metadata keys {clash} are reserved")
     meta = {"format": FORMAT, "method": spectra.method, "params": canonical_json(spectra.params)}
     meta.update({str(k): str(v) for k, v in extra.items()})
+    return meta
+
+
+def spectra_to_bytes(spectra: AdapterSpectra, metadata: dict[str, str] | None = None) -> bytes:
+    """Serialize spectra; the same input gives bit-identical bytes.
+
+    The bytes are those of safetensors' own writer with the header's keys sorted (_via_safetensors, kept as
+    the reference), laid out here directly: one copy of all tensors' data instead of one numpy round trip
+    per tensor and a parse and rewrite of the header. Measured on the 2-core box for a SmolLM2-shaped
+    adapter's 1,050 tensors, the safetensors route was ~0.2 s, more than the SVD itself."""
+    tensors = _tensors(spectra)
+    meta = _metadata(spectra, metadata)
+    if sys.byteorder != "little":  # safetensors stores little-endian; let it swap bytes
+        return _via_safetensors(tensors, meta)
+    names = sorted(tensors)  # safetensors' order for tensors of one dtype
+    header: dict = {"__metadata__": meta}
+    offset = 0
+    for key in names:
+        t = tensors[key]
+        size = t.numel() * 4
+        header[key] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    # safetensors writes compact JSON (UTF-8, not escaped), padded with spaces to a multiple of 8; the
+    # canonical header (sorted, ASCII-escaped) takes that same length, as _canonical_header does.
+    n = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode())
+    n += -n % 8
+    text = canonical_json(header).encode()
+    if len(text) > n:  # non-ASCII names grow when escaped: take safetensors' route, which says so
+        return _via_safetensors(tensors, meta)
+    body = torch.cat([tensors[k].reshape(-1) for k in names]).numpy().tobytes() if names else b""
+    return struct.pack("<Q", n) + text + b" " * (n - len(text)) + body
+
+
+def _via_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
     return _canonical_header(st_save(tensors, metadata=meta))
 
 

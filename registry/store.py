@@ -231,6 +231,19 @@ class Registry:
     def find_version(self, name: str, content_sha256: str) -> VersionInfo | None:
         return next((v for v in self.versions(name) if v.content_sha256 == content_sha256), None)
 
+    def content_hashes(self, names: list[str]) -> dict[str, set[str]]:
+        """Expert name -> the content hashes of its stored versions, for these names (a few queries, not one
+        per name: a distributed ingest asks for all its sources at once)."""
+        wanted, out = sorted(set(names)), {}
+        with self._session() as s:
+            for i in range(0, len(wanted), 500):  # stay under the database's bound on query parameters
+                rows = s.execute(select(Adapter.name, AdapterVersion.content_sha256)
+                                 .join(AdapterVersion, AdapterVersion.adapter_id == Adapter.id)
+                                 .where(Adapter.name.in_(wanted[i:i + 500])))
+                for name, sha in rows:
+                    out.setdefault(name, set()).add(sha)
+        return out
+
     def keep_files(self, name: str, version: int, files: dict[str, tuple[str, int]]) -> None:
         """Attach kept adapter files (filename -> (blob sha256, size)) to a stored version that lacks them."""
         for sha, _ in files.values():
@@ -388,13 +401,21 @@ class Registry:
             files: dict[int, list[str]] = {}
             atags: dict[int, dict[str, str]] = {}
             if ids:
-                for vid, a in s.execute(select(Alias.version_id, Alias.alias).order_by(Alias.alias)):
+                qa = select(Alias.version_id, Alias.alias).order_by(Alias.alias)
+                qv = select(VersionTag.version_id, VersionTag.key, VersionTag.value)
+                qf = select(AdapterFile.version_id, AdapterFile.filename)
+                qt = select(AdapterTag.adapter_id, AdapterTag.key, AdapterTag.value)
+                if name is not None:  # one expert's rows only: an ingest asks this once per adapter
+                    qa, qv, qf = (q.where(col.in_(ids)) for q, col in (
+                        (qa, Alias.version_id), (qv, VersionTag.version_id), (qf, AdapterFile.version_id)))
+                    qt = qt.where(AdapterTag.adapter_id == rows[0].adapter_id)
+                for vid, a in s.execute(qa):
                     aliases.setdefault(vid, []).append(a)
-                for vid, k, v in s.execute(select(VersionTag.version_id, VersionTag.key, VersionTag.value)):
+                for vid, k, v in s.execute(qv):
                     vtags.setdefault(vid, {})[k] = v
-                for vid, f in s.execute(select(AdapterFile.version_id, AdapterFile.filename)):
+                for vid, f in s.execute(qf):
                     files.setdefault(vid, []).append(f)
-                for aid, k, v in s.execute(select(AdapterTag.adapter_id, AdapterTag.key, AdapterTag.value)):
+                for aid, k, v in s.execute(qt):
                     atags.setdefault(aid, {})[k] = v
             out = [
                 replace(

@@ -54,6 +54,25 @@ def _print_outcome(o) -> None:
         out.print(Text.assemble("  ", ("warning", "yellow"), f" {o.name}: {w}"), soft_wrap=True)
 
 
+_DASK_HELP = "run each adapter's work on this Dask scheduler, e.g. tcp://HOST:8786 (workers must reach the blob store)"
+_WORKERS_HELP = "run each adapter's work on a local Dask cluster of N worker processes"
+
+
+def _check_dask_options(dask: str | None, workers: int | None) -> None:
+    """--dask / --workers mistakes, and a missing dask extra, as one line before anything starts."""
+    if dask and workers:
+        _fail("--dask and --workers exclude each other: an existing cluster or a local one", 2)
+    if workers is not None and workers < 1:
+        _fail(f"--workers must be at least 1, got {workers}", 2)
+    if dask or workers:
+        from spectr.orchestration import require_dask
+
+        try:
+            require_dask()
+        except ValueError as exc:
+            _fail(exc)
+
+
 @app.command()
 def ingest(
     sources: list[str] = typer.Argument(..., help="adapter folders, globs, or hub ids org/name[@revision]"),
@@ -63,10 +82,8 @@ def ingest(
     rank: Optional[int] = typer.Option(None, "--rank", help="truncate to this rank (randomized SVD)"),
     niter: int = typer.Option(4, "--niter", help="power iterations of the randomized SVD"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present)"),
-    dask: Optional[str] = typer.Option(None, "--dask", help="run each adapter's work on this Dask scheduler, "
-                                       "e.g. tcp://HOST:8786 (workers must reach the blob store)"),
-    workers: Optional[int] = typer.Option(None, "--workers", help="run each adapter's work on a local Dask "
-                                          "cluster of N worker processes"),
+    dask: Optional[str] = typer.Option(None, "--dask", help=_DASK_HELP),
+    workers: Optional[int] = typer.Option(None, "--workers", help=_WORKERS_HELP),
     spectra_only: bool = typer.Option(False, "--spectra-only",
                                       help="store spectra and metadata only, not the adapter's files"),
 ) -> None:
@@ -79,10 +96,7 @@ def ingest(
 
     if dense and rank is None:
         _fail("--dense needs --rank (the truncation rank of the dense delta)", 2)
-    if dask and workers:
-        _fail("--dask and --workers exclude each other: an existing cluster or a local one", 2)
-    if workers is not None and workers < 1:
-        _fail(f"--workers must be at least 1, got {workers}", 2)
+    _check_dask_options(dask, workers)
     try:
         expand_sources(sources)
         if base_model:
@@ -335,17 +349,21 @@ def serve_flows(
     interval: Optional[float] = typer.Option(None, "--interval", help="seconds between runs"),
     base_model: Optional[str] = typer.Option(None, "--base-model"),
     name: str = typer.Option("scheduled-ingest", "--name", help="deployment name"),
+    dask: Optional[str] = typer.Option(None, "--dask", help=_DASK_HELP),
+    workers: Optional[int] = typer.Option(None, "--workers", help=_WORKERS_HELP + ", started by each run"),
 ) -> None:
     """Serve a scheduled ingest deployment on the Prefect server at PREFECT_API_URL (blocks)."""
     from spectr.orchestration import prefect_server_configured
 
+    _check_dask_options(dask, workers)
     if not prefect_server_configured():
         _fail("serve-flows needs a Prefect server: start one (`prefect server start`) and set "
               "PREFECT_API_URL=http://127.0.0.1:4200/api", 2)
     from spectr.flows.schedule import serve_ingest
 
     try:
-        serve_ingest(list(sources), cron=cron, interval_seconds=interval, base_model=base_model, name=name)
+        serve_ingest(list(sources), cron=cron, interval_seconds=interval, base_model=base_model, name=name,
+                     dask_address=dask, workers=workers)
     except ValueError as exc:
         _fail(exc, 2)
 

@@ -33,6 +33,14 @@ def prefect_server_configured() -> bool:
     return bool(data.get("profiles", {}).get(active, {}).get("PREFECT_API_URL"))
 
 
+def require_dask() -> None:
+    """ValueError (one line, what to install) when Prefect's Dask task runner is missing."""
+    try:
+        import prefect_dask  # noqa: F401
+    except ImportError:
+        raise ValueError("--dask/--workers need Prefect's Dask task runner: pip install 'spectr[dask]'") from None
+
+
 def run_ingest(sources: list[str], on_outcome: Callable[[Any], None] | None = None, *,
                dask_address: str | None = None, workers: int | None = None, **args: Any) -> list[Any]:
     """Ingest through the flow (a server is configured) or directly; returns pipeline.ingest.Outcome objects.
@@ -44,10 +52,7 @@ def run_ingest(sources: list[str], on_outcome: Callable[[Any], None] | None = No
     from spectr.pipeline.ingest import Outcome, ingest_sources
 
     if dask_address or workers:
-        try:
-            import prefect_dask  # noqa: F401
-        except ImportError:
-            raise ValueError("--dask/--workers need Prefect's Dask task runner: pip install 'spectr[dask]'") from None
+        require_dask()
         from spectr.flows.ingest import ingest_on_dask
 
         dicts = ingest_on_dask(list(sources), address=dask_address, workers=workers, **args)

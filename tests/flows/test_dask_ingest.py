@@ -65,3 +65,94 @@ def test_dask_option_mistakes_are_one_line(spectr_home, make_adapter, args, mess
     r = CliRunner().invoke(app, ["ingest", str(make_adapter("d-opt", seed=50)), *args])
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
     assert not (spectr_home / "registry.db").exists()  # nothing recorded
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dask", "tcp://127.0.0.1:8786", "--workers", "2"], "--dask and --workers exclude each other"),
+    (["--workers", "0"], "--workers must be at least 1, got 0"),
+])
+def test_serve_flows_dask_option_mistakes_are_one_line(spectr_home, args, message):
+    from typer.testing import CliRunner
+
+    from spectr.cli import app
+
+    r = CliRunner().invoke(app, ["serve-flows", "/nowhere/*", "--interval", "5", *args])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def dask_cluster(tmp_path):
+    """A separately started `dask scheduler` and two `dask worker` processes on loopback; its address."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from distributed import Client
+
+    dask = str(Path(sys.executable).parent / "dask")
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    logs = tmp_path / "dask-logs"
+    logs.mkdir()
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                              stdout=open(logs / "scheduler.log", "w"), stderr=subprocess.STDOUT)]
+    try:
+        for i in range(2):
+            procs.append(subprocess.Popen(
+                [dask, "worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard",
+                 "--name", f"w{i}", "--local-directory", str(tmp_path / f"w{i}")],
+                stdout=open(logs / f"worker{i}.log", "w"), stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 120
+        with Client(address, timeout=60) as client:
+            while len(client.scheduler_info()["workers"]) < 2:
+                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                    raise AssertionError("the dask scheduler and 2 workers did not come up: "
+                                         + "".join(f.read_text()[-1500:] for f in sorted(logs.iterdir())))
+                time.sleep(0.5)
+        yield address
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in reversed(procs):
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def test_existing_scheduler_matches_the_default_runner(prefect_harness, tmp_path, monkeypatch, make_adapter,
+                                                       tiny_base_dir, dask_cluster):
+    """`--dask tcp://HOST:PORT`: the batches run on workers that this process did not start, and the registry
+    ends up as the default runner's."""
+    from distributed import Client
+
+    from spectr.orchestration import run_ingest
+
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    for i, name in enumerate(["x-alpha", "x-beta", "x-gamma"]):
+        shutil.copytree(make_adapter(name, seed=60 + i, r=4 + 2 * (i % 2)), folder / name)
+    sources = [str(p) for p in sorted(folder.iterdir())]
+    homes = {}
+    for how in ("default", "address"):
+        home = tmp_path / how
+        monkeypatch.setenv("SPECTR_HOME", str(home))
+        monkeypatch.delenv("SPECTR_REGISTRY_URL", raising=False)
+        monkeypatch.delenv("SPECTR_BLOB_URL", raising=False)
+        kw = {"dask_address": dask_cluster} if how == "address" else {}
+        assert [o.status for o in run_ingest(sources, base_model=str(tiny_base_dir), **kw)] == ["new"] * 3
+        homes[how] = _content(home)
+    assert homes["address"] == homes["default"] and len(homes["default"]["versions"]) == 3
+    with Client(dask_cluster) as client:  # the work went through that scheduler, onto its workers
+        prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
+    assert prefixes, "no task ever ran on the external scheduler"

@@ -37,6 +37,29 @@ def _wait(predicate, timeout: float, what: str, procs: list[subprocess.Popen]) -
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def _stop(p: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if the runner is still shutting down a minute later (a busy shared box); then
+    whatever it had started that is still there (a killed flow run's Dask nanny and worker processes
+    outlive it)."""
+    import psutil
+
+    try:
+        tree = psutil.Process(p.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    p.terminate()
+    try:
+        p.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def test_scheduled_ingest_runs_on_a_real_server(make_adapter, tiny_base_dir, tmp_path):
     drop = tmp_path / "drop"  # the scheduled source: a glob over this folder
     drop.mkdir()
@@ -78,15 +101,15 @@ def test_scheduled_ingest_runs_on_a_real_server(make_adapter, tiny_base_dir, tmp
         procs.append(served)
 
         def completed_runs() -> list[dict]:
-            r = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})
+            r = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}, timeout=60)
             return [run for run in r.json() if run.get("deployment_id")]
 
-        try:
+        try:  # a busy shared box makes the server slow to answer: API calls wait up to a minute
             _wait(lambda: len(completed_runs()) >= 1, 240, "a scheduled flow run to complete", procs)
         except AssertionError:
             print((logs / "serve.log").read_text()[-4000:])
             raise
-        deployments = httpx.post(f"{api}/deployments/filter", json={}).json()
+        deployments = httpx.post(f"{api}/deployments/filter", json={}, timeout=60).json()
         assert [d["name"] for d in deployments] == ["test-schedule"]
         assert deployments[0]["schedules"], "the deployment carries its schedule"
         registry = Registry(f"sqlite:///{tmp_path / 'spectr-home' / 'registry.db'}", str(tmp_path / "spectr-home" / "blobs"))
@@ -98,6 +121,7 @@ def test_scheduled_ingest_runs_on_a_real_server(make_adapter, tiny_base_dir, tmp
         served.wait(timeout=120)
         # Its flow runs ran in child processes: none outlives it (they once kept running, orphaned).
         assert _survivors(served.pid) == [], "flow-run processes outlived `spectr serve-flows`"
+        procs.remove(served)
         cli_env = dict(env, PREFECT_API_URL=api)
         for verbose, name in ((False, "cli-quiet"), (True, "cli-verbose")):
             done = subprocess.run(
@@ -112,11 +136,46 @@ def test_scheduled_ingest_runs_on_a_real_server(make_adapter, tiny_base_dir, tmp
                 assert "httpx" not in done.stderr
             else:
                 assert done.stderr.splitlines() == [summary], done.stderr
-        runs = httpx.post(f"{api}/flow_runs/filter", json={}).json()
+        runs = httpx.post(f"{api}/flow_runs/filter", json={}, timeout=60).json()
         direct = [r for r in runs if not r.get("deployment_id")]
         assert len(direct) == 2 and all(r["state_type"] == "COMPLETED" for r in direct)
-        tasks = httpx.post(f"{api}/task_runs/filter", json={}).json()
+        tasks = httpx.post(f"{api}/task_runs/filter", json={}, timeout=60).json()
         assert {t["name"].split(" ")[0] for t in tasks if t["flow_run_id"] == direct[0]["id"]} >= {"fetch", "validate", "spectra"}
+
+        # The scheduled deployment on Dask: each run starts a local 2-worker cluster and ingests through it
+        # (one run at a time: the deployment's limit).
+        drop_dask = tmp_path / "drop-dask"
+        drop_dask.mkdir()
+        for i, name in enumerate(["sched-dask-a", "sched-dask-b"]):
+            (drop_dask / name).symlink_to(make_adapter(f"{name}-src", seed=20 + i), target_is_directory=True)
+        served = subprocess.Popen(
+            [str(BIN / "spectr"), "serve-flows", f"{drop_dask}/*", "--interval", "5", "--workers", "2",
+             "--base-model", str(tiny_base_dir), "--name", "test-schedule-dask"],
+            env=cli_env, cwd=REPO, stdout=open(logs / "serve-dask.log", "w"), stderr=subprocess.STDOUT,
+        )
+        procs.append(served)
+
+        def dask_deployment_runs() -> list[dict]:
+            deps = httpx.post(f"{api}/deployments/filter", json={}, timeout=60).json()
+            ids = {d["id"] for d in deps if d["name"] == "test-schedule-dask"}
+            return [r for r in completed_runs() if r["deployment_id"] in ids]
+
+        try:
+            _wait(lambda: len(dask_deployment_runs()) >= 1, 300, "a scheduled Dask flow run to complete", procs)
+        except AssertionError:
+            print((logs / "serve-dask.log").read_text()[-4000:])
+            raise
+        run = dask_deployment_runs()[0]  # read before the runner stops (its deployment goes with it)
+        _stop(served)
+        procs.remove(served)
+        got = {(v.name, v.version) for v in registry.versions()}
+        assert {("sched-dask-a", 1), ("sched-dask-b", 1)} <= got
+        flow_runs = httpx.post(f"{api}/flow_runs/filter", json={}, timeout=60).json()
+        tasks = httpx.post(f"{api}/task_runs/filter", json={}, timeout=60).json()
+        in_run = {t["id"] for t in tasks if t["flow_run_id"] == run["id"]}  # the subflow's parent task run
+        sub = {r["id"] for r in flow_runs if r.get("parent_task_run_id") in in_run}
+        batches = [t for t in tasks if t["flow_run_id"] in sub and t["name"].startswith("process ")]
+        assert batches and all(t["state_type"] == "COMPLETED" for t in batches), "the batches ran in its subflow"
     finally:
         for p in reversed(procs):
             p.terminate()

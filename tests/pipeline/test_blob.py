@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from spectr.registry.spectra_format import FORMAT, blob_sha256, read_metadata, spectra_from_bytes, spectra_to_bytes
 from spectr.pipeline.spectra import adapter_spectra
@@ -61,6 +62,16 @@ def test_layout_and_metadata(spectra):
     # Header keys are sorted so the bytes cannot depend on hash-map order.
     (n,) = struct.unpack("<Q", data[:8])
     assert list(json.loads(data[8 : 8 + n])["__metadata__"]) == sorted(meta)
+
+
+@pytest.mark.parametrize("meta", [META, None, {"note": "a \"quoted\" \\ tab\t, line\n, /slash"}])
+def test_bytes_are_safetensors_own_with_a_sorted_header(spectra, meta):
+    """The direct writer gives exactly what safetensors' writer gives once its header is sorted (blobs written
+    before it keep their hashes), escapes in metadata included."""
+    from spectr.registry import spectra_format as sf
+
+    reference = sf._canonical_header(st_save(sf._tensors(spectra), metadata=sf._metadata(spectra, meta)))
+    assert spectra_to_bytes(spectra, meta) == reference
 
 
 def test_round_trip_is_bit_identical(spectra):
