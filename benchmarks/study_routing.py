@@ -71,15 +71,27 @@ ROUND2: dict[str, dict[str, Any]] = {
     "default attn_follows_mlp depth=cumulative": {**DEFAULT, "attn_follows_mlp": True, "depth_evidence": "cumulative"},
     "default attn_follows_mlp depth=cumulative smooth=0.5": {**DEFAULT, "attn_follows_mlp": True,
                                                              "depth_evidence": "cumulative", "smooth": 0.5},
+    "default attn_follows_mlp depth=cumulative prompt_mean=0.5": {**DEFAULT, "attn_follows_mlp": True,
+                                                                  "depth_evidence": "cumulative", "prompt_mean": 0.5},
+    "default attn_follows_mlp depth=cumulative smooth=0.5 ranknorm": {
+        **DEFAULT, "attn_follows_mlp": True, "depth_evidence": "cumulative", "smooth": 0.5, "rank_normalize": True},
 }
 CONFIGS.update(ROUND2)
 # Named sets for --configs (a comma list may mix set names and configuration names).
+# round2a + round2b: what the 8-expert library (all rank 8) needs; ranknorm and isotropic calibration rank
+# alike there (equal ranks, equal d_in within an input group), so they run on the mixed library.
 SETS = {"round1": [c for c in CONFIGS if c not in ROUND2], "round2": list(ROUND2),
+        "round2a": ["default", "default smooth=0.5", "default prompt_mean=0.5", "default prompt_mean=1",
+                    "default depth=cumulative", "default depth=decayed 0.8"],
+        "round2b": ["default attn_follows_mlp", "default calibrate=base_weight", "default attn_follows_mlp depth=cumulative",
+                    "default attn_follows_mlp depth=cumulative smooth=0.5",
+                    "default attn_follows_mlp depth=cumulative prompt_mean=0.5"],
         "mixed": ["spectr k=4", "spectr ranknorm k=4", "default", "default ranknorm", "default calibrate=isotropic",
-                  "default calibrate=base_weight"]}
+                  "default calibrate=base_weight", "default attn_follows_mlp depth=cumulative smooth=0.5",
+                  "default attn_follows_mlp depth=cumulative smooth=0.5 ranknorm"]}
 SWITCH = ["spectr k=4", "arrow k=4 (PEFT)", "spectr pool=input k=4", "spectr pool=layer k=4",
           "spectr smooth=0.5 k=4", "spectr smooth=0.8 k=4", "spectr k=1", "spectr pool=input k=1",
-          "spectr smooth=0.5 k=1", "spectr pool=input smooth=0.5 k=1", *ROUND2]
+          "spectr smooth=0.5 k=1", "spectr pool=input smooth=0.5 k=1", "spectr ranknorm k=4", *ROUND2]
 
 
 @torch.no_grad()
