@@ -335,6 +335,8 @@ def main() -> None:
         results[name] = r
         print(f"{name:28} top1 {macro(r['top1']) if r['top1'] else float('nan'):.3f} loss {macro(r['loss']):.4f} "
               f"share {share(results, name):.3f} ({time.time() - t0:.0f} s)", flush=True)
+        # rows so far, so that a run cut short (a device call's limit) still leaves its numbers
+        (args.out / "study.partial.json").write_text(json.dumps({"results": results}, indent=1))
     switch: dict[str, Any] = {}
     ring = [(domains[i], domains[(i + 1) % len(domains)]) for i in range(min(args.switch_pairs, len(domains)))]
     stream_texts = {d: read_jsonl(args.data_dir / d / "test.jsonl", 64) for d in domains}  # enough for segments
@@ -345,6 +347,7 @@ def main() -> None:
         switch["definition"] = got["definition"]
         switch[name] = got[f"study:{name}"]
         print(f"{name:28} switch {switch[name]['mean_latency']:.1f} tokens", flush=True)
+        (args.out / "study.partial.json").write_text(json.dumps({"results": results, "switch": switch}, indent=1))
     meta = dict(base=args.base_model.name, experts=len(names), docs=args.max_docs, tokens=args.max_tokens,
                 threads=torch.get_num_threads(), device=args.device, seconds=time.time() - t0,
                 command="python benchmarks/study_routing.py " + " ".join(sys.argv[1:]))
