@@ -53,9 +53,45 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "arrow k=1": dict(router="arrow", weighting="softmax", combine="mix", top_k=1),
     "uniform (all experts)": dict(router="uniform", combine="mix", top_k=8),
 }
+# Round two (issue 11): the runtime's default (top-1, pool="input", output mix) changed by one option at a time,
+# then combinations. Every row is the reference preset changed by these fields, like the rows above.
+DEFAULT = dict(top_k=1, pool="input", combine="mix", weighting="softmax")
+ROUND2: dict[str, dict[str, Any]] = {
+    "default": DEFAULT,
+    "default smooth=0.5": {**DEFAULT, "smooth": 0.5},
+    "default smooth=0.8": {**DEFAULT, "smooth": 0.8},
+    "default prompt_mean=0.5": {**DEFAULT, "prompt_mean": 0.5},
+    "default prompt_mean=1": {**DEFAULT, "prompt_mean": 1.0},
+    "default depth=cumulative": {**DEFAULT, "depth_evidence": "cumulative"},
+    "default depth=decayed 0.8": {**DEFAULT, "depth_evidence": "decayed", "depth_decay": 0.8},
+    "default attn_follows_mlp": {**DEFAULT, "attn_follows_mlp": True},
+    "default calibrate=base_weight": {**DEFAULT, "calibrate": "base_weight"},
+    "default calibrate=isotropic": {**DEFAULT, "calibrate": "isotropic"},
+    "default ranknorm": {**DEFAULT, "rank_normalize": True},
+    "default attn_follows_mlp depth=cumulative": {**DEFAULT, "attn_follows_mlp": True, "depth_evidence": "cumulative"},
+    "default attn_follows_mlp depth=cumulative smooth=0.5": {**DEFAULT, "attn_follows_mlp": True,
+                                                             "depth_evidence": "cumulative", "smooth": 0.5},
+    "default attn_follows_mlp depth=cumulative prompt_mean=0.5": {**DEFAULT, "attn_follows_mlp": True,
+                                                                  "depth_evidence": "cumulative", "prompt_mean": 0.5},
+    "default attn_follows_mlp depth=cumulative smooth=0.5 ranknorm": {
+        **DEFAULT, "attn_follows_mlp": True, "depth_evidence": "cumulative", "smooth": 0.5, "rank_normalize": True},
+}
+CONFIGS.update(ROUND2)
+# Named sets for --configs (a comma list may mix set names and configuration names).
+# round2a + round2b: what the 8-expert library (all rank 8) needs; ranknorm and isotropic calibration rank
+# alike there (equal ranks, equal d_in within an input group), so they run on the mixed library.
+SETS = {"round1": [c for c in CONFIGS if c not in ROUND2], "round2": list(ROUND2),
+        "round2a": ["default", "default smooth=0.5", "default prompt_mean=0.5", "default prompt_mean=1",
+                    "default depth=cumulative", "default depth=decayed 0.8"],
+        "round2b": ["default attn_follows_mlp", "default calibrate=base_weight", "default attn_follows_mlp depth=cumulative",
+                    "default attn_follows_mlp depth=cumulative smooth=0.5",
+                    "default attn_follows_mlp depth=cumulative prompt_mean=0.5"],
+        "mixed": ["spectr k=4", "spectr ranknorm k=4", "default", "default ranknorm", "default calibrate=isotropic",
+                  "default calibrate=base_weight", "default attn_follows_mlp depth=cumulative smooth=0.5",
+                  "default attn_follows_mlp depth=cumulative smooth=0.5 ranknorm"]}
 SWITCH = ["spectr k=4", "arrow k=4 (PEFT)", "spectr pool=input k=4", "spectr pool=layer k=4",
           "spectr smooth=0.5 k=4", "spectr smooth=0.8 k=4", "spectr k=1", "spectr pool=input k=1",
-          "spectr smooth=0.5 k=1", "spectr pool=input smooth=0.5 k=1"]
+          "spectr smooth=0.5 k=1", "spectr pool=input smooth=0.5 k=1", "spectr ranknorm k=4", *ROUND2]
 
 
 @torch.no_grad()
@@ -63,11 +99,12 @@ def measure(model, docs: dict[str, list[list[int]]], names: list[str], pad: int,
     dev = next(model.parameters()).device
     """Loss per domain and, when routed, top-1/top-k hits per domain, layer, module type, plus confusion."""
     E = len(names)
-    out: dict[str, Any] = {"loss": {}, "top1": {}, "topk": {}, "layer": defaultdict(lambda: [0, 0]),
+    out: dict[str, Any] = {"loss": {}, "top1": {}, "topk": {}, "top1_covered": {}, "layer": defaultdict(lambda: [0, 0]),
                            "module": defaultdict(lambda: [0, 0]), "confusion": {}}
     for d, doc_ids in docs.items():
         e = names.index(d)
         loss_sum, n_loss, hit1, hitk, n, conf = 0.0, 0, 0, 0, 0, torch.zeros(E)
+        hit_cov, n_cov = 0, 0  # decisions at modules the text's own expert adapts (partial coverage)
         for ids, mask in pad_batches(doc_ids, batch, pad):
             ids, mask = ids.to(dev), mask.to(dev)
             if routed:
@@ -79,6 +116,8 @@ def measure(model, docs: dict[str, list[list[int]]], names: list[str], pad: int,
                     top1 = idx[..., 0][real]
                     h1, hk, c = int((top1 == e).sum()), int((idx == e).any(-1)[real].sum()), int(real.sum())
                     hit1, hitk, n = hit1 + h1, hitk + hk, n + c
+                    if int(model.get_submodule(m).rank[e]) > 0:
+                        hit_cov, n_cov = hit_cov + h1, n_cov + c
                     for key in (("layer", layer_of(m)), ("module", m.rsplit(".", 1)[-1])):
                         out[key[0]][(d, key[1])][0] += h1
                         out[key[0]][(d, key[1])][1] += c
@@ -91,8 +130,21 @@ def measure(model, docs: dict[str, list[list[int]]], names: list[str], pad: int,
         out["loss"][d] = loss_sum / n_loss
         if routed:
             out["top1"][d], out["topk"][d] = hit1 / n, hitk / n
+            out["top1_covered"][d] = hit_cov / n_cov if n_cov else 0.0
             out["confusion"][d] = (conf / conf.sum()).tolist()
     return out
+
+
+def expand(spec: str) -> list[str]:
+    """--configs: set names (SETS) and configuration names, comma-separated, in order, each once."""
+    names: list[str] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        for n in SETS.get(part, [part]):
+            if n not in CONFIGS:
+                raise SystemExit(f"--configs: unknown configuration {n!r}; sets: {', '.join(SETS)}")
+            if n not in names:
+                names.append(n)
+    return names
 
 
 def macro(values: dict[str, float]) -> float:
@@ -105,14 +157,45 @@ def per_key(table: dict, domains: list[str]) -> dict[str, float]:
     return {str(k): sum(table[(d, k)][0] / table[(d, k)][1] for d in domains) / len(domains) for k in keys}
 
 
-def pictures(out: Path, results: dict, domains: list[str], names: list[str]) -> None:
+def share(results: dict, name: str) -> float:
+    """Share of the oracle's gain: (base - loss) / (base - oracle), macro losses."""
+    base, oracle = macro(results["base"]["loss"]), macro(results["oracle"]["loss"])
+    return (base - macro(results[name]["loss"])) / (base - oracle)
+
+
+def tradeoff(out: Path, results: dict, switch: dict) -> None:
+    """Top-1 accuracy against tokens to switch, one point per configuration with both; loss share as label."""
+    import matplotlib.pyplot as plt
+
+    names = [n for n in switch if n in results and results[n].get("top1")]
+    if not names:
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for n in names:
+        x, y = switch[n]["mean_latency"], macro(results[n]["top1"])
+        ax.scatter(x, y, s=18)
+        ax.annotate(f"{n} ({share(results, n):.0%})", (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    ax.axhline(0.75, color="grey", ls=":")
+    ax.axvline(12, color="grey", ls=":")
+    ax.set(xlabel="mean tokens to switch at a domain boundary", ylabel="top-1 routing accuracy (macro)",
+           title="Accuracy vs switch delay (label: share of the oracle's loss gain); goal: upper left of the dotted lines")
+    ax.title.set_fontsize(8)
+    fig.tight_layout()
+    fig.savefig(out / "tradeoff.png", dpi=110)
+    plt.close(fig)
+
+
+def pictures(out: Path, results: dict, domains: list[str], names: list[str], switch: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    for label in ("spectr k=4", "spectr sigma k=4", "arrow k=4 (PEFT)", "spectr pool=layer k=4"):
+    for label in ("spectr k=4", "spectr sigma k=4", "arrow k=4 (PEFT)", "spectr pool=layer k=4", "default",
+                  "default attn_follows_mlp depth=cumulative"):
+        if label not in results:
+            continue
         layers = results[label]["per_layer"]
         ax.plot([int(k) for k in layers], list(layers.values()), marker=".", label=label)
     ax.axhline(1 / len(names), color="grey", ls=":", label="chance")
@@ -122,6 +205,10 @@ def pictures(out: Path, results: dict, domains: list[str], names: list[str]) -> 
     fig.savefig(out / "accuracy_per_layer.png", dpi=110)
     plt.close(fig)
 
+    if switch:
+        tradeoff(out, results, switch)
+    if "spectr k=4" not in results:
+        return
     conf = torch.tensor([results["spectr k=4"]["confusion"][d] for d in domains])
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     im = ax.imshow(conf, cmap="Blues", vmin=0, vmax=1)
@@ -137,8 +224,8 @@ def pictures(out: Path, results: dict, domains: list[str], names: list[str]) -> 
     fig.savefig(out / "confusion_spectr.png", dpi=110)
     plt.close(fig)
 
-    rows = ["base", "oracle", "uniform (all experts)", "arrow k=4 (PEFT)", "spectr k=4", "spectr mix k=4",
-            "spectr k=1", "spectr pool=layer k=1"]
+    rows = [r for r in ("base", "oracle", "uniform (all experts)", "arrow k=4 (PEFT)", "spectr k=4", "spectr mix k=4",
+            "spectr k=1", "spectr pool=layer k=1") if r in results]
     fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / len(rows)
     for i, r in enumerate(rows):
@@ -155,13 +242,18 @@ def report(out: Path, results: dict, switch: dict, domains: list[str], meta: dic
     lines = [f"# Routing study ({meta['base']}, {meta['experts']} experts, {meta['docs']} docs x {meta['tokens']} tokens per domain)",
              "", f"Command: `{meta['command']}`", f"Time: {meta['seconds']:.0f} s on {meta['device']} ({meta['threads']} CPU threads), fp32.", "",
              "## Routing accuracy (macro over domains) and loss", "",
-             "| configuration | top-1 | top-k | k | mean loss (macro) | loss vs base | loss vs oracle |",
-             "|---|---|---|---|---|---|---|"]
-    base, oracle = macro(results["base"]["loss"]), macro(results["oracle"]["loss"])
+             "Share = share of the oracle's gain, (base - loss) / (base - oracle). top-1 covered: only decisions at "
+             "modules that the text's own expert adapts (differs from top-1 only in a library with partial coverage).",
+             "",
+             "| configuration | top-1 | top-1 covered | top-k | k | mean loss (macro) | share | tokens to switch |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         loss = macro(r["loss"])
-        acc = (f"{macro(r['top1']):.3f}", f"{macro(r['topk']):.3f}") if r.get("top1") else ("", "")
-        lines.append(f"| {name} | {acc[0]} | {acc[1]} | {r.get('k', '')} | {loss:.4f} | {loss - base:+.4f} | {loss - oracle:+.4f} |")
+        acc = (f"{macro(r['top1']):.3f}", f"{macro(r['top1_covered']):.3f}", f"{macro(r['topk']):.3f}") \
+            if r.get("top1") else ("", "", "")
+        lat = f"{switch[name]['mean_latency']:.1f}" if name in switch else ""
+        lines.append(f"| {name} | {acc[0]} | {acc[1]} | {acc[2]} | {r.get('k', '')} | {loss:.4f} | "
+                     f"{share(results, name):.1%} | {lat} |")
     lines += ["", "## Loss per domain", "", "| configuration | " + " | ".join(domains) + " |",
               "|---|" + "---|" * len(domains)]
     for name, r in results.items():
@@ -171,18 +263,26 @@ def report(out: Path, results: dict, switch: dict, domains: list[str], meta: dic
     for name, r in results.items():
         if r.get("top1"):
             lines.append(f"| {name} | " + " | ".join(f"{r['top1'][d]:.3f}" for d in domains) + " |")
-    lines += ["", "## Top-1 accuracy per module type (spectr k=4)", "",
-              "| " + " | ".join(results["spectr k=4"]["per_module"]) + " |", "|" + "---|" * len(results["spectr k=4"]["per_module"]),
-              "| " + " | ".join(f"{v:.3f}" for v in results["spectr k=4"]["per_module"].values()) + " |"]
+    with_modules = [n for n, r in results.items() if r.get("per_module")]
+    if with_modules:
+        kinds = list(results[with_modules[0]]["per_module"])
+        lines += ["", "## Top-1 accuracy per module type", "", "| configuration | " + " | ".join(kinds) + " |",
+                  "|---|" + "---|" * len(kinds)]
+        for n in with_modules:
+            lines.append(f"| {n} | " + " | ".join(f"{results[n]['per_module'][k]:.3f}" for k in kinds) + " |")
     if switch:
         lines += ["", "## Switching at a domain boundary", "", switch.get("definition", ""), "",
                   "| configuration | mean tokens to switch | censored pairs | pairs |", "|---|---|---|---|"]
-        for name in SWITCH:
+        for name in [n for n in switch if n != "definition"]:
             s = switch.get(name)
             if s:
                 lines.append(f"| {name} | {s['mean_latency']:.1f} | {s['censored']} | {len(s['pairs'])} |")
-    lines += ["", "![accuracy per layer](accuracy_per_layer.png)", "", "![confusion](confusion_spectr.png)", "",
-              "![loss per domain](loss_per_domain.png)", ""]
+    pics = [("accuracy per layer", "accuracy_per_layer.png"), ("accuracy vs switch delay", "tradeoff.png"),
+            ("confusion", "confusion_spectr.png"), ("loss per domain", "loss_per_domain.png")]
+    for label, file in pics:
+        if (out / file).is_file():
+            lines += ["", f"![{label}]({file})"]
+    lines.append("")
     text = "\n".join(lines)
     (out / "study.md").write_text(text)
     return text
@@ -221,18 +321,22 @@ def main() -> None:
         set_router(model, preset="fixed", expert=d)
         oracle[d] = measure(model, {d: docs[d]}, names, pad, args.batch_size, routed=False)["loss"][d]
     results["oracle"] = {"loss": oracle}
-    chosen = CONFIGS if args.configs is None else {c: CONFIGS[c] for c in args.configs.split(",")}
+    chosen = CONFIGS if args.configs is None else {c: CONFIGS[c] for c in expand(args.configs)}
     for name, kw in chosen.items():
         set_router(model, preset="reference", **kw)  # each configuration changes the reference
         r = measure(model, docs, names, pad, args.batch_size, routed=kw.get("router") != "uniform")
         r["k"] = kw["top_k"]
+        r["config"] = kw
         if r["top1"]:
             r["per_layer"] = per_key(r.pop("layer"), domains)
             r["per_module"] = per_key(r.pop("module"), domains)
         else:
             r.pop("layer"), r.pop("module")
         results[name] = r
-        print(f"{name:28} top1 {macro(r['top1']) if r['top1'] else float('nan'):.3f} loss {macro(r['loss']):.4f}", flush=True)
+        print(f"{name:28} top1 {macro(r['top1']) if r['top1'] else float('nan'):.3f} loss {macro(r['loss']):.4f} "
+              f"share {share(results, name):.3f} ({time.time() - t0:.0f} s)", flush=True)
+        # rows so far, so that a run cut short (a device call's limit) still leaves its numbers
+        (args.out / "study.partial.json").write_text(json.dumps({"results": results}, indent=1))
     switch: dict[str, Any] = {}
     ring = [(domains[i], domains[(i + 1) % len(domains)]) for i in range(min(args.switch_pairs, len(domains)))]
     stream_texts = {d: read_jsonl(args.data_dir / d / "test.jsonl", 64) for d in domains}  # enough for segments
@@ -243,11 +347,12 @@ def main() -> None:
         switch["definition"] = got["definition"]
         switch[name] = got[f"study:{name}"]
         print(f"{name:28} switch {switch[name]['mean_latency']:.1f} tokens", flush=True)
+        (args.out / "study.partial.json").write_text(json.dumps({"results": results, "switch": switch}, indent=1))
     meta = dict(base=args.base_model.name, experts=len(names), docs=args.max_docs, tokens=args.max_tokens,
                 threads=torch.get_num_threads(), device=args.device, seconds=time.time() - t0,
                 command="python benchmarks/study_routing.py " + " ".join(sys.argv[1:]))
     (args.out / "study.json").write_text(json.dumps({"meta": meta, "results": results, "switch": switch}, indent=1))
-    pictures(args.out, results, domains, names)
+    pictures(args.out, results, domains, names, switch)
     print(report(args.out, results, switch, domains, meta))
 
 

@@ -114,6 +114,19 @@ def linear_names(model: Any) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head})
 
 
+def target_names(model: Any, targets: str | None) -> list[str]:
+    """The modules to adapt: every linear one (linear_names), or the --targets subset (short names, comma list)."""
+    names = linear_names(model)
+    if not targets:
+        return names
+    wanted = [t.strip() for t in targets.split(",") if t.strip()]
+    unknown = [t for t in wanted if t not in names]
+    if unknown or not wanted:
+        raise TrainError(f"--targets {targets}: {', '.join(unknown) or 'empty'} is not a linear module of the base "
+                         f"(it has {', '.join(names)})")
+    return wanted
+
+
 def lora_config(args: argparse.Namespace, targets: list[str]):
     from peft import LoraConfig
 
@@ -140,7 +153,7 @@ def train_domain(args: argparse.Namespace, blocks: torch.Tensor, device: torch.d
 
     torch.manual_seed(args.seed)
     base = load_base(args.base, device)
-    model = get_peft_model(base, lora_config(args, linear_names(base)))
+    model = get_peft_model(base, lora_config(args, target_names(base, args.targets)))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed))
@@ -227,6 +240,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16)
+    p.add_argument("--targets", help="comma list of module names to adapt (default: every linear module but lm_head), "
+                                     "e.g. q_proj,k_proj,v_proj,o_proj for attention only")
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
@@ -252,6 +267,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     blocks = {name: pack_blocks(read_texts(f), tokenizer, args.seq, f) for name, f in selected(files, args.domains).items()}
     tests = held_out_blocks(held_out_files(args, files), tokenizer, args) if args.eval else {}
+    if args.targets:  # check the names before anything is written: the architecture alone, on the meta device
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            target_names(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.base)), args.targets)
     args.out.mkdir(parents=True, exist_ok=True)
     losses: dict[str, dict[str, float]] = {}
     if args.eval:

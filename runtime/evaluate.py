@@ -98,7 +98,8 @@ def apply_preset(model: nn.Module, name: str, top_k: int | None = None) -> dict[
     returns the settings used."""
     cfg = set_router(model, preset=name, top_k=top_k)
     return {f: getattr(cfg, f) for f in ("router", "top_k", "weighting", "combine", "score", "rank_normalize",
-                                         "pool")}
+                                         "pool", "smooth", "prompt_mean", "depth_evidence", "depth_decay",
+                                         "attn_follows_mlp", "calibrate")}
 
 
 def _body(model: nn.Module) -> nn.Module:

@@ -43,6 +43,13 @@ class RouterConfig:
     gather_min: int | None = None
     pool: str = "input"  # input (q,k,v; gate,up decide together) | module (the paper's code) | layer
     smooth: float = 0.0  # causal moving average of evidence over tokens; 0 = off (see routing.py)
+    # Round two (routing.py; docs/RESULTS.md): all off by default. The fused path implements calibrate in its
+    # torch code (not in the Triton kernel); for the others it falls back to the plain path.
+    prompt_mean: float = 0.0  # weight of the causal running mean of evidence over the text so far; 0 = off
+    depth_evidence: str = "none"  # none | cumulative | decayed: a decision adds the same token's evidence below
+    depth_decay: float = 0.5  # the factor per decision group for depth_evidence="decayed"
+    attn_follows_mlp: bool = False  # layer l's attention modules take layer l-1's MLP decision
+    calibrate: str = "none"  # none | isotropic | base_weight: divide selection evidence by an expert's typical score
     # fused: one scoring GEMM per input group, decisions handed to siblings by module attributes, the dense
     # apply added into the base output (addmm_), on a GPU one Triton kernel for the routing math; compiles
     # with fullgraph=True and captures into CUDA graphs. plain: the readable per-module code, the reference
@@ -58,6 +65,8 @@ class RouterConfig:
             (self.apply, ("auto", "dense", "grouped", "gathered"), "apply"),
             (self.pool, routing.POOLS, "pool"),
             (self.impl, ("fused", "plain"), "impl"),
+            (self.depth_evidence, routing.DEPTH_EVIDENCE, "depth_evidence"),
+            (self.calibrate, routing.CALIBRATIONS, "calibrate"),
         ]
         for value, allowed, what in checks:
             if value not in allowed:
@@ -66,8 +75,41 @@ class RouterConfig:
             raise ValueError(f"top_k must be >= 1 and temperature > 0, got {self.top_k}, {self.temperature}")
         if not 0.0 <= self.smooth < 1.0:
             raise ValueError(f"smooth must be in [0, 1), got {self.smooth}")
+        if not 0.0 <= self.prompt_mean <= 1.0:
+            raise ValueError(f"prompt_mean must be in [0, 1], got {self.prompt_mean}")
+        if self.smooth > 0 and self.prompt_mean > 0:
+            raise ValueError("smooth and prompt_mean both average evidence over tokens; set one of them to 0")
+        if not 0.0 <= self.depth_decay <= 1.0:
+            raise ValueError(f"depth_decay must be in [0, 1], got {self.depth_decay}")
+        if self.attn_follows_mlp and self.pool == "layer":
+            raise ValueError("attn_follows_mlp needs pool 'input' or 'module' (with pool='layer' the MLP makes no "
+                             "decision of its own to follow)")
         if self.router == "fixed" and self.expert is None:
             raise ValueError("router='fixed' needs expert=<name or index>")
+
+
+    def over_tokens(self) -> bool:
+        """Evidence is averaged over tokens (smooth or prompt_mean): state is carried across decode steps."""
+        return self.smooth > 0 or self.prompt_mean > 0
+
+    def evidence_path(self) -> bool:
+        """Decisions come from (pooled, averaged, calibrated) evidence rather than each module's raw scores."""
+        return (self.pool != "module" or self.over_tokens() or self.calibrate != "none"
+                or self.depth_evidence != "none" or self.attn_follows_mlp)
+
+    def plain_only(self) -> bool:
+        """Options the fused path does not implement (it then runs the plain path)."""
+        return self.prompt_mean > 0 or self.depth_evidence != "none" or self.attn_follows_mlp
+
+
+def block_kind(name: str) -> str:
+    """"attn", "mlp" or "" from a module path's parent ("...self_attn.q_proj" -> "attn")."""
+    parent = name.rpartition(".")[0].rsplit(".", 1)[-1].lower()
+    if "attn" in parent or "attention" in parent:
+        return "attn"
+    if "mlp" in parent or "feed_forward" in parent or "ffn" in parent:
+        return "mlp"
+    return ""
 
 
 def group_key(name: str) -> tuple[str, str]:
@@ -111,6 +153,10 @@ class ForwardState:
         self.groups: dict[tuple[str, str], tuple[torch.Tensor, dict[str, tuple], torch.Tensor]] = {}
         self.layers: dict[int, torch.Tensor] = {}
         self.carry: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # depth_evidence: the evidence accumulated over the groups decided so far in this forward (t, E)
+        self.below: torch.Tensor | None = None
+        # attn_follows_mlp: layer -> the decision (t, k) of that layer's MLP input group in this forward
+        self.mlp_choice: dict[int, torch.Tensor] = {}
         # Which experts each token may use (set_expert_mask): bool (N, E) over the flattened token rows of
         # the next forwards, or (E,) for every token; None = all. Kept until changed, not reset per forward.
         self.expert_mask: torch.Tensor | None = None
@@ -166,11 +212,11 @@ class ForwardState:
     def begin(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         cfg = self.cfg
         self.depth += 1
-        if self.depth > 1 or (cfg.pool == "module" and cfg.smooth == 0):
+        if self.depth > 1 or not cfg.evidence_path():
             return
         if cfg.impl == "fused":
             self._clear_handoffs()  # a forward that raised half-way leaves nothing behind
-        if cfg.smooth > 0:
+        if cfg.over_tokens():
             tokens = kwargs.get("input_ids", args[0] if args else None)
             if tokens is None:
                 tokens = kwargs.get("inputs_embeds")
@@ -186,6 +232,8 @@ class ForwardState:
                 self.real = mask[:, -tokens.shape[1]:].bool()  # the mask spans cached + new tokens
         self.groups.clear()
         self.layers.clear()
+        self.below = None
+        self.mlp_choice.clear()
         self.active = True
 
     def end(self, *_: Any) -> None:
@@ -197,11 +245,14 @@ class ForwardState:
         self.fresh = True
         self.groups.clear()
         self.layers.clear()
+        self.below = None
+        self.mlp_choice.clear()
         if self.cfg.impl == "fused" and (self.cfg.pool != "module"):
             self._clear_handoffs()
 
     def smooth(self, module: RoutedLinear, ev: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-        """The module's moving-average evidence (t, E) for this call; updates its carried average."""
+        """The module's evidence (t, E) averaged over tokens for this call (smooth: the moving average;
+        prompt_mean: blended with the running mean over the text so far); updates its carried state."""
         B, T = shape
         real = self.real if self.active else None
         if real is not None and tuple(real.shape) != (B, T):
@@ -214,12 +265,31 @@ class ForwardState:
             raise ValueError(f"smooth: module {module.name} continues {prev.shape[0]} rows with {B} "
                              "(reordered or resized caches, e.g. beam search, are not supported)")
         if prev is not None and isinstance(self.fresh, torch.Tensor):  # a new prompt in a static cache
-            prev, seen = prev.masked_fill(self.fresh, 0.0), seen & ~self.fresh
+            prev, seen = prev.masked_fill(self.fresh, 0.0), seen.masked_fill(self.fresh, 0)
         absent = module.rank == 0
-        y, last, now_seen = routing.ema(ev.masked_fill(absent, 0.0).view(B, T, -1), self.cfg.smooth, real, prev, seen)
+        e = ev.masked_fill(absent, 0.0).view(B, T, -1)
+        if self.cfg.prompt_mean > 0:  # seen carries the count of earlier real tokens (0 = none)
+            count = None if seen is None else seen.to(e.dtype)
+            m, last, n = routing.running_mean(e, real, prev, count)
+            w = self.cfg.prompt_mean
+            y, now_seen = (1 - w) * e + w * m, n
+        else:
+            y, last, now_seen = routing.ema(e, self.cfg.smooth, real, prev, seen)
         if self.active:
             self.carry[module.name] = (last, now_seen)
         return y.reshape(B * T, -1).masked_fill(absent, float("-inf"))
+
+    def across_depth(self, ev: torch.Tensor) -> torch.Tensor:
+        """depth_evidence: a group's evidence (t, E) plus (decayed) that of the groups below it in this
+        forward; records the result as the evidence below the next group. Off outside a model forward."""
+        mode = self.cfg.depth_evidence
+        if mode == "none" or not self.active:
+            return ev
+        below = self.below if self.below is not None and self.below.shape == ev.shape else None
+        total = routing.accumulate(ev, below, 1.0 if mode == "cumulative" else self.cfg.depth_decay)
+        finite = torch.isfinite(total)
+        self.below = torch.where(finite, total, 0.0 if below is None else below)  # an absent expert keeps its sum
+        return total
 
 
 class RoutedLinear(nn.Module):
@@ -240,7 +310,8 @@ class RoutedLinear(nn.Module):
         self.cfg = cfg
         self.recorder = recorder
         self.E = int(bank["rank"].numel())
-        self.group, self.layer = group_key(name), layer_of(name)
+        self.group, self.layer, self.kind = group_key(name), layer_of(name), block_kind(name)
+        self._calib: dict[str, torch.Tensor] = {}  # calibrate mode -> c_e (E,), computed on first use
         # Buffers follow model.to(); not persistent, so the model's state_dict keeps only base weights.
         self.register_buffer("Vt", bank["Vt"], persistent=False)
         self.register_buffer("US", bank["U"] * bank["S"].reshape(1, -1), persistent=False)
@@ -262,13 +333,30 @@ class RoutedLinear(nn.Module):
         return routing.scores(P, self.S, self.rank, router=cfg.router, score=cfg.score,
                               rank_normalize=cfg.rank_normalize)
 
+    def calibration(self) -> torch.Tensor:
+        """c_e (E,) for the configured calibrate mode (routing.calibration), on the module's device."""
+        mode = self.cfg.calibrate
+        if mode not in self._calib:
+            weight = getattr(self.base_layer, "weight", None) if mode == "base_weight" else None
+            self._calib[mode] = routing.calibration(self.Vt, self.rank, self.E, weight, mode)
+        c = self._calib[mode]
+        if c.device != self.Vt.device:
+            c = self._calib[mode] = c.to(self.Vt.device)
+        return c
+
+    def _cosine(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Selection evidence before any averaging: g / ||x||, divided by c_e when calibrating."""
+        ev = routing.cosine(g, x)
+        return ev if self.cfg.calibrate == "none" else ev / self.calibration()
+
     def _evidence(self, x: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(P, own scores g, selection evidence): g / ||x||, moving-averaged when smoothing; both restricted
-        to the allowed experts (the average itself runs over every expert, so a mask change is seen at once)."""
+        """(P, own scores g, selection evidence): g / ||x|| (calibrated), averaged over tokens when smoothing or
+        with prompt_mean; both restricted to the allowed experts (the average itself runs over every expert,
+        so a mask change is seen at once)."""
         P = routing.project(x, self.Vt, self.E)
         g = self._scores(P)
-        ev = routing.cosine(g, x)
-        if self.cfg.smooth > 0:
+        ev = self._cosine(g, x)
+        if self.cfg.over_tokens():
             ev = self.routing_state.smooth(self, ev, shape)
         allowed = self.routing_state.allowed(self, x.shape[0])
         return P, routing.restrict(g, allowed), routing.restrict(ev, allowed)
@@ -276,11 +364,18 @@ class RoutedLinear(nn.Module):
     def _choose(
         self, x: torch.Tensor, shape: tuple[int, int], source: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(P, own scores g, chosen experts (t, k)) under the pool/smooth options."""
+        """(P, own scores g, chosen experts (t, k)) under the pool/smooth/depth options."""
         cfg, st = self.cfg, self.routing_state
+        if cfg.attn_follows_mlp and st.active and self.kind == "attn":
+            idx = st.mlp_choice.get(self.layer - 1)
+            if idx is not None and idx.shape[0] == x.shape[0]:  # the layer below's MLP decided for this token
+                P = routing.project(x, self.Vt, self.E)
+                return P, routing.restrict(self._scores(P), st.allowed(self, x.shape[0])), idx
         if cfg.pool == "module":
             P, g, ev = self._evidence(x, shape)
-            return P, g, routing.select(ev, st.top_k(self, x.shape[0]))[1]
+            idx = routing.select(st.across_depth(ev), st.top_k(self, x.shape[0]))[1]
+            self._note_mlp_choice(idx)
+            return P, g, idx
         hit = st.groups.get(self.group) if st.active else None
         if cfg.pool == "layer" and st.active and self.layer in st.layers:
             idx = st.layers[self.layer]  # an earlier group of this layer decided
@@ -302,13 +397,22 @@ class RoutedLinear(nn.Module):
                 P, g, ev = m._evidence(x, shape)
                 results[m.name] = (P, g)
                 evidence.append(ev)
-            hit = (source, results, routing.select(routing.pool(evidence), st.top_k(self, x.shape[0]))[1])
+            pooled = st.across_depth(routing.pool(evidence))
+            hit = (source, results, routing.select(pooled, st.top_k(self, x.shape[0]))[1])
+            self._note_mlp_choice(hit[2])
             if st.active:
                 st.groups[self.group] = hit
                 if cfg.pool == "layer":
                     st.layers[self.layer] = hit[2]
         P, g = hit[1][self.name]
         return P, g, hit[2]
+
+    def _note_mlp_choice(self, idx: torch.Tensor) -> None:
+        """attn_follows_mlp: the first MLP decision of a layer (the gate/up input group) is the one the next
+        layer's attention follows."""
+        st = self.routing_state
+        if self.cfg.attn_follows_mlp and st.active and self.kind == "mlp":
+            st.mlp_choice.setdefault(self.layer, idx)
 
     def delta(
         self, x: torch.Tensor, shape: tuple[int, int] | None = None, source: torch.Tensor | None = None
@@ -327,7 +431,7 @@ class RoutedLinear(nn.Module):
                 dy = dy * allowed[..., cfg.expert, None].to(dy.dtype)
             return dy, None, None
         vals = idx = None
-        if cfg.router in ("spectr", "arrow") and (cfg.pool != "module" or cfg.smooth > 0):
+        if cfg.router in ("spectr", "arrow") and cfg.evidence_path():
             P, g, idx = self._choose(x, shape or (1, x.shape[0]), x if source is None else source)
             vals = routing.cut(g.gather(1, idx), self.routing_state.top_k(self, x.shape[0]))
             w = routing.weights(vals, idx, E, mode=cfg.weighting, temperature=cfg.temperature)
@@ -379,8 +483,10 @@ class RoutedLinear(nn.Module):
                     for m, P in zip(members, Ps)]
         gs = [m._scores(P) for m, P in zip(members, Ps)]
         evs = gs
+        if cfg.calibrate != "none":  # calibrated evidence: ranks unlike the raw scores
+            evs = [m._cosine(g, x) for m, g in zip(members, gs)]
         if cfg.smooth > 0:
-            evs = [st.smooth(m, routing.cosine(g, x), shape) for m, g in zip(members, gs)]
+            evs = [st.smooth(m, m._cosine(g, x), shape) for m, g in zip(members, gs)]
         gs = [routing.restrict(g, allowed) for g in gs]
         k = st.top_k(self, t)
         idx = self.layer_idx if cfg.pool == "layer" else None  # an earlier group of this layer decided
@@ -402,8 +508,8 @@ class RoutedLinear(nn.Module):
         cfg = self.cfg
         # the kernel has one static k: a per-token k (set_token_top_k) takes the torch code
         return (x.is_cuda or kernels.INTERPRET) and kernels.route is not None and cfg.router in ("spectr", "arrow") \
-            and cfg.smooth == 0 and cfg.pool != "layer" and self.routing_state.token_k is None \
-            and (cfg.pool == "module" or len(self.siblings) == 1 or hasattr(self.siblings[0], "S_group"))
+            and cfg.smooth == 0 and cfg.calibrate == "none" and cfg.pool != "layer" \
+            and self.routing_state.token_k is None and (cfg.pool == "module" or len(self.siblings) == 1 or hasattr(self.siblings[0], "S_group"))
 
     def _gathers(self, x: torch.Tensor) -> bool:
         """Whether the fused path applies only the chosen experts (kernels.expand) for input x."""
@@ -482,8 +588,9 @@ class RoutedLinear(nn.Module):
         cfg = self.cfg
         # The fused path applies densely or gathered (kernels.expand); a grouped apply (apply="grouped", or
         # "auto" at large E*r without the kernels) takes the plain path, whose per-expert gathers have
-        # data-dependent shapes (not for torch.compile).
-        if cfg.impl == "fused" and cfg.apply != "grouped" and (
+        # data-dependent shapes (not for torch.compile). So do the round-two options the fused path does not
+        # implement (prompt_mean, depth_evidence, attn_follows_mlp).
+        if cfg.impl == "fused" and cfg.apply != "grouped" and not cfg.plain_only() and (
                 cfg.apply in ("dense", "gathered") or self.Vt.shape[0] <= cfg.dense_max or 2 * cfg.top_k >= self.E
                 or self._gathers(x)):
             return self._fused_forward(x, y, shape)

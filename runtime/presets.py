@@ -13,16 +13,18 @@ from spectr.runtime.layer import RouterConfig
 
 # The settings a preset fixes: what a router computes.
 ROUTING_FIELDS = ("router", "top_k", "weighting", "temperature", "combine", "score", "rank_normalize", "expert",
-                  "pool", "smooth")
+                  "pool", "smooth", "prompt_mean", "depth_evidence", "depth_decay", "attn_follows_mlp", "calibrate")
+# The round-two options (routing.py), all off: what the paper's code and PEFT's Arrow do.
+_OFF = dict(prompt_mean=0.0, depth_evidence="none", depth_decay=0.5, attn_follows_mlp=False, calibrate="none")
 
 _DEFAULTS = {f.name: f.default for f in fields(RouterConfig) if f.name in ROUTING_FIELDS}
 
 # The SpectR paper's code: k=4, 1/k weights, factor merge, each module deciding on its own.
 REFERENCE = dict(router="spectr", top_k=4, weighting="uniform", temperature=1.0, combine="factor", score="norm",
-                 rank_normalize=False, pool="module", smooth=0.0)
+                 rank_normalize=False, pool="module", smooth=0.0, **_OFF)
 # PEFT's Arrow (create_arrow_model): |v_1^T x| per module, softmax over the top-k, output mix.
 PEFT_ARROW = dict(router="arrow", top_k=3, weighting="softmax", temperature=1.0, combine="mix", score="norm",
-                  rank_normalize=False, pool="module", smooth=0.0)
+                  rank_normalize=False, pool="module", smooth=0.0, **_OFF)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The runtime's default (the study's choice): ||V^T x||, top-1, q/k/v and gate/up decide together, output mix.

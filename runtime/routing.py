@@ -43,6 +43,30 @@ which decides independently per token, per module, per layer):
   experts; pooling and smoothing change which experts are chosen, not how a module mixes them.
 - A per-token k (set_token_top_k): select() ranks every expert and cut() sets the ranks past each token's
   k to -inf, so a token's choices, weights and counted decisions are those of top_k = k_t, at static shapes.
+
+Round two (RouterConfig fields; all off by default, docs/RESULTS.md has the measurements):
+- Calibration from the weights alone (calibrate): the selection evidence of expert e at a module is divided
+  by c_e, the score a "typical" unit input would get, so an expert whose subspace happens to lie along
+  directions every input has does not win everywhere:
+    "isotropic":   c_e = sqrt(r_e / d_in), the expected ||V_e^T x|| of a random unit x (rank_normalize,
+                   scaled so that every module's calibrated evidence is about 1 on random input);
+    "base_weight": c_e = ||W V_e||_F / ||W||_F, the expected ||V_e^T x|| when x is drawn from the base
+                   weight's own input directions (the rows of W, weighted by their norms): the share of
+                   what the base module reads that falls inside the expert's subspace.
+  Calibrated evidence (g / ||x||) / c_e is about 1 where an input is "as expected" for the expert, above
+  where it is aligned with the expert's subspace more than the base's inputs usually are.
+- A running mean over the prompt (prompt_mean=w): e'_t = (1 - w) e_t + w m_t, m_t the mean of the
+  evidence of the real tokens 1..t of the text so far (padding skipped; carried across decode steps
+  like smooth). w = 1 is the pure mean: stable on long single-domain texts, but after a switch at t0
+  it needs about as many new tokens as there were old ones; w < 1 keeps a share of the token's own say.
+- Evidence across depth (depth_evidence): within one forward, the decision groups are called in depth
+  order (layer 0 attention, layer 0 MLP, layer 1 ...), each with its own evidence D_g (t, E). With
+  "cumulative" a group decides on A_g = D_g + A_{g-1}, with "decayed" on A_g = D_g + d A_{g-1}
+  (d = depth_decay): a token's decision at a module uses the evidence that the same token gave at the
+  modules below it, never a later token's or a later module's (causal in depth and time).
+- attn_follows_mlp: the attention modules of layer l (q, k, v, o) take the decision that layer l-1's
+  MLP input group (gate, up) made for the same token; layer 0 decides on its own evidence.
+
 Measured on the real SmolLM2 library (8 experts, k = 4, CPU; small sample: 2 test documents per
 domain x 128 tokens, switching on 8 domain pairs x 2 sequences): top-1 accuracy / mean tokens to
 switch: reference 0.538 / 6.5, input 0.585 / 6.5, layer 0.559 / 5.6, smooth 0.5 0.592 / 7.4,
@@ -58,6 +82,8 @@ SCORES = ("norm", "sigma")
 WEIGHTS = ("uniform", "softmax")
 COMBINES = ("factor", "mix")
 POOLS = ("module", "input", "layer")
+CALIBRATIONS = ("none", "isotropic", "base_weight")
+DEPTH_EVIDENCE = ("none", "cumulative", "decayed")
 
 
 def project(x: torch.Tensor, Vt: torch.Tensor, E: int) -> torch.Tensor:
@@ -234,3 +260,57 @@ def ema(
         b = b + c * prev.to(b.dtype)[:, None]
     now_seen = real.any(1) if seen is None else real.any(1) | seen.to(e.device)
     return b, b[:, -1], now_seen
+
+
+def calibration(Vt: torch.Tensor, rank: torch.Tensor, E: int, weight: torch.Tensor | None, mode: str) -> torch.Tensor:
+    """c_e (E,) float32 for calibrate=mode (see above); 1 where an expert does not adapt the module.
+
+    Vt: (E*r, d_in) stacked V_e^T; weight: the base module's W (d_out, d_in), needed by "base_weight".
+    """
+    d_in = Vt.shape[1]
+    if mode == "none":
+        return torch.ones(E)
+    if mode == "isotropic":
+        c = (rank.float() / d_in).sqrt()
+    elif mode == "base_weight":
+        if weight is None:
+            raise ValueError("calibrate='base_weight' needs the base module's weight")
+        W = weight.detach().float().to(Vt.device)
+        energy = (Vt.float() @ W.T).view(E, -1, W.shape[0]).pow(2).sum(dim=(1, 2))  # ||W V_e||_F^2
+        c = (energy / W.pow(2).sum().clamp(min=torch.finfo(torch.float32).tiny)).sqrt().cpu()
+    else:
+        raise ValueError(f"unknown calibrate {mode!r}; expected one of {CALIBRATIONS}")
+    c = c.cpu()
+    return torch.where(rank.cpu() > 0, c.clamp(min=torch.finfo(torch.float32).tiny), torch.ones_like(c))
+
+
+def running_mean(
+    e: torch.Tensor,
+    real: torch.Tensor | None = None,
+    prev: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal mean over the real tokens so far, m_t = (sum of e_s over real s <= t) / (their number), of e (B, T, E).
+
+    prev (B, E) / count (B,) carry the sum and number of earlier real tokens (a decode step). Padding
+    passes the mean of the tokens before it through (0 before any real token). Returns (m, sum, count).
+    """
+    B, T, _ = e.shape
+    real = torch.ones(B, T, dtype=torch.bool, device=e.device) if real is None else real.to(e.device, torch.bool)
+    total = (e * real.unsqueeze(-1).to(e.dtype)).cumsum(1)
+    n = real.to(e.dtype).cumsum(1)
+    if prev is not None:
+        total = total + prev.to(e.dtype)[:, None]
+        n = n + count.to(e.dtype)[:, None]
+    m = total / n.clamp(min=1).unsqueeze(-1)
+    return m, total[:, -1], n[:, -1]
+
+
+def accumulate(evidence: torch.Tensor, below: torch.Tensor | None, decay: float) -> torch.Tensor:
+    """A_g = D_g + decay * A_{g-1} over the experts present in D_g (depth_evidence); -inf stays -inf.
+
+    below: the accumulated evidence of the groups below (finite, 0 for absent experts), or None.
+    """
+    if below is None:
+        return evidence
+    return evidence + decay * below.to(evidence.dtype)

@@ -116,3 +116,19 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(tiny_tok_base, data, tmp_
     assert main(common + ["--data", str(data), "--domains", "count,nope"]) == 1
     assert "nope" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_targets_train_attention_only_and_unknown_names_fail(tiny_tok_base, data, tmp_path, capsys):
+    out = tmp_path / "attn"
+    common = ["--base", str(tiny_tok_base), "--base-name", TINY_BASE_NAME, "--data", str(data), "--domains", "count",
+              "--out", str(out), "--steps", "1", "--batch", "2", "--seq", "16", "--rank", "2", "--device", "cpu"]
+    assert main(common + ["--targets", "q_proj,k_proj,v_proj,o_proj"]) == 0
+    cfg = json.loads((out / "count" / "adapter_config.json").read_text())
+    assert sorted(cfg["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    keys = load_file(out / "count" / "adapter_model.safetensors")
+    assert keys and all(".self_attn." in k for k in keys)
+    capsys.readouterr()
+    assert main(common + ["--out", str(tmp_path / "bad"), "--targets", "q_proj,mlp"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--targets" in err and "mlp" in err
+    assert not (tmp_path / "bad").exists()

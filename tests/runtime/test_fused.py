@@ -28,6 +28,11 @@ CONFIGS = {
     "uniform-mix": dict(router="uniform"),
     "uniform-factor": dict(router="uniform", combine="factor"),
     "fixed": dict(router="fixed", expert=2),
+    # round two: calibration runs in the fused path's torch code; the others fall back to the plain path
+    "calibrate-base-input": dict(calibrate="base_weight"),
+    "calibrate-isotropic-module-k2": dict(top_k=2, pool="module", calibrate="isotropic"),
+    "calibrate-smooth": dict(top_k=2, smooth=0.5, calibrate="base_weight"),
+    "prompt-mean-depth-follows": dict(prompt_mean=0.7, depth_evidence="decayed", attn_follows_mlp=True),
     # the gathered apply (kernels.expand where the Triton kernels run; elsewhere the dense apply, the same sum)
     "gathered": dict(apply="gathered"),
     "k2-gathered-factor-module": dict(top_k=2, apply="gathered", combine="factor", pool="module"),

@@ -237,11 +237,19 @@ def test_layer_pool_makes_one_decision_per_layer(bundle):
 # ---- generate and padding ------------------------------------------------------------------------
 
 OPTIONS = [dict(pool="module", smooth=0.6), dict(pool="input", smooth=0.5), dict(pool="layer", smooth=0.7),
+           # round two: the running mean over the prompt, evidence across depth, attention following the MLP
+           dict(pool="input", prompt_mean=0.7, depth_evidence="cumulative"),
+           dict(pool="module", prompt_mean=1.0, attn_follows_mlp=True, calibrate="base_weight"),
+           dict(pool="input", depth_evidence="decayed", attn_follows_mlp=True, calibrate="isotropic"),
            dict(pool="layer", smooth=0.0)]
 
 
+def opts_id(o: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in o.items())
+
+
 @torch.no_grad()
-@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: f"{o['pool']}-{o['smooth']}")
+@pytest.mark.parametrize("opts", OPTIONS, ids=opts_id)
 def test_generate_with_cache_equals_without_and_equals_one_forward(bundle, opts):
     model = routed(bundle, **opts)
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -260,7 +268,7 @@ def test_generate_with_cache_equals_without_and_equals_one_forward(bundle, opts)
 
 @torch.no_grad()
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("opts", OPTIONS[:3], ids=lambda o: f"{o['pool']}-{o['smooth']}")
+@pytest.mark.parametrize("opts", OPTIONS[:6], ids=opts_id)
 def test_padded_batch_equals_single_rows(bundle, opts, side):
     model = routed(bundle, **opts)
     rows = [IDS[0, :12], IDS[0, 3:8], IDS[0, 1:10]]
@@ -283,8 +291,10 @@ def test_padded_batch_equals_single_rows(bundle, opts, side):
 
 
 @torch.no_grad()
-def test_generate_left_padded_batch_with_smoothing(bundle):
-    model = routed(bundle, pool="input", smooth=0.6)
+@pytest.mark.parametrize("opts", [dict(smooth=0.6), dict(prompt_mean=0.8, depth_evidence="cumulative",
+                                                     attn_follows_mlp=True)], ids=opts_id)
+def test_generate_left_padded_batch_with_smoothing(bundle, opts):
+    model = routed(bundle, pool="input", **opts)
     model.generation_config.eos_token_id = None  # generate all the tokens asked for
     ids, mask = left_pad([IDS[0, :12], IDS[0, 4:9]], 12)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=mask)
