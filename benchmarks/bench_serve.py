@@ -168,6 +168,8 @@ def main() -> None:
     ap.add_argument("--max-batch-tokens", type=int, default=None)
     ap.add_argument("--num-blocks", type=int, default=None)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of each level per side, interleaved (base, routed, routed, base, ...); ratio = median")
     ap.add_argument("--compile", action="store_true", help="the engine's --compile (continuous batching's compiled forward)")
     ap.add_argument("--label", default=None, help="results file name part (default: cpu or h200)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -195,21 +197,29 @@ def main() -> None:
     kw = dict(model_id="bench", max_batch_tokens=a.max_batch_tokens, num_blocks=a.num_blocks, stop_on_eos=False,
               compile=a.compile)
 
-    # Each level runs base then routed back to back (the bundle loaded and unloaded in place), so a drift
-    # in the machine's load (a shared CPU) hits both sides of a ratio alike.
+    # Each level runs base and routed back to back (the bundle loaded and unloaded in place), so a drift in the
+    # machine's load (a shared CPU) hits both sides of a ratio alike; with --repeats the order alternates
+    # (base, routed, routed, base, ...) and the level's ratio is the median of the per-pair ratios.
     rows: dict[str, list[dict]] = {"base": [], "routed": []}
+    pairs: list[dict] = []
     load_start = os.getloadavg()
     for level in levels:
-        for label in ("base", "routed"):
-            if label == "routed":
-                load_bundle(model, bundle)
-            engine = Engine(model, tokenizer, **kw)
-            r = run_levels(engine, prompts, [level], a.gen_tokens)[0]
-            if label == "routed":
-                unload_bundle(model)
-            rows[label].append(r)
-            print(f"{label:>6} C={r['clients']:>3}: {r['tokens_per_s']:8.1f} tok/s, TTFT {r['ttft_median_ms']:8.1f} ms "
-                  f"({r['requests']} requests, {r['wall_s']:.1f} s)", flush=True)
+        for rep in range(a.repeats):
+            pair = {}
+            for label in (("base", "routed") if rep % 2 == 0 else ("routed", "base")):
+                if label == "routed":
+                    load_bundle(model, bundle)
+                engine = Engine(model, tokenizer, **kw)
+                r = run_levels(engine, prompts, [level], a.gen_tokens)[0]
+                if label == "routed":
+                    unload_bundle(model)
+                r["repeat"] = rep
+                rows[label].append(r)
+                pair[label] = r
+                print(f"{label:>6} C={r['clients']:>3} #{rep}: {r['tokens_per_s']:8.1f} tok/s, "
+                      f"TTFT {r['ttft_median_ms']:8.1f} ms ({r['requests']} requests, {r['wall_s']:.1f} s)", flush=True)
+            pairs.append({"clients": level[0], "repeat": rep,
+                          "ratio": pair["routed"]["tokens_per_s"] / pair["base"]["tokens_per_s"]})
     load = f"load average {load_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     device = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     label = a.label or ("h200" if a.device.startswith("cuda") else "cpu") + ("_compile" if a.compile else "")
@@ -217,6 +227,7 @@ def main() -> None:
         f"--random-8b --layers {a.layers} --device {a.device}" if a.random_8b else
         f"--base {a.base.name} --bundle {a.bundle.name} --device {a.device}") + (
         f" --prompt-tokens {a.prompt_tokens} --gen-tokens {a.gen_tokens} --clients {a.clients}") + (
+        f" --requests {a.requests}" if a.requests else "") + (f" --repeats {a.repeats}" if a.repeats > 1 else "") + (
         " --compile" if a.compile else "")
     lines = [f"# spectr serve under load ({label})", "", f"`{cmd}`", "",
              f"{what}; {device} ({load}); torch {torch.__version__}, transformers {transformers.__version__}, "
@@ -225,17 +236,23 @@ def main() -> None:
              f"greedy, prompt {a.prompt_tokens} tokens, {a.gen_tokens} generated tokens per request (EOS off), "
              "streamed over HTTP; clients in a second process. Routed = the runtime's defaults (spectr, top-1, "
              "pool=input), no per-request fields. Ratios are routed / base from this run.", "",
-             "| clients | requests | base tok/s | routed tok/s | routed / base | base TTFT ms | routed TTFT ms |",
-             "|---|---|---|---|---|---|---|"]
-    for b, r in zip(rows["base"], rows["routed"]):
-        lines.append(f"| {b['clients']} | {b['requests']} | {b['tokens_per_s']:.1f} | {r['tokens_per_s']:.1f} | "
-                     f"{r['tokens_per_s'] / b['tokens_per_s']:.2f} | {b['ttft_median_ms']:.0f} | "
-                     f"{r['ttft_median_ms']:.0f} |")
+             "| clients | requests per run | runs per side | base tok/s (median) | routed tok/s (median) | "
+             "routed / base (median of pairs) | pair ratios | base TTFT ms | routed TTFT ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    med = statistics.median
+    for c, _ in levels:
+        b = [r for r in rows["base"] if r["clients"] == c]
+        r = [x for x in rows["routed"] if x["clients"] == c]
+        ratios = [p["ratio"] for p in pairs if p["clients"] == c]
+        lines.append(f"| {c} | {b[0]['requests']} | {len(b)} | {med(x['tokens_per_s'] for x in b):.1f} | "
+                     f"{med(x['tokens_per_s'] for x in r):.1f} | {med(ratios):.2f} | "
+                     f"{', '.join(f'{x:.2f}' for x in ratios)} | {med(x['ttft_median_ms'] for x in b):.0f} | "
+                     f"{med(x['ttft_median_ms'] for x in r):.0f} |")
     print("\n".join(lines))
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"serve_{label}.md").write_text("\n".join(lines) + "\n")
     (a.out / f"serve_{label}.json").write_text(json.dumps({"command": cmd, "setup": what, "device": device,
-                                                           "rows": rows}, indent=1) + "\n")
+                                                           "rows": rows, "pairs": pairs}, indent=1) + "\n")
     tmp.cleanup()
 
 
