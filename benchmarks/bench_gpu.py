@@ -9,7 +9,8 @@ same run (eager against eager base, compiled against compiled base). Shapes: pre
 token at batch 1 and at batch 32 (a forward of one position, no cache). "compiled" is
 torch.compile(model, mode="reduce-overhead", fullgraph=True): Inductor kernels replayed as CUDA graphs.
 
-    python benchmarks/bench_gpu.py [--experts 8,32,64] [--compiled base,defaults:8,defaults:64] [--profile]
+    python benchmarks/bench_gpu.py [--experts 8,64,32] [--compiled base,defaults:8,defaults:64] [--skip plain]
+                                   [--profile DIR --profile-experts 8,64]
 
 Writes benchmarks/results/gpu_h200.md and gpu_h200.json (or --out DIR).
 """
@@ -187,11 +188,13 @@ def profile(model, path: Path, label: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--experts", default="8,32,64")
-    ap.add_argument("--compiled", default="base,defaults:8,defaults:64,reference:32,arrow:8",
+    ap.add_argument("--experts", default="8,64,32", help="in the order measured (a run cut short keeps its rows)")
+    ap.add_argument("--compiled", default="base,defaults:8,defaults:64,gathered:64,reference:32,arrow:8",
                     help="variant:E pairs also measured compiled (or 'none')")
+    ap.add_argument("--skip", default="", help="short variant names not measured (e.g. plain,arrow)")
     ap.add_argument("--peft", action=argparse.BooleanOptionalAction, default=True, help="measure PEFT Arrow at E=8")
-    ap.add_argument("--profile", type=Path, help="write torch.profiler tables (defaults E=8, eager) here")
+    ap.add_argument("--profile", type=Path, help="write torch.profiler tables (defaults, eager) here")
+    ap.add_argument("--profile-experts", default="8,64", help="the E's profiled with --profile")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: check the script, not the speed")
     a = ap.parse_args()
@@ -202,13 +205,15 @@ def main() -> None:
     sizes = [int(e) for e in a.experts.split(",")]
     want_compiled = set() if a.compiled == "none" else set(a.compiled.split(","))
     variants = {
-        "defaults": {},  # load_bundle's defaults: spectr, k=1, pool="input", impl="fused"
+        "defaults": {},  # load_bundle's defaults: spectr, k=1, pool="input", impl="fused", apply="auto" (dense)
+        "defaults, apply=gathered": dict(apply="gathered"),  # only the chosen experts' U Sigma (kernels.expand)
         "defaults, impl=plain": dict(impl="plain"),  # the readable path (and the code the issue measured)
         "reference": dict(REFERENCE),
         "arrow (our PEFT_ARROW preset)": dict(PEFT_ARROW),
     }
-    short = {"defaults": "defaults", "defaults, impl=plain": "plain", "reference": "reference",
-             "arrow (our PEFT_ARROW preset)": "arrow"}
+    short = {"defaults": "defaults", "defaults, apply=gathered": "gathered",
+             "defaults, impl=plain": "plain", "reference": "reference", "arrow (our PEFT_ARROW preset)": "arrow"}
+    skip = set(filter(None, a.skip.split(",")))
     rows: list[dict] = []
     t_start = time.perf_counter()
     base = base_model(a.layers)
@@ -229,7 +234,7 @@ def main() -> None:
         for E in sizes:
             bundle = subset_bundle(Path(tmp), full, E)
             for label, opts in variants.items():
-                if label == "defaults, impl=plain" and E != sizes[0]:
+                if short[label] in skip or (label == "defaults, impl=plain" and E != sizes[0]):
                     continue
                 model = load_bundle(copy.deepcopy(base), bundle, **opts)
                 record(label, E, False, measure(model, False, f"{label} E={E}"))
@@ -241,24 +246,29 @@ def main() -> None:
                         from spectr.runtime import kernels
 
                         if kernels.route is not None:
-                            kernels.route = None
+                            kernels.route = kernels.expand = None
                             record(label + " (no Triton kernel)", E, True, measure(model, True, f"{label} E={E}"))
-                if a.profile and label in ("defaults", "defaults, impl=plain") and E == sizes[0]:
+                if a.profile and label == "defaults" and str(E) in a.profile_experts.split(","):
                     a.profile.mkdir(parents=True, exist_ok=True)
                     profile(model, a.profile / f"profile_{short[label]}_E{E}.txt", f"{label} E={E}")
                 del model
                 gc.collect()
                 torch.cuda.empty_cache()
-            if a.peft and E == 8:
-                from peft import ArrowConfig, create_arrow_model
-
-                peft = create_arrow_model(copy.deepcopy(base), [str(f) for f in folders[:E]],
-                                          ArrowConfig(top_k=3, router_temperature=1.0, rng_seed=0)).eval()
-                record("PEFT create_arrow_model (top-3)", E, False, measure(peft, False, f"peft arrow E={E}"))
-                del peft
-                gc.collect()
-                torch.cuda.empty_cache()
+                if a.peft and E == 8 and label == "defaults":  # next: the time-added target's other side
+                    measure_peft(base, folders, E, record)
     write_results(rows, a, time.perf_counter() - t_start)
+
+
+def measure_peft(base, folders, E: int, record) -> None:
+    """PEFT's own Arrow (create_arrow_model, top-3) on the same factors, eager."""
+    from peft import ArrowConfig, create_arrow_model
+
+    peft = create_arrow_model(copy.deepcopy(base), [str(f) for f in folders[:E]],
+                              ArrowConfig(top_k=3, router_temperature=1.0, rng_seed=0)).eval()
+    record("PEFT create_arrow_model (top-3)", E, False, measure(peft, False, f"peft arrow E={E}"))
+    del peft
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def write_results(rows: list[dict], a, seconds: float, quiet: bool = False) -> None:

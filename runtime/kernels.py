@@ -8,15 +8,29 @@ an eager forward is bound by their launches). It computes exactly what routing.p
   T      = top-k of ev (ties: lowest index first);
   w_me   = softmax(g_me / temperature) or 1/|finite| over T, 0 elsewhere;
   C_m    = w_m s_m P_m (output mix)  or  w_m (sum_e w_me s_me P_me) (factor merge).
-Imported only where CUDA is present; `route` is None where Triton is missing (the torch code runs then).
+
+The gathered apply (`expand`, like Punica's SGMV expand but with a per-token choice): y_t += sum_k
+U_e Sigma_e c_tk for e = idx[t, k], from the compact coefficients c (t, k, r) that `route(compact=True)`
+writes; it reads only the chosen experts' columns of U Sigma (r per token instead of E*r) and adds into the
+base output in place. For many tokens the rows are visited sorted by expert (`order`), so a block of rows
+meets few experts and each expert's U Sigma tile is one tensor-core product for the whole block.
+
+Imported only where CUDA is present (or under TRITON_INTERPRET=1, for testing the kernels on a CPU);
+`route`/`expand` are None where Triton is missing (the torch code runs then).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
 route = None
+expand = None
+order = None
+SORT_MIN = 128  # order(): at or below this many tokens the rows are visited as they are (decode)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-if torch.cuda.is_available():
+if torch.cuda.is_available() or INTERPRET:
     try:
         import triton
         import triton.language as tl
@@ -29,7 +43,8 @@ if torch.cuda.is_available():
         def _route_kernel(P, S, rank, s, allowed, C, idx_out, vals_out, stride_p, stride_a, inv_temp,
                           M: tl.constexpr, E: tl.constexpr, R: tl.constexpr, EP: tl.constexpr, RP: tl.constexpr,
                           K: tl.constexpr, ARROW: tl.constexpr, SIGMA: tl.constexpr, RANK_NORM: tl.constexpr,
-                          SOFTMAX: tl.constexpr, FACTOR: tl.constexpr, HAS_MASK: tl.constexpr):
+                          SOFTMAX: tl.constexpr, FACTOR: tl.constexpr, HAS_MASK: tl.constexpr,
+                          COMPACT: tl.constexpr):
             t = tl.program_id(0).to(tl.int64)
             e = tl.arange(0, EP)
             r = tl.arange(0, RP)
@@ -99,19 +114,84 @@ if torch.cuda.is_available():
                     c = w[:, None] * z[None, :]
                 else:
                     c = ws[:, None] * p
-                tl.store(C + t * stride_p + m * E * R + offs, c.to(C.dtype.element_ty), mask=er)
+                if COMPACT:  # only the chosen experts' rows: (t, M, K, R)
+                    for k in tl.static_range(K):
+                        ck = tl.sum(tl.where((pos == k)[:, None], c, 0.0), axis=0)
+                        tl.store(C + ((t * M + m) * K + k) * R + r, ck.to(C.dtype.element_ty), mask=r < R)
+                else:
+                    tl.store(C + t * stride_p + m * E * R + offs, c.to(C.dtype.element_ty), mask=er)
+
+        @triton.jit
+        def _expand_kernel(Y, Cc, idx, perm, US, t, N, stride_y, stride_c, stride_u,
+                           K: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr,
+                           BN: tl.constexpr, SORTED: tl.constexpr, IEEE: tl.constexpr):
+            i = tl.program_id(0) * BT + tl.arange(0, BT)
+            row_ok = i < t
+            if SORTED:
+                rows = tl.load(perm + i, mask=row_ok, other=0).to(tl.int64)
+            else:
+                rows = i.to(tl.int64)
+            n = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+            n_ok = n < N
+            r = tl.arange(0, RP)
+            r_ok = r < R
+            big = 1 << 30
+            acc = tl.zeros([BT, BN], tl.float32)
+            for k in tl.static_range(K):
+                e_rows = tl.load(idx + rows * K + k, mask=row_ok, other=0).to(tl.int32)
+                c = tl.load(Cc + rows[:, None] * stride_c + k * R + r[None, :],
+                            mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+                cur = tl.min(tl.where(row_ok, e_rows, big), axis=0)
+                while cur < big:  # each expert met in this block of rows: one product over the block
+                    a = tl.where((e_rows == cur)[:, None], c, tl.zeros_like(c))
+                    u = tl.load(US + n[:, None] * stride_u + cur * R + r[None, :],
+                                mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(a.dtype)
+                    if IEEE:
+                        acc += tl.dot(a, tl.trans(u), input_precision="ieee")
+                    else:
+                        acc += tl.dot(a, tl.trans(u))
+                    cur = tl.min(tl.where(row_ok & (e_rows > cur), e_rows, big), axis=0)
+            yp = Y + rows[:, None] * stride_y + n[None, :]
+            ok = row_ok[:, None] & n_ok[None, :]
+            y = tl.load(yp, mask=ok, other=0.0).to(tl.float32)
+            tl.store(yp, (y + acc).to(Y.dtype.element_ty), mask=ok)
+
+        def order(idx: torch.Tensor) -> torch.Tensor | None:
+            """The token rows sorted by first-choice expert (for `expand`), or None for few rows."""
+            return torch.argsort(idx[:, 0]) if idx.shape[0] > SORT_MIN else None
+
+        def expand(y: torch.Tensor, c: torch.Tensor, idx: torch.Tensor, US: torch.Tensor,
+                   perm: torch.Tensor | None = None) -> torch.Tensor:
+            """y (t, N) += sum_k US[:, idx[t,k]*R : +R] @ c[t, k], in place; returns y.
+
+            c (t, K, R) with c.stride(1) == R, c.stride(2) == 1 (a member's slice of route's compact output);
+            idx (t, K) int64; US (N, E*R) with unit column stride; perm: order(idx) or None.
+            """
+            t, N = y.shape
+            K, R = c.shape[1], c.shape[2]
+            if y.stride(1) != 1:
+                raise ValueError("expand: y needs unit column stride")
+            RP = max(16, 1 << (R - 1).bit_length())
+            BT = 64 if perm is not None else 16
+            BN = 128 if perm is not None else 64
+            grid = (triton.cdiv(t, BT), triton.cdiv(N, BN))
+            _expand_kernel[grid](y, c, idx, perm if perm is not None else idx, US, t, N, y.stride(0),
+                                 c.stride(0), US.stride(0), K=K, R=R, RP=RP, BT=BT, BN=BN,
+                                 SORTED=perm is not None, IEEE=c.dtype == torch.float32, num_warps=4)
+            return y
 
         def route(P: torch.Tensor, S: torch.Tensor, rank: torch.Tensor, s: torch.Tensor,
                   allowed: torch.Tensor | None, *, M: int, E: int, k: int, router: str, score: str,
-                  rank_normalize: bool, weighting: str, temperature: float, combine: str
+                  rank_normalize: bool, weighting: str, temperature: float, combine: str, compact: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            """P (t, M*E*R) -> (C like P, idx (t, k) int64, vals (t, M, k) float32) for one input group.
+            """P (t, M*E*R) -> (C like P, idx (t, k) int64, vals (t, M, k) float32) for one input group;
+            compact: C holds only the chosen experts' coefficients, (t, M, k, R), for `expand`.
 
             S (M, E, R), rank (M, E), s (M, E) on P's device (any dtype); allowed bool (t, E), (E,) or None.
             """
             t, R = P.shape[0], S.shape[2]
             k = min(k, E)
-            C = torch.empty_like(P)
+            C = P.new_empty(t, M, k, R) if compact else torch.empty_like(P)
             idx = torch.empty(t, k, dtype=torch.int64, device=P.device)
             vals = torch.empty(t, M, k, dtype=torch.float32, device=P.device)
             mask = allowed if allowed is not None else rank
@@ -123,6 +203,6 @@ if torch.cuda.is_available():
                 P, S, rank, s, mask, C, idx, vals, P.stride(0), stride_a, 1.0 / temperature,
                 M=M, E=E, R=R, EP=EP, RP=RP, K=k, ARROW=router == "arrow", SIGMA=score == "sigma",
                 RANK_NORM=rank_normalize, SOFTMAX=weighting == "softmax", FACTOR=combine == "factor",
-                HAS_MASK=allowed is not None, num_warps=4 if EP * RP >= 512 else 2,
+                HAS_MASK=allowed is not None, COMPACT=compact, num_warps=4 if EP * RP >= 512 else 2,
             )
             return C, idx, vals

@@ -34,8 +34,13 @@ class RouterConfig:
     score: str = "norm"  # norm: ||V^T x|| | sigma: ||Sigma V^T x||
     rank_normalize: bool = False
     expert: int | None = None  # index of the expert for router="fixed"
-    apply: str = "auto"  # dense | grouped | auto (dense while E*r is small)
+    apply: str = "auto"  # dense | grouped | gathered | auto (see dense_max, gather_min)
     dense_max: int = 4096  # auto: dense when E*r <= dense_max or 2k >= E (dense won every size measured)
+    # apply="gathered": only the chosen experts' columns of U Sigma (kernels.expand, in the fused path on a GPU
+    # with Triton; where the kernels do not run, e.g. on a CPU, the fused path applies densely: the same sum).
+    # auto gathers when E*r >= gather_min and 2k < E; None = never, until the H200 table measures where it
+    # wins (at E=8 it lost: benchmarks/results/gpu_h200.md)
+    gather_min: int | None = None
     pool: str = "input"  # input (q,k,v; gate,up decide together) | module (the paper's code) | layer
     smooth: float = 0.0  # causal moving average of evidence over tokens; 0 = off (see routing.py)
     # fused: one scoring GEMM per input group, decisions handed to siblings by module attributes, the dense
@@ -50,7 +55,7 @@ class RouterConfig:
             (self.weighting, routing.WEIGHTS, "weighting"),
             (self.combine, routing.COMBINES, "combine"),
             (self.score, routing.SCORES, "score"),
-            (self.apply, ("auto", "dense", "grouped"), "apply"),
+            (self.apply, ("auto", "dense", "grouped", "gathered"), "apply"),
             (self.pool, routing.POOLS, "pool"),
             (self.impl, ("fused", "plain"), "impl"),
         ]
@@ -365,15 +370,12 @@ class RoutedLinear(nn.Module):
         cfg, st, t = self.cfg, self.routing_state, x.shape[0]
         members = self._group()
         allowed = st.allowed(self, t)
-        # the kernel has one static k: a per-token k (set_token_top_k) takes the torch code below
-        if x.is_cuda and kernels.route is not None and cfg.router != "uniform" and cfg.smooth == 0 \
-                and cfg.pool != "layer" and st.token_k is None \
-                and (len(members) == 1 or hasattr(members[0], "S_group")):
+        if self._kernel_ok(x):
             return self._decide_group_kernel(members, x, allowed)
         Ps = self._project_group(members, x)
         if cfg.router == "uniform":
             return [(routing.coefficients(P, routing.all_weights(t, m.rank, allowed), m.S, m.s,
-                                          combine=cfg.combine).reshape(t, -1), None, None)
+                                          combine=cfg.combine).reshape(t, -1), None, None, None)
                     for m, P in zip(members, Ps)]
         gs = [m._scores(P) for m, P in zip(members, Ps)]
         evs = gs
@@ -392,8 +394,24 @@ class RoutedLinear(nn.Module):
         for m, P, g in zip(members, Ps, gs):
             vals = routing.cut(g.gather(1, idx), k)
             w = routing.weights(vals, idx, m.E, mode=cfg.weighting, temperature=cfg.temperature)
-            out.append((routing.coefficients(P, w, m.S, m.s, combine=cfg.combine).reshape(t, -1), vals, idx))
+            out.append((routing.coefficients(P, w, m.S, m.s, combine=cfg.combine).reshape(t, -1), vals, idx, None))
         return out
+
+    def _kernel_ok(self, x: torch.Tensor) -> bool:
+        """Whether this module's group decides in the Triton routing kernel for input x."""
+        cfg = self.cfg
+        # the kernel has one static k: a per-token k (set_token_top_k) takes the torch code
+        return (x.is_cuda or kernels.INTERPRET) and kernels.route is not None and cfg.router in ("spectr", "arrow") \
+            and cfg.smooth == 0 and cfg.pool != "layer" and self.routing_state.token_k is None \
+            and (cfg.pool == "module" or len(self.siblings) == 1 or hasattr(self.siblings[0], "S_group"))
+
+    def _gathers(self, x: torch.Tensor) -> bool:
+        """Whether the fused path applies only the chosen experts (kernels.expand) for input x."""
+        cfg = self.cfg
+        if cfg.apply not in ("auto", "gathered") or kernels.expand is None or not self._kernel_ok(x):
+            return False
+        return cfg.apply == "gathered" or (cfg.gather_min is not None and self.Vt.shape[0] >= cfg.gather_min
+                                           and 2 * cfg.top_k < self.E)
 
     def _decide_group_kernel(self, members: list[RoutedLinear], x: torch.Tensor,
                              allowed: torch.Tensor | None) -> list[tuple]:
@@ -405,11 +423,15 @@ class RoutedLinear(nn.Module):
         else:
             P = x @ lead.Vt_group.T
             S, rank, s = lead.S_group, lead.rank_group, lead.s_group
+        compact = self._gathers(x)
         C, idx, vals = kernels.route(P, S, rank, s, allowed, M=M, E=self.E, k=cfg.top_k, router=cfg.router,
                                      score=cfg.score, rank_normalize=cfg.rank_normalize, weighting=cfg.weighting,
-                                     temperature=cfg.temperature, combine=cfg.combine)
+                                     temperature=cfg.temperature, combine=cfg.combine, compact=compact)
+        if compact:  # (t, M, k, r): each member's chosen coefficients, and one row order for the group
+            perm = kernels.order(idx)
+            return [(C[:, m], vals[:, m], idx, perm) for m in range(M)]
         Cs = C.split(lead.group_sizes, dim=1) if M > 1 else (C,)
-        return [(Cm, vals[:, m], idx) for m, Cm in enumerate(Cs)]
+        return [(Cm, vals[:, m], idx, None) for m, Cm in enumerate(Cs)]
 
     def _fused_coefficients(self, x: torch.Tensor, shape: tuple[int, int]) -> tuple:
         """This module's (C, vals, idx): handed over by the sibling that decided first, or decided here
@@ -439,11 +461,14 @@ class RoutedLinear(nn.Module):
             US = self.US[:, e * r:(e + 1) * r]
             idx = vals = None
         else:
-            C, vals, idx = self._fused_coefficients(xf, shape)
+            C, vals, idx, perm = self._fused_coefficients(xf, shape)
             US = self.US
         if self.recorder is not None and self.recorder.enabled and idx is not None:
             lead = x.shape[:-1]
             self.recorder.record(self.name, idx.view(*lead, -1), vals.view(*lead, -1))
+        if C.dim() == 3:  # compact (t, k, r): the gathered apply, in place (a copy first under autograd)
+            y2 = y2.clone() if y.requires_grad else y2
+            return kernels.expand(y2, C, idx, self.US, perm).view_as(y)
         # y += C US^T in one GEMM whose epilogue adds into the base output: in place, so y is read and written
         # once (out of place, addmm first copies y); autograd keeps the out-of-place form
         if y.requires_grad:
@@ -455,10 +480,12 @@ class RoutedLinear(nn.Module):
         lead = x.shape[:-1]
         shape = (1, lead[0]) if len(lead) == 1 else (lead[:-1].numel(), lead[-1])
         cfg = self.cfg
-        # The fused path applies densely; a grouped apply (apply="grouped", or "auto" at large E*r) takes the
-        # plain path, whose per-expert gathers have data-dependent shapes (not for torch.compile).
+        # The fused path applies densely or gathered (kernels.expand); a grouped apply (apply="grouped", or
+        # "auto" at large E*r without the kernels) takes the plain path, whose per-expert gathers have
+        # data-dependent shapes (not for torch.compile).
         if cfg.impl == "fused" and cfg.apply != "grouped" and (
-                cfg.apply == "dense" or self.Vt.shape[0] <= cfg.dense_max or 2 * cfg.top_k >= self.E):
+                cfg.apply in ("dense", "gathered") or self.Vt.shape[0] <= cfg.dense_max or 2 * cfg.top_k >= self.E
+                or self._gathers(x)):
             return self._fused_forward(x, y, shape)
         dy, vals, idx = self.delta(x.reshape(-1, x.shape[-1]), shape, x)
         if self.recorder is not None and self.recorder.enabled and idx is not None:
