@@ -109,6 +109,9 @@ def ingest(
     """Ingest adapter folders, globs and hub ids into the registry; returns one dict per source.
 
     The ingestion run records this flow run's id (lineage); each version keeps its adapter unless spectra_only."""
+    from spectr.flows.lifetime import exit_with_parent
+
+    exit_with_parent()  # a scheduled run in a runner's child process ends with the runner
     outcomes = pipeline_ingest.ingest_sources(
         sources, base_model=base_model, base_name=base_name, dense=dense, rank=rank, niter=niter, device=device,
         registry_url=registry_url, blob_url=blob_url, steps=STEPS, logger=get_run_logger(),
@@ -183,4 +186,7 @@ def dask_runner(address: str | None = None, workers: int | None = None) -> Any:
 
 def ingest_on_dask(sources: list[str], address: str | None = None, workers: int | None = None,
                    **args: Any) -> list[dict]:
-    return ingest_distributed.with_options(task_runner=dask_runner(address, workers))(sources=sources, **args)
+    from spectr.flows.lifetime import tied_temporary_server
+
+    with tied_temporary_server():  # no server configured: a temporary one that dies with this process
+        return ingest_distributed.with_options(task_runner=dask_runner(address, workers))(sources=sources, **args)

@@ -27,4 +27,5 @@ def serve_ingest(
         parameters={"sources": list(sources), "base_model": base_model},
         description="Re-scan the configured adapter sources and ingest what is new.",
         print_starting_message=True,
+        limit=1,  # one re-scan at a time: a slow run (a loaded box) no longer piles up runs behind it
     )

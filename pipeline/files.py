@@ -16,6 +16,7 @@ from spectr.pipeline.types import AdapterError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
 
 # Keys that change between saves of the same model without changing what it computes.
 _VOLATILE_KEYS = {
@@ -90,10 +91,23 @@ def adapter_content_sha256(folder: Path, config: dict | None = None) -> str:
     """sha256 over the canonical config JSON, then the safetensors weights file's bytes."""
     folder = Path(folder)
     cfg = read_adapter_config(folder) if config is None else config
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise AdapterError(f"{weights}: missing {WEIGHTS_FILE}")
-    return update_with_file(_content_hasher(cfg), weights).hexdigest()
+    return update_with_file(_content_hasher(cfg), weights_file(folder)).hexdigest()
+
+
+def weights_file(folder: Path) -> Path:
+    """The adapter's safetensors weights: a regular file (a FIFO would block, /dev/zero never ends); pickle
+    weights are refused without being opened."""
+    file = Path(folder) / WEIGHTS_FILE
+    if file.is_file():
+        return file
+    if file.exists() or file.is_symlink():
+        raise AdapterError(f"{file}: not a regular file")
+    if (Path(folder) / PICKLE_FILE).exists():
+        raise AdapterError(
+            f"{Path(folder) / PICKLE_FILE}: pickle weights are refused (never unpickled); "
+            f"convert the adapter to {WEIGHTS_FILE} (safetensors) and retry"
+        )
+    raise AdapterError(f"{file}: missing {WEIGHTS_FILE}")
 
 
 def content_sha256_of(config_bytes: bytes, weights_bytes: bytes) -> str:

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from spectr.pipeline.fetch import expand_sources, fetch, locate_base_config
-from spectr.pipeline.files import adapter_content_sha256, config_sha256, read_adapter_config, read_json_object
+from spectr.pipeline.files import (
+    adapter_content_sha256, config_sha256, read_adapter_config, read_json_object, weights_file,
+)
 from spectr.pipeline.types import AdapterError, AdapterSource, BaseModelInfo, LoadedAdapter
 from spectr.registry.store import Registry
 
@@ -153,6 +155,33 @@ class BaseResolver:
         return self._by_name[wanted]
 
 
+# Weights up to this size are hashed before the base model is known (an unchanged adapter never needs it);
+# a bigger file is first compared with the largest LoRA its base can hold, so a sparse file whose header
+# claims gigabytes is refused before its bytes are read (the hash would read them all).
+LAZY_WEIGHT_BYTES = 64 << 20
+
+
+def max_lora_bytes(base: BaseModelInfo) -> int:
+    """The most bytes a LoRA adapter of `base` can need: every linear module at full rank min(in, out), both
+    factors in float64, plus the largest header allowed."""
+    from spectr.pipeline.validate import MAX_HEADER_BYTES
+
+    factors = sum(min(s.in_features, s.out_features) * (s.in_features + s.out_features) for s in base.modules.values())
+    return 8 * factors + 8 + MAX_HEADER_BYTES
+
+
+def _bounded_weights(folder: Path, config: dict, resolve_base: BaseResolver) -> None:
+    file = weights_file(folder)
+    size = file.stat().st_size
+    if size <= LAZY_WEIGHT_BYTES:
+        return
+    base = resolve_base(folder, config)
+    most = max_lora_bytes(base)
+    if size > most:
+        raise AdapterError(f"{file}: {size} bytes, more than any LoRA adapter of base {base.name} can hold "
+                           f"({most} bytes at full rank in float64); refused unread")
+
+
 def _known_or_base(
     registry: Registry, spec: str, src: AdapterSource, resolve_base: BaseResolver, *, dense: bool, spectra_only: bool
 ) -> Outcome | tuple[dict | None, str | None, BaseModelInfo, str | None]:
@@ -162,6 +191,7 @@ def _known_or_base(
     config = sha = None
     if not dense:
         config = read_adapter_config(src.path)
+        _bounded_weights(src.path, config, resolve_base)
         sha = adapter_content_sha256(src.path, config)
         found = registry.find_version(src.name, sha)
         if found is not None and registry.blobs.exists(found.blob_sha256) and resolve_base.same_base(found.base_model):

@@ -19,10 +19,11 @@ import torch
 from safetensors import safe_open
 
 from spectr.pipeline.basemodel import names_match
-from spectr.pipeline.files import CONFIG_FILE, WEIGHTS_FILE, adapter_content_sha256, read_adapter_config
+from spectr.pipeline.files import (
+    CONFIG_FILE, WEIGHTS_FILE, adapter_content_sha256, read_adapter_config, weights_file as _weights_file,
+)
 from spectr.pipeline.types import AdapterError, AdapterSource, BaseModelInfo, LoadedAdapter, ModuleFactors
 
-PICKLE_FILE = "adapter_model.bin"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 KEY_PREFIX = "base_model.model."
 PATTERN_TIMEOUT_S = 1.0  # rank_pattern/alpha_pattern keys are user regexes: matching them is time-bounded
@@ -133,10 +134,13 @@ def _read_header(f: Any, file: Path, size: int) -> bytes:
     if len(head) < 8:
         raise AdapterError(f"{file}: truncated safetensors file ({size} bytes, no header length)")
     (n,) = struct.unpack("<Q", head)
+    # The length is the file's first 8 bytes: it is not echoed (the file may not be the user's to read).
     if n > MAX_HEADER_BYTES:
-        raise AdapterError(f"{file}: safetensors header of {n} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+        raise AdapterError(f"{file}: not a safetensors file: its header length exceeds the {MAX_HEADER_BYTES}-byte "
+                           "limit")
     if 8 + n > size:
-        raise AdapterError(f"{file}: truncated safetensors file: header needs {n} bytes, file has {size}")
+        raise AdapterError(f"{file}: truncated or not a safetensors file: its header length exceeds the file's "
+                           f"{size} bytes")
     return f.read(n)
 
 
@@ -168,20 +172,6 @@ def _check_header(header: Any, file: Path, data_len: int) -> dict[str, dict]:
             )
         tensors[key] = info
     return tensors
-
-
-def _weights_file(folder: Path) -> Path:
-    file = folder / WEIGHTS_FILE
-    if file.is_file():
-        return file
-    if file.exists():
-        raise AdapterError(f"{file}: not a regular file")
-    if (folder / PICKLE_FILE).exists():
-        raise AdapterError(
-            f"{folder / PICKLE_FILE}: pickle weights are refused (never unpickled); "
-            f"convert the adapter to {WEIGHTS_FILE} (safetensors) and retry"
-        )
-    raise AdapterError(f"{file}: missing {WEIGHTS_FILE}")
 
 
 def _pattern_value(patterns: dict | None, module: str, default: Any, file: Path, what: str) -> Any:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -228,32 +230,51 @@ def sql_timeout() -> float:
 
 
 def _run_bounded(con: duckdb.DuckDBPyConnection, query: str, timeout: float) -> tuple[list[str], list[tuple]]:
-    """The query, interrupted through its cursor (DuckDB's way of cancelling) once `timeout` passes.
-    (DuckDB also notices Ctrl-C while it runs, though not reliably in every run: the time limit is the bound.)"""
+    """The query on a worker thread, interrupted through its cursor (DuckDB's way of cancelling) once `timeout`
+    passes or on Ctrl-C. DuckDB does not look at signals while it executes (a query on the main thread ran on
+    through Ctrl-C), and a KeyboardInterrupt raised while a worker executes killed the worker with the
+    connection still busy; so, on the main thread, SIGINT only sets a flag and interrupts the cursor."""
     cur = con.cursor()
-    done, timed_out = threading.Event(), threading.Event()
+    box: dict[str, Any] = {}
+    interrupted = threading.Event()
 
-    def deadline() -> None:
-        if not done.wait(timeout):
-            timed_out.set()
-            cur.interrupt()
+    def work() -> None:
+        try:
+            cur.execute(query)
+            box["result"] = ([d[0] for d in cur.description], cur.fetchall())
+        except BaseException as e:  # handed to the waiting thread
+            box["error"] = e
 
-    watcher = threading.Thread(target=deadline, name="spectr-catalog-deadline", daemon=True)
-    watcher.start()
+    def on_sigint(_signum: int, _frame: Any) -> None:
+        interrupted.set()
+        cur.interrupt()
+
+    installed, previous = False, None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        previous, installed = signal.signal(signal.SIGINT, on_sigint), True
+    worker = threading.Thread(target=work, name="spectr-catalog-query", daemon=True)
+    deadline, timed_out = time.monotonic() + timeout, False
     try:
-        cur.execute(query)
-        return [d[0] for d in cur.description], cur.fetchall()
-    except (duckdb.InterruptException, RuntimeError) as e:  # an interrupted query surfaces as either
-        if timed_out.is_set():
-            raise ValueError(f"catalog query stopped after {timeout:g} s (SPECTR_SQL_TIMEOUT); "
-                             "narrow it or raise the limit") from None
-        if "interrupt" in str(e).lower():
-            raise KeyboardInterrupt from None
-        raise
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.05)
+            timed_out = timed_out or time.monotonic() > deadline
+            if (timed_out or interrupted.is_set()) and worker.is_alive():
+                # Again until the worker returns: an interrupt that lands before DuckDB starts executing (a
+                # loaded machine) is lost, and the query would then run to its end.
+                cur.interrupt()
     finally:
-        done.set()
-        watcher.join()
-        cur.close()
+        if installed:  # None: a handler not set from Python; the default is the nearest
+            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+    cur.close()
+    if interrupted.is_set():
+        raise KeyboardInterrupt
+    if "result" in box:  # finished, even if just at the deadline
+        return box["result"]
+    if timed_out:
+        raise ValueError(f"catalog query stopped after {timeout:g} s (SPECTR_SQL_TIMEOUT); "
+                         "narrow it or raise the limit")
+    raise box["error"]
 
 
 def catalog_sql(

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import importlib.util
+import random
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -122,13 +124,29 @@ def ensure_current(url: str | None = None) -> None:
         upgrade(url)
 
 
+MIGRATION_WAIT_S = 600.0  # how long a migrator waits for the others in all (SQLite's busy timeout is 30 s)
+
+
 def upgrade(url: str | None = None, revision: str = "head") -> None:
-    """Bring the database at `url` to `revision` (creating an SQLite file and its folder if needed)."""
+    """Bring the database at `url` to `revision` (creating an SQLite file and its folder if needed).
+
+    Concurrent first uses queue on the database's write lock; SQLite gives up on it after its busy timeout
+    (30 s), which eight processes starting together on a loaded 2-core box exceeded. The migration is one
+    transaction, so a refused attempt left nothing: it is retried, and the retry re-reads the version."""
     from alembic import command
+    from sqlalchemy.exc import OperationalError
 
     url = url or registry_url()
     make_engine(url).dispose()  # creates the SQLite folder
-    command.upgrade(alembic_config(url), revision)
+    deadline = time.monotonic() + MIGRATION_WAIT_S
+    while True:
+        try:
+            command.upgrade(alembic_config(url), revision)
+            return
+        except OperationalError as e:
+            if "locked" not in str(e.orig).lower() or time.monotonic() > deadline:
+                raise
+        time.sleep(random.uniform(0.05, 0.5))
 
 
 def downgrade(url: str | None = None, revision: str = "base") -> None:

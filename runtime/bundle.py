@@ -174,14 +174,25 @@ def _spectra_bytes_bound(manifest: dict) -> int:
 def read_bundle(path: Path | str) -> Bundle:
     """Read a bundle folder; the spectra file must match the sha256 its manifest records."""
     path = Path(path)
-    manifest = json.loads(_read_inside(path, MANIFEST, MAX_MANIFEST_BYTES).decode("utf-8"))
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path / MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    data = _read_inside(path, manifest["spectra"]["file"], _spectra_bytes_bound(manifest))
+    raw = _read_inside(path, MANIFEST, MAX_MANIFEST_BYTES)
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:200]
+        raise ValueError(f"{path / MANIFEST}: not a bundle manifest (invalid JSON: {why})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{path / MANIFEST}: format {str(got)[:80]!r}, expected {FORMAT!r}")
+    try:  # a hand-edited manifest: missing keys or wrong types are the manifest's fault, said so in one line
+        spectra_file, bound = manifest["spectra"]["file"], _spectra_bytes_bound(manifest)
+        want_sha = str(manifest["spectra"]["sha256"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path / MANIFEST}: malformed bundle manifest ({type(e).__name__}: {str(e)[:120]}); "
+                         "write the bundle again with `spectr bundle create` or `spectr bundle export`") from None
+    data = _read_inside(path, spectra_file, bound)
     digest = hashlib.sha256(data).hexdigest()
-    if digest != manifest["spectra"]["sha256"]:
-        raise ValueError(f"{path / SPECTRA}: sha256 {digest[:12]} does not match the manifest's "
-                         f"{manifest['spectra']['sha256'][:12]}")
+    if digest != want_sha:
+        raise ValueError(f"{path / SPECTRA}: sha256 {digest[:12]} does not match the manifest's {want_sha[:12]}")
     tensors = st_load(data)
     E = len(manifest["experts"])
     for m, info in manifest["modules"].items():

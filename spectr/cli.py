@@ -128,6 +128,8 @@ def catalog(
             columns, rows = catalog_sql(sql, registry)
         except ValueError as exc:
             _fail(exc, 2)
+        except KeyboardInterrupt:  # Ctrl-C: the query was interrupted, as the shell expects (128 + SIGINT)
+            _fail("catalog query interrupted (Ctrl-C)", 130)
         if as_json:
             print(json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=1))
         else:
@@ -280,9 +282,10 @@ def serve(
 
                 selectors = [e for e in experts.split(",") if e.strip()]
                 bundle = create_bundle(Registry(), selectors, Path(tmp) / "bundle", name="serve")
-            from spectr.inputs import bundle_folder, model_folder
+            from spectr.inputs import bundle_folder, model_folder, warn_other_base
 
             base_model, bundle = model_folder(base_model), bundle_folder(bundle)
+            warn_other_base(base_model, bundle)
             engine = Engine.load(base_model, bundle, top_k=top_k, device=device, compile=compile,
                                  max_batch_tokens=max_batch_tokens, num_blocks=num_blocks)
         except (KeyError, OSError, ValueError) as exc:

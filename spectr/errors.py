@@ -77,9 +77,13 @@ class Group(TyperGroup):
                               standalone_mode=False, **extra)
         except (typer.Exit, click.exceptions.Exit) as exc:
             code = exc.exit_code
-        except (typer.Abort, click.exceptions.Abort):
-            report("aborted")
-            code = 1
+        except (typer.Abort, click.exceptions.Abort) as exc:
+            if isinstance(exc.__cause__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+                report("interrupted (Ctrl-C)")
+                code = 130
+            else:
+                report("aborted")
+                code = 1
         except Exception as exc:
             code = self._report(exc, argv)
         else:

@@ -20,6 +20,7 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     model.save_pretrained(root / "base")
     word_tokenizer().save_pretrained(root / "base")
     subspace_bundle(root / "bundle", model, names=("alpha", "beta"))
+    record_base_config(root / "bundle", root / "base")
     files = {}
     for domain, pool, seed in (("alpha", ALPHA, 1), ("beta", BETA, 2)):
         (root / "data" / domain).mkdir(parents=True)
@@ -28,6 +29,16 @@ def setup(tmp_path_factory) -> dict[str, Path]:
                              for n in (12, 5, 30)))
         files[domain] = f
     return {"root": root, "base": root / "base", "bundle": root / "bundle", **files}
+
+
+def record_base_config(bundle: Path, base: Path) -> None:
+    """The manifest records the saved base's config hash, as a bundle from the registry does (the runtime
+    helpers write a placeholder), so the CLI has no other-base warning to give."""
+    from spectr.pipeline.files import config_sha256
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["base"]["config_sha256"] = config_sha256(json.loads((base / "config.json").read_text()))
+    (bundle / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
 
 
 def _args(setup, verb: str) -> list[str]:

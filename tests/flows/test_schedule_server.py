@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from spectr.registry.store import Registry
+from tests.cli.test_crash_trials import _survivors
 
 pytestmark = pytest.mark.server
 BIN = Path(sys.executable).parent
@@ -72,7 +73,7 @@ def test_scheduled_ingest_runs_on_a_real_server(make_adapter, tiny_base_dir, tmp
             [str(BIN / "spectr"), "serve-flows", f"{drop}/*", "--interval", "5",
              "--base-model", str(tiny_base_dir), "--name", "test-schedule"],
             env=dict(env, PREFECT_API_URL=api), cwd=REPO,
-            stdout=open(logs / "serve.log", "w"), stderr=subprocess.STDOUT,
+            stdout=open(logs / "serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
         )
         procs.append(served)
 
@@ -94,7 +95,9 @@ def test_scheduled_ingest_runs_on_a_real_server(make_adapter, tiny_base_dir, tmp
         # `spectr ingest` with the server configured: a flow run with its task runs there, one line per
         # adapter on stdout, and Prefect's own logs on stderr only with --verbose.
         served.terminate()  # its schedule no longer competes for the server's database
-        served.wait(timeout=30)
+        served.wait(timeout=120)
+        # Its flow runs ran in child processes: none outlives it (they once kept running, orphaned).
+        assert _survivors(served.pid) == [], "flow-run processes outlived `spectr serve-flows`"
         cli_env = dict(env, PREFECT_API_URL=api)
         for verbose, name in ((False, "cli-quiet"), (True, "cli-verbose")):
             done = subprocess.run(
