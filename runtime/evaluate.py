@@ -128,7 +128,47 @@ def _macro(per_domain: dict[str, float]) -> dict[str, float]:
     return {**per_domain, "macro": sum(per_domain.values()) / len(per_domain)}
 
 
-@torch.no_grad()
+# What one more forward costs, in padded tokens (Python and per-call overhead of a forward on CPU): splits a
+# batch only where that saves more padding than this.
+FORWARD_COST_TOKENS = 64
+
+
+def mixed_batches(docs: dict[str, list[list[int]]], batch_size: int, pad_id: int
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(ids, mask, domain index per row) batches over every domain's documents together, right-padded.
+
+    Documents are sorted by length (longest first, stable) and cut into consecutive batches of at most
+    batch_size x (the longest document) tokens, padding included, where the cuts minimise padded tokens
+    plus FORWARD_COST_TOKENS per batch: short documents of any domain share a batch instead of being padded
+    to their own domain's longest one. Each row is one document, right-padded under causal attention, so
+    its real tokens attend to what they would attend to alone.
+    """
+    rows = sorted(((len(x), d, x) for d, ds in enumerate(docs.values()) for x in ds), key=lambda r: -r[0])
+    if not rows:
+        return
+    budget = batch_size * rows[0][0]
+    # best[i]: least cost of rows[i:]; cut[i]: where the batch starting at i ends
+    n = len(rows)
+    best, cut = [0] * (n + 1), [n] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        T, best[i] = rows[i][0], None
+        for j in range(i + 1, min(n, i + max(1, budget // T)) + 1):
+            cost = (j - i) * T + FORWARD_COST_TOKENS + best[j]
+            if best[i] is None or cost < best[i]:
+                best[i], cut[i] = cost, j
+    i = 0
+    while i < n:
+        chunk, T = rows[i : cut[i]], rows[i][0]
+        i = cut[i]
+        ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(chunk), T, dtype=torch.long)
+        for b, (k, _, x) in enumerate(chunk):
+            ids[b, :k] = torch.tensor(x)
+            mask[b, :k] = 1
+        yield ids, mask, torch.tensor([d for _, d, _ in chunk])
+
+
+@torch.inference_mode()
 def routing_accuracy(
     model: nn.Module,
     tokenizer: Any,
@@ -148,32 +188,43 @@ def routing_accuracy(
     {router: {"top1": {domain: acc, "macro": acc}, "topk": {...}, "per_layer": {layer: {"top1", "topk"}},
     "per_module": {type: {"top1", "topk"}}, "confusion": {domain: {expert: fraction of top-1}},
     "chance_top1": 1/E, "chance_topk": k/E, "k": k, "config": {...}, "decisions": {domain: n}}}.
+    Documents of all domains are batched together (mixed_batches); progress is called once per
+    (router, domain), when the domain's last document has been routed.
     """
     names = model.spectr.bundle.expert_names
     mapping = resolve_mapping(list(data), names, mapping)
     docs = {d: tokenize(tokenizer, texts, max_tokens) for d, texts in data.items()}
-    pad = pad_id_of(tokenizer)
-    E = len(names)
+    domains = list(docs)
+    target = torch.tensor([names.index(mapping[d]) for d in domains])  # each domain's expert
+    batches = list(mixed_batches(docs, batch_size, pad_id_of(tokenizer)))
+    D, E = len(domains), len(names)
     out: dict[str, Any] = {}
     for r in routers:
         config = apply_preset(model, r, top_k)
-        # counts[d][module] = [top-1 hits, top-k hits, decisions]; conf[d] = top-1 choices per expert
-        counts: dict[str, dict[str, list[int]]] = {d: defaultdict(lambda: [0, 0, 0]) for d in data}
-        conf = {d: torch.zeros(E, dtype=torch.long) for d in data}
-        for d, doc_ids in docs.items():
-            e = names.index(mapping[d])
-            for ids, mask in pad_batches(doc_ids, batch_size, pad):
-                real = mask.bool()
-                for m, idx in _traced(model, ids, mask).items():
-                    top1 = idx[..., 0][real]
-                    c = counts[d][m]
-                    c[0] += int((top1 == e).sum())
-                    c[1] += int((idx == e).any(-1)[real].sum())
-                    c[2] += int(real.sum())
-                    conf[d] += torch.bincount(top1, minlength=E)
-            if progress:
-                progress(f"{r} {d}")
-        out[r] = _summarise(counts, conf, names, config)
+        # stats[module] = (D, 3) [top-1 hits, top-k hits, decisions] per domain; conf = top-1 choices (D, E)
+        stats: dict[str, torch.Tensor] = {}
+        conf = torch.zeros(D * E, dtype=torch.long)
+        left = {i: len(docs[d]) for i, d in enumerate(domains)}
+        for i in (i for i, n in left.items() if n == 0 and progress):
+            progress(f"{r} {domains[i]}")  # nothing to route
+        for ids, mask, dom in batches:
+            real = mask.bool()
+            n = real.sum(1)
+            e = target[dom][:, None]  # (B, 1): each row's expert
+            for m, idx in _traced(model, ids, mask).items():
+                top1 = idx[..., 0]
+                hit1 = ((top1 == e) & real).sum(1)
+                hitk = ((idx == e[..., None]).any(-1) & real).sum(1)
+                got = torch.stack([hit1, hitk, n], 1)
+                stats.setdefault(m, torch.zeros(D, 3, dtype=torch.long)).index_add_(0, dom, got)
+                conf += torch.bincount((dom[:, None] * E + top1)[real], minlength=D * E)
+            for d in dom.tolist():
+                left[d] -= 1
+                if left[d] == 0 and progress:
+                    progress(f"{r} {domains[d]}")
+        counts = {d: {m: s[i].tolist() for m, s in stats.items()} for i, d in enumerate(domains)}
+        confusion = {d: conf.view(D, E)[i] for i, d in enumerate(domains)}
+        out[r] = _summarise(counts, confusion, names, config)
     return out
 
 

@@ -124,7 +124,9 @@ def routing(
                                           help="comma-separated presets (runtime/presets.py); default: reference "
                                                "(the paper's code), peft-arrow, default (the runtime's)"),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="k of every preset (default: each preset's own)"),
-    batch_size: int = typer.Option(16, "--batch-size"),
+    batch_size: int = typer.Option(16, "--batch-size",
+                                   help="documents per forward at the longest length; shorter documents of any "
+                                        "domain share forwards of as many tokens"),
     device: str = DEVICE,
 ) -> None:
     """Routing accuracy inside the routed forward: top-1 and top-k per domain, layer, module type; macro."""

@@ -12,12 +12,18 @@ from spectr.pipeline.spectra import exact_spectrum
 from spectr.runtime.spectrum import AdapterSpectra
 from spectr.runtime import load_bundle, trace_routing, write_bundle
 from spectr.runtime.evaluate import (
+    apply_preset,
+    mixed_batches,
+    pad_batches,
+    pad_id_of,
     read_jsonl,
     resolve_mapping,
     routing_accuracy,
     switch_latency,
     switching,
+    tokenize,
 )
+from spectr.runtime.presets import EVAL_PRESETS
 from spectr.runtime.evaluate_lm import lm_losses
 from tests.conftest import build_tiny_llama
 from tests.runtime.helpers import base_of, bundle_from_adapters
@@ -176,6 +182,73 @@ def test_accuracy_matches_a_hand_count_per_document(random_setup):
         from spectr.runtime import unload_bundle
 
         unload_bundle(model)
+
+
+def _per_domain_counts(model, tok, data: dict[str, list[str]], batch_size: int) -> dict:
+    """routing_accuracy's counts as it computed them before domains shared batches: each domain's documents
+    in batches of their own (pad_batches), every recorded decision of a real token counted."""
+    names = model.spectr.bundle.expert_names
+    out = {}
+    for d, texts in data.items():
+        e = names.index(d)
+        per_module: dict[str, list[int]] = {}
+        conf = torch.zeros(len(names), dtype=torch.long)
+        for ids, mask in pad_batches(tokenize(tok, texts, 128), batch_size, pad_id_of(tok)):
+            real = mask.bool()
+            with torch.no_grad(), trace_routing(model) as trace:
+                model.model(input_ids=ids, attention_mask=mask)
+            for m in trace.calls:
+                idx = trace.choices(m)[0]
+                c = per_module.setdefault(m, [0, 0, 0])
+                c[0] += int((idx[..., 0] == e)[real].sum())
+                c[1] += int((idx == e).any(-1)[real].sum())
+                c[2] += int(real.sum())
+                conf += torch.bincount(idx[..., 0][real], minlength=len(names))
+        out[d] = (per_module, conf)
+    return out
+
+
+@pytest.fixture(scope="module")
+def four_experts(tmp_path_factory, make_adapter):
+    """A random tiny Llama with four random experts; domains named after them, documents of mixed lengths."""
+    folders = [make_adapter(f"mix-{i}", seed=60 + i) for i in range(4)]
+    model = build_tiny_llama()
+    bundle = bundle_from_adapters(tmp_path_factory.mktemp("mix") / "bundle", folders, model)
+    lengths = {0: (14, 3, 9), 1: (2, 5), 2: (12, 12, 7, 1), 3: (6,)}
+    data = {f.name: [words(WORDS[3:], n, 10 * i + j) for j, n in enumerate(lengths[i])] for i, f in enumerate(folders)}
+    load_bundle(model, bundle)
+    yield model, word_tokenizer(), data
+    from spectr.runtime import unload_bundle
+
+    unload_bundle(model)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 16])
+def test_mixed_batches_give_the_per_domain_counts(four_experts, batch_size):
+    """Domains sharing batches (mixed_batches) change no decision and no count: every preset of `spectr eval
+    routing` gives exactly what batches of one domain each gave (E = 4, so k = 1, 3 and 4 all matter)."""
+    model, tok, data = four_experts
+    names = model.spectr.bundle.expert_names
+    got = routing_accuracy(model, tok, data, batch_size=batch_size)
+    assert list(got) == list(EVAL_PRESETS)
+    mixed = [dom.unique().numel() for _, _, dom in
+             mixed_batches({d: tokenize(tok, t, 128) for d, t in data.items()}, batch_size, pad_id_of(tok))]
+    assert max(mixed) > 1  # some batch really holds documents of several domains
+    for preset, res in got.items():
+        apply_preset(model, preset)
+        want = _per_domain_counts(model, tok, data, batch_size=2)
+        for d, (per_module, conf) in want.items():
+            n = sum(c[2] for c in per_module.values())
+            assert res["decisions"][d] == n == 14 * sum(len(t.split()) for t in data[d])  # 2 layers x 7 modules
+            assert res["top1"][d] == sum(c[0] for c in per_module.values()) / n
+            assert res["topk"][d] == sum(c[1] for c in per_module.values()) / n
+            assert res["confusion"][d] == {x: int(conf[i]) / int(conf.sum()) for i, x in enumerate(names)}
+            layer0 = [c for m, c in per_module.items() if ".layers.0." in m]
+            assert res["per_layer"]["0"]["top1"][d] == sum(c[0] for c in layer0) / sum(c[2] for c in layer0)
+        assert 0.0 < res["top1"]["macro"] < 1.0
+        assert res["k"] == {"reference": 4, "peft-arrow": 3, "default": 1}[preset]
+        if res["k"] < 4:
+            assert res["topk"]["macro"] < 1.0  # top-k over fewer than E experts: a real count, not trivially 1
 
 
 def _hand_loss(model, tok, texts) -> float:
