@@ -101,12 +101,19 @@ def test_ingest_catalog_bundle_on_postgres_and_s3(prefect_harness, s3_endpoint, 
 
     count = ["catalog", "--json", "--sql", "select (select count(*) from experts) e, "
              "(select count(*) from ingestion_runs) r"]
-    assert json.loads(runner.invoke(app, count).output) == [{"e": 2, "r": 1}]
-    snap = list(snapshot_dir().glob("*.duckdb"))
-    assert len(snap) == 1
-    inode = snap[0].stat().st_ino
-    assert json.loads(runner.invoke(app, count).output) == [{"e": 2, "r": 1}]
-    assert [p.stat().st_ino for p in snapshot_dir().glob("*.duckdb")] == [inode]
+    # The stamp is PostgreSQL's snapshot, which any write anywhere in the cluster moves (another test's
+    # leftover writer, a background job): a read pair counts as reused if one of three shows the same file.
+    reused = []
+    for _ in range(3):
+        assert json.loads(runner.invoke(app, count).output) == [{"e": 2, "r": 1}]
+        snap = list(snapshot_dir().glob("*.duckdb"))
+        assert len(snap) == 1
+        inode = snap[0].stat().st_ino
+        assert json.loads(runner.invoke(app, count).output) == [{"e": 2, "r": 1}]
+        reused.append([p.stat().st_ino for p in snapshot_dir().glob("*.duckdb")] == [inode])
+        if reused[-1]:
+            break
+    assert any(reused), "the catalog snapshot was rebuilt on every read with nothing written"
     r = runner.invoke(app, ["ingest", str(make_adapter("s3-more", seed=33)), "--base-model", str(tiny_base_dir)])
     assert r.exit_code == 0, r.output
     assert json.loads(runner.invoke(app, count).output) == [{"e": 3, "r": 2}]
