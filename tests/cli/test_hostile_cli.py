@@ -22,6 +22,7 @@ import pytest
 from tests.cli.hostile_runner import blob_files, changes, registry_rows
 from tests.cli.test_eval_cli import setup  # noqa: F401  (a saved tiny model with a tokenizer, and a bundle)
 from tests.pipeline.conftest import clone, edit_config
+from tests.pipeline.test_hostile import _sparse_giant
 
 MEMORY_LIMIT = 4 << 30  # RLIMIT_AS of the child: the spectr process itself needs about 1.6 GB of address space
 CPU_LIMIT = 900  # RLIMIT_CPU seconds of the child, all cases together
@@ -48,24 +49,6 @@ def _config_with(folder: Path, key: str, raw_value: str) -> None:
     cfg = json.loads((folder / "adapter_config.json").read_text())
     cfg[key] = "@@"
     _raw_config(folder, json.dumps(cfg).replace('"@@"', raw_value))
-
-
-def _sparse_weights(folder: Path, rows: int, cols: int) -> Path:
-    """A safetensors file whose header claims a (rows, cols) fp32 lora_A: the data is a hole in a sparse file."""
-    w = folder / "adapter_model.safetensors"
-    keys = {f"base_model.model.{Q0}.lora_A.weight": [rows, cols], f"base_model.model.{Q0}.lora_B.weight": [64, rows]}
-    header, offset = {}, 0
-    for key, shape in keys.items():
-        n = shape[0] * shape[1] * 4
-        header[key] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(w, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(8 + len(raw) + offset)
-    edit_config(folder, r=rows, target_modules=["q_proj"])
-    return w
 
 
 def _manifest(bundle: Path, change) -> None:
@@ -174,7 +157,7 @@ def build_cases(root: Path, good: Path, wide: Path, base: Path, gen: dict) -> li
     (f / "adapter_model.safetensors").symlink_to("/dev/zero")
     ingest("weights-dev-zero", f, str(f / "adapter_model.safetensors"), "not a regular file")
     f = adapter("weights-sparse-giant")
-    w = _sparse_weights(f, 32_000, 64 * 1000)  # 8 GB claimed (twice the memory limit), a few KB on disk
+    w = _sparse_giant(f, 32_000, 64 * 1000)  # 8 GB claimed (twice the memory limit), a few KB on disk
     ingest("weights-sparse-giant", f, str(w), "more than any LoRA adapter of base", "refused unread")
     f = adapter("weights-header-beyond-file")
     (f / "adapter_model.safetensors").write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
