@@ -6,6 +6,8 @@ import shutil
 
 import pytest
 
+from tests.processes import stop_all
+
 pytest.importorskip("prefect_dask", reason="the dask extra (pip install 'spectr[dask]') is not installed")
 
 
@@ -120,14 +122,7 @@ def dask_cluster(tmp_path):
                 time.sleep(0.5)
         yield address
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in reversed(procs):
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(procs)
 
 
 def test_existing_scheduler_matches_the_default_runner(prefect_harness, tmp_path, monkeypatch, make_adapter,

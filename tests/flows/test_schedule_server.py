@@ -13,6 +13,7 @@ import pytest
 
 from spectr.registry.store import Registry
 from tests.cli.test_crash_trials import _survivors
+from tests.processes import stop_all
 
 pytestmark = pytest.mark.server
 BIN = Path(sys.executable).parent
@@ -177,10 +178,4 @@ def test_scheduled_ingest_runs_on_a_real_server(make_adapter, tiny_base_dir, tmp
         batches = [t for t in tasks if t["flow_run_id"] in sub and t["name"].startswith("process ")]
         assert batches and all(t["state_type"] == "COMPLETED" for t in batches), "the batches ran in its subflow"
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in reversed(procs):
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
