@@ -11,32 +11,13 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from spectr.digest import canonical_json, sha256_json, update_with_file
+from spectr.digest import canonical_json, config_sha256, update_with_file  # noqa: F401  (config_sha256: public here too)
 from spectr.pipeline.types import AdapterError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 
-# Keys that change between saves of the same model without changing what it computes.
-_VOLATILE_KEYS = {
-    "transformers_version",
-    "_name_or_path",
-    "name_or_path",
-    "_commit_hash",
-    "dtype",
-    "torch_dtype",
-    "quantization_config",
-    "use_cache",
-    "output_attentions",
-    "output_hidden_states",
-    "return_dict",
-    "_attn_implementation",
-    "_attn_implementation_autoset",
-    "_attn_implementation_internal",
-    "_experts_implementation",
-    "attn_implementation",
-}
 
 
 def read_json_object(file: Path, what: str) -> dict[str, Any]:
@@ -122,19 +103,3 @@ def _content_hasher(config: dict) -> Any:
     h.update(b"adapter_config.json\0" + canonical_json(config).encode() + b"\0")
     h.update(WEIGHTS_FILE.encode() + b"\0")
     return h
-
-
-def _strip_volatile(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        out = {k: _strip_volatile(v) for k, v in obj.items() if k not in _VOLATILE_KEYS}
-        if isinstance(out.get("architectures"), list):
-            out["architectures"] = sorted(out["architectures"])
-        return out
-    if isinstance(obj, (list, tuple)):
-        return [_strip_volatile(v) for v in obj]
-    return obj
-
-
-def config_sha256(config: dict[str, Any]) -> str:
-    """sha256 of the config's canonical JSON, volatile keys removed."""
-    return sha256_json(_strip_volatile(config))

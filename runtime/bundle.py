@@ -22,6 +22,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from spectr.digest import config_sha256
 from spectr.runtime.layer import ForwardState, RoutedLinear, RouterConfig
 from spectr.runtime.presets import DEFAULT_PRESET, preset_settings
 from spectr.runtime.trace import TraceRecorder
@@ -316,16 +317,53 @@ def _compile_generation(model: nn.Module) -> dict[str, Any]:
     return old
 
 
+class OtherBaseWarning(UserWarning):
+    """The model differs from the base a bundle was built for, though every module shape matches."""
+
+
 def _warn_other_base(model: nn.Module, bundle: Bundle) -> None:
-    """Shapes decide whether a bundle fits; a base of another architecture or model type that happens to
-    share them is allowed, but never silently."""
+    """Shapes decide whether a bundle fits; a base of another architecture, model type or config (another
+    fine-tune of the same shapes, another rope or vocabulary) is allowed, but never silently."""
     want = bundle.manifest.get("base", {})
     config = getattr(model, "config", None)
     have = {"architecture": type(model).__name__, "model_type": getattr(config, "model_type", None)}
     differ = [f"{k} {want[k]!r} vs {v!r}" for k, v in have.items() if want.get(k) and v and want[k] != v]
+    where, digest = _config_file_sha256(config)
+    recorded = want.get("config_sha256")
+    if not differ and isinstance(recorded, str) and digest is not None and digest != recorded:
+        differ = [f"config sha256 {recorded[:12]} vs {digest[:12]} of {where}"]
     if differ:
-        warnings.warn(f"{bundle.path}: bundle was built for base {want.get('name')!r}; this model differs "
-                      f"({'; '.join(differ)}) though all module shapes match", UserWarning, stacklevel=3)
+        warnings.warn(f"{bundle.path}: bundle was built for base {str(want.get('name'))[:120]!r}; this model differs "
+                      f"({'; '.join(differ)}) though all module shapes match: the experts were trained on another "
+                      "model", OtherBaseWarning, stacklevel=3)
+
+
+def _config_file_sha256(config: Any) -> tuple[str | None, str | None]:
+    """(file, digest) of the config.json the model was loaded from, hashed as bundles record it; (None, None)
+    when it cannot be found offline (a model built in memory, a hub id not in the local cache)."""
+    source = str(getattr(config, "_name_or_path", "") or "")
+    if not source:
+        return None, None
+    file = Path(source).expanduser() / "config.json"
+    if not file.is_file():
+        try:
+            from transformers.utils import cached_file
+
+            found = cached_file(source, "config.json", local_files_only=True,
+                                _raise_exceptions_for_missing_entries=False,
+                                _raise_exceptions_for_connection_errors=False)
+        except Exception:  # not a hub id, or not cached: nothing to compare with, and nothing is downloaded
+            return None, None
+        if not found:
+            return None, None
+        file = Path(found)
+    try:
+        if file.stat().st_size > 1 << 20:  # a config is a few KB; never read a huge or special file here
+            return None, None
+        loaded = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None, None
+    return (str(file.parent), config_sha256(loaded)) if isinstance(loaded, dict) else (None, None)
 
 
 def set_router(model: nn.Module, preset: str | None = None, **changes: Any) -> RouterConfig:

@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     **{name: "spectr.runtime" for name in (
-        "Bundle", "PEFT_ARROW", "PRESETS", "REFERENCE", "RoutedLinear", "RouterConfig", "TraceRecorder", "load_bundle",
+        "Bundle", "OtherBaseWarning", "PEFT_ARROW", "PRESETS", "REFERENCE", "RoutedLinear", "RouterConfig", "TraceRecorder", "load_bundle",
         "plot_routing", "preset_settings", "read_bundle", "set_expert_mask", "set_router", "set_token_top_k",
         "trace_routing", "unload_bundle", "write_bundle")},
     "Registry": "spectr.registry",

@@ -296,10 +296,9 @@ def serve(
 
                 selectors = [e for e in experts.split(",") if e.strip()]
                 bundle = create_bundle(Registry(), selectors, Path(tmp) / "bundle", name="serve")
-            from spectr.inputs import bundle_folder, model_folder, warn_other_base
+            from spectr.inputs import bundle_folder, model_folder
 
             base_model, bundle = model_folder(base_model), bundle_folder(bundle)
-            warn_other_base(base_model, bundle)
             engine = Engine.load(base_model, bundle, top_k=top_k, device=device, compile=compile,
                                  max_batch_tokens=max_batch_tokens, num_blocks=num_blocks)
         except (KeyError, OSError, ValueError) as exc:

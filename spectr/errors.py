@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from typing import Any, Sequence
 
 import click
@@ -58,6 +59,20 @@ def configure_logging(verbose: bool, debug: bool) -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "INFO" if verbose or debug else "CRITICAL"
     os.environ["PREFECT_LOGGING_ROOT_LEVEL"] = logging.getLevelName(level)
+    warnings.showwarning = _show_warning
+
+
+_python_show_warning = warnings.showwarning
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """spectr's own warnings (the runtime's, e.g. a bundle built for another base) as one log line, like every
+    other message of the CLI; other libraries' warnings as Python shows them."""
+    if category.__module__.startswith("spectr.") and not OPTIONS["debug"]:
+        logging.getLogger("spectr").warning(str(message).splitlines()[0] if str(message) else category.__name__)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
 
 
 def _is_usage_error(exc: BaseException) -> bool:

@@ -54,11 +54,11 @@ def _data(specs: list[str], data_dir: Optional[Path], split: str, max_docs: int)
 
 
 def _load(base_model: Path, device: str, bundle: Path | None = None):
-    from spectr.inputs import bundle_folder, model_folder, warn_other_base
+    from spectr.inputs import bundle_folder, model_folder
 
     base_model = model_folder(base_model)
     if bundle is not None:
-        warn_other_base(base_model, bundle_folder(bundle))
+        bundle_folder(bundle)  # a wrong --bundle fails before the model loads
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

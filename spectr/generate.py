@@ -44,12 +44,11 @@ def routed_generate(
 
     from spectr.runtime import load_bundle, plot_routing, read_bundle, trace_routing
     from spectr.runtime.evaluate import pad_id_of
-    from spectr.inputs import bundle_folder, model_folder, warn_other_base
+    from spectr.inputs import bundle_folder, model_folder
     from spectr.runtime.presets import parse_preset
 
     name, expert = parse_preset(preset)
     base_model, bundle = model_folder(base_model), bundle_folder(bundle)
-    warn_other_base(base_model, bundle)
     hf_logging.disable_progress_bar()  # the CLI prints the generated text, not loading bars
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     on_gpu = compile and torch.cuda.is_available()

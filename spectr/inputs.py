@@ -47,26 +47,3 @@ def bundle_folder(spec: str | Path, option: str = "--bundle") -> Path:
     if not (p / "manifest.json").is_file():
         raise ValueError(f"{option} {spec}: not a bundle (no manifest.json); {BUNDLE_HINT}")
     return p
-
-
-def warn_other_base(base: Path, bundle: Path) -> str | None:
-    """Shapes decide whether a bundle loads; a base whose config differs from the one the bundle was built for
-    (another fine-tune of the same shapes, another rope or vocabulary) loads too, but never silently: a one-line
-    warning names both. Returns the warning (None when the configs match or the manifest cannot tell)."""
-    import json
-    import logging
-
-    from spectr.pipeline.files import config_sha256, read_json_object
-
-    try:
-        want = json.loads((Path(bundle) / "manifest.json").read_text(encoding="utf-8")).get("base") or {}
-        have = config_sha256(read_json_object(Path(base) / "config.json", "base model config.json"))
-    except Exception:  # an unreadable manifest or config is reported by whatever reads it next, in one line
-        return None
-    recorded = want.get("config_sha256") if isinstance(want, dict) else None
-    if not isinstance(recorded, str) or recorded == have:
-        return None
-    message = (f"bundle {bundle} was built for base {str(want.get('name'))[:120]!r} (config sha256 {recorded[:12]}); "
-               f"--base-model {base} has config sha256 {have[:12]}: the experts were trained on another model")
-    logging.getLogger("spectr").warning(message)
-    return message

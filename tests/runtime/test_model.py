@@ -1,10 +1,12 @@
 """Routed transformers models: plain LoRA equals PEFT, uniform equals the mean, unwrap, generate, dtypes."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -263,3 +265,47 @@ def test_loading_on_another_architecture_with_matching_shapes_warns(bundle_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         unload_bundle(load_bundle(build_tiny_llama(), bundle_dir))  # the right base: silent
+
+
+def test_loading_on_a_base_with_another_config_warns_once_naming_both(bundle_dir, tiny_base_dir, tmp_path):
+    """Same architecture and shapes, another config (say another fine-tune or rope): the library warns too,
+    not only the CLI; the hash is the one the bundle records (config.json, volatile keys aside)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from spectr.digest import config_sha256
+    from spectr.runtime import OtherBaseWarning
+
+    recorded = config_sha256(json.loads((tiny_base_dir / "config.json").read_text()))
+    same = copy_with_manifest(bundle_dir, tmp_path / "same", name="tiny-org/tiny-llama", config_sha256=recorded)
+    other = copy_with_manifest(bundle_dir, tmp_path / "other", name="other-org/other-model", config_sha256="f" * 64)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_dir).eval()
+    with pytest.warns(OtherBaseWarning) as caught:
+        load_bundle(model, other)
+    assert len(caught) == 1
+    text = str(caught[0].message)
+    assert "'other-org/other-model'" in text and "ffffffffffff" in text and recorded[:12] in text, text
+    assert str(tiny_base_dir) in text, text
+    unload_bundle(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unload_bundle(load_bundle(model, same))  # the recorded config: silent
+        unload_bundle(load_bundle(build_tiny_llama(), other))  # built in memory: no config file to compare
+    # A saved copy whose config only differs in volatile keys (dtype, transformers version) is the same base.
+    noisy = Path(shutil.copytree(tiny_base_dir, tmp_path / "noisy"))
+    cfg = json.loads((noisy / "config.json").read_text())
+    (noisy / "config.json").write_text(json.dumps({**cfg, "transformers_version": "0.0.1", "dtype": "bfloat16"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unload_bundle(load_bundle(AutoModelForCausalLM.from_pretrained(noisy).eval(), same))
+
+
+def copy_with_manifest(src: Path, dst: Path, **base: Any) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["base"].update(base)
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
