@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from spectr.pipeline import ingest as pipeline_ingest
 from spectr.pipeline.fetch import fetch
-from spectr.pipeline.types import AdapterError, AdapterSource, BaseModelInfo, LoadedAdapter
+from spectr.pipeline.types import AdapterError, AdapterSource, BaseModelInfo, LoadedAdapter, failure_reason
 
 
 @task(
@@ -167,7 +167,7 @@ def _compute_all(jobs: list[pipeline_ingest.Job], workers: int | None) -> Iterat
         try:
             results = future.result()
         except Exception as exc:  # a worker lost, a task crashed: that batch's adapters are rejected
-            results = [AdapterError(f"{job.spec}: {type(exc).__name__}: {exc}") for job in batch]
+            results = [AdapterError(f"{job.spec}: {failure_reason(exc)}") for job in batch]
         yield from results
 
 

@@ -17,7 +17,7 @@ from spectr.pipeline.fetch import expand_sources, fetch, locate_base_config
 from spectr.pipeline.files import (
     adapter_content_sha256, config_sha256, read_adapter_config, read_json_object, weights_file,
 )
-from spectr.pipeline.types import AdapterError, AdapterSource, BaseModelInfo, LoadedAdapter
+from spectr.pipeline.types import AdapterError, AdapterSource, BaseModelInfo, LoadedAdapter, failure_reason
 from spectr.registry.store import Registry
 
 log = logging.getLogger(__name__)
@@ -265,12 +265,12 @@ def ingest_one(
 
         # Dense experts have no adapter files to keep: their spectra are the record.
         keep = not (spectra_only or adapter.dense_deltas)
-        files = write_adapter_blobs(registry.blobs, src.path, adapter.content_sha256) if keep else {}
         t0 = time.perf_counter()
-
         blob = SpectraBlob(**steps.spectra(adapter=adapter, blob_url=registry.blobs.url,
                                            method=method_for(adapter, rank), rank=rank, niter=niter, device=device))
         seconds["spectra"] = time.perf_counter() - t0
+        # The adapter's own files only once its spectra exist: a failed SVD (out of memory) leaves no blob.
+        files = write_adapter_blobs(registry.blobs, src.path, adapter.content_sha256) if keep else {}
         t0 = time.perf_counter()
         info, created = store_version(registry, adapter, blob, run_id, files)
         seconds["store"] = time.perf_counter() - t0
@@ -280,7 +280,7 @@ def ingest_one(
         return Outcome(spec, "rejected", name, reason=str(exc), seconds=seconds)
     except Exception as exc:  # a bug or an I/O error must not hide the other adapters' outcomes
         log.debug("ingest of %s failed", spec, exc_info=True)
-        return Outcome(spec, "rejected", name, reason=f"{type(exc).__name__}: {exc}", seconds=seconds)
+        return Outcome(spec, "rejected", name, reason=failure_reason(exc), seconds=seconds)
 
 
 def _keep_files(registry: Registry, version: Any, folder: Path) -> None:
@@ -359,7 +359,7 @@ def compute_job(job: Job) -> Computed | Known | AdapterError:
     except AdapterError as exc:
         return exc
     except Exception as exc:  # a bug or an I/O error on a worker: this adapter's rejection, not the run's end
-        return AdapterError(f"{job.spec}: {type(exc).__name__}: {exc}")
+        return AdapterError(f"{job.spec}: {failure_reason(exc)}")
     light = dataclasses.replace(adapter, modules=dict.fromkeys(adapter.modules),
                                 dense_deltas=dict.fromkeys(adapter.dense_deltas))
     return Computed(light, blob, files, seconds)
@@ -386,7 +386,7 @@ def _plan(registry: Registry, spec: str, src: AdapterSource | Exception, resolve
         return Outcome(spec, "rejected", name, reason=str(exc))
     except Exception as exc:
         log.debug("ingest of %s failed", spec, exc_info=True)
-        return Outcome(spec, "rejected", name, reason=f"{type(exc).__name__}: {exc}")
+        return Outcome(spec, "rejected", name, reason=failure_reason(exc))
 
 
 def _store(registry: Registry, job: Job, result: Any, run_id: str | None, spectra_only: bool) -> Outcome:
@@ -412,7 +412,7 @@ def _store(registry: Registry, job: Job, result: Any, run_id: str | None, spectr
         return Outcome(job.spec, "rejected", name, reason=str(exc))
     except Exception as exc:
         log.debug("ingest of %s failed", job.spec, exc_info=True)
-        return Outcome(job.spec, "rejected", name, reason=f"{type(exc).__name__}: {exc}")
+        return Outcome(job.spec, "rejected", name, reason=failure_reason(exc))
 
 
 def _ingest_distributed(registry: Registry, specs: list[str], sources: list[Any], resolve_base: BaseResolver,

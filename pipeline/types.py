@@ -16,6 +16,20 @@ class AdapterError(ValueError):
     """An adapter was rejected. The message is one line naming the file, module and shapes."""
 
 
+def failure_reason(exc: BaseException) -> str:
+    """The one-line reason for an unexpected error while ingesting one adapter (its caller names the source).
+
+    Some errors carry no message at all (MemoryError from a failed allocation); the reason still says what
+    happened and what to do."""
+    if isinstance(exc, MemoryError):
+        return ("out of memory while reading or decomposing it (MemoryError); ingest it where more memory is free, "
+                "or with --device cuda")
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return f"{type(exc).__name__} (no message); rerun with --debug for the traceback"
+    return f"{type(exc).__name__}: {lines[0]}"
+
+
 @dataclass(frozen=True)
 class AdapterSource:
     """A fetched adapter: a local folder holding adapter_config.json and its weights."""

@@ -76,6 +76,30 @@ def test_rejection_is_an_outcome_and_changes_nothing(prefect_harness, spectr_hom
     assert (runs["accepted"], runs["rejected"], runs["new_versions"]) == (1, 1, 1)
 
 
+def test_an_out_of_memory_adapter_gets_a_reason_not_an_empty_memoryerror(prefect_harness, spectr_home, make_adapter,
+                                                                          tiny_base_dir, monkeypatch):
+    """A failed allocation raises MemoryError with no message; the adapter's line still says what happened and
+    what to do, the next adapter is ingested, and the failed one leaves no row and no spectra blob."""
+    big, good = make_adapter("big", seed=6), make_adapter("fine", seed=7)
+    real = spectra_module.adapter_spectra
+
+    def exhausted(adapter, **kwargs):
+        if adapter.source.name == "big":
+            raise MemoryError()
+        return real(adapter, **kwargs)
+
+    monkeypatch.setattr(spectra_module, "adapter_spectra", exhausted)
+    registry = Registry()
+    outcomes = ingest(sources=[str(big), str(good)], base_model=str(tiny_base_dir))
+    assert [o["status"] for o in outcomes] == ["rejected", "new"]
+    reason = outcomes[0]["reason"]
+    assert "out of memory" in reason and "MemoryError" in reason and "\n" not in reason, reason
+    assert [r[0] for r in _registry_rows(registry)] == ["fine"]
+    stored = sorted(Path(registry.blobs.root).rglob("*.safetensors"))
+    good_blobs = [registry.get_version("fine").blob_sha256, *registry.adapter_files("fine").values()]
+    assert stored == sorted(Path(registry.blobs.path(sha)) for sha in good_blobs), stored
+
+
 def registry_last_run(registry: Registry) -> str:
     from spectr.registry.catalog import catalog_sql
 

@@ -275,3 +275,11 @@ def test_the_registry_refuses_a_bad_name_from_any_caller(spectr_home):
         assert reg.versions() == []
     finally:
         reg.close()
+
+
+def test_an_unexpected_error_is_one_line_even_when_it_has_no_message():
+    from spectr.pipeline.types import failure_reason
+
+    assert failure_reason(RuntimeError()) == "RuntimeError (no message); rerun with --debug for the traceback"
+    assert failure_reason(OSError("disk\nfull")) == "OSError: disk"
+    assert failure_reason(MemoryError()).startswith("out of memory while reading or decomposing it")
