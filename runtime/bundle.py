@@ -287,10 +287,9 @@ def load_bundle(
     forward = ForwardState(cfg)
     for m in bundle.modules:
         base = model.get_submodule(m)
-        ref = base.weight
-        bank = {f: (t if f == "rank" else t.to(ref.dtype)).to(ref.device) for f, t in bundle.bank(m).items()}
         parent, _, child = m.rpartition(".")
-        setattr(model.get_submodule(parent), child, RoutedLinear(base, m, bank, cfg, recorder, forward))
+        setattr(model.get_submodule(parent), child,
+                RoutedLinear(base, m, module_bank(bundle, m, base.weight), cfg, recorder, forward))
     forward.link()
     hooks = []
     body = getattr(model, getattr(model, "base_model_prefix", "") or "_no_body", None)
@@ -301,6 +300,11 @@ def load_bundle(
     model.spectr = RoutedState(bundle=bundle, config=cfg, recorder=recorder, modules=list(bundle.modules),
                                forward=forward, hooks=hooks, generation=generation)
     return model
+
+
+def module_bank(bundle: Bundle, module: str, like: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Module's stacked spectra in the dtype and on the device of `like` (its base weight; ranks stay int)."""
+    return {f: (t if f == "rank" else t.to(like.dtype)).to(like.device) for f, t in bundle.bank(module).items()}
 
 
 def _compile_generation(model: nn.Module) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 Routing accuracy (DESIGN.md): for text of domain t whose expert is e_t, the fraction of (token, module,
 layer) decisions whose top-1 expert is e_t; the top-k hit rate is the fraction whose top-k set holds e_t.
 Both are macro-averaged over domains. Decisions are the ones the routed model makes (the routed forward,
-with the router's own k and combination), read from runtime.trace; padding tokens are never counted.
+with the router's own k and combination), read from runtime.trace; padding tokens are never counted. With
+shared_forward, one routed forward (the runtime's default preset) serves every router: the others decide on
+the same module inputs without applying their choice (a third of the cost for three routers).
 Everything returns plain JSON-serialisable dicts.
 """
 from __future__ import annotations
@@ -16,8 +18,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from spectr.runtime.bundle import set_router
-from spectr.runtime.presets import EVAL_PRESETS
+from spectr.runtime.bundle import module_bank, set_router
+from spectr.runtime.layer import ForwardState, RoutedLinear, RouterConfig
+from spectr.runtime.presets import DEFAULT_PRESET, EVAL_PRESETS, preset_settings
 from spectr.runtime.trace import layer_of, trace_routing
 
 
@@ -97,9 +100,12 @@ def apply_preset(model: nn.Module, name: str, top_k: int | None = None) -> dict[
     """Switch the loaded model to a named preset (runtime/presets.py), at k when given (clipped to E);
     returns the settings used."""
     cfg = set_router(model, preset=name, top_k=top_k)
-    return {f: getattr(cfg, f) for f in ("router", "top_k", "weighting", "combine", "score", "rank_normalize",
-                                         "pool", "smooth", "prompt_mean", "depth_evidence", "depth_decay",
-                                         "attn_follows_mlp", "calibrate")}
+    return {f: getattr(cfg, f) for f in _CONFIG_FIELDS}
+
+
+# The settings an evaluation reports with each router's results.
+_CONFIG_FIELDS = ("router", "top_k", "weighting", "combine", "score", "rank_normalize", "pool", "smooth",
+                  "prompt_mean", "depth_evidence", "depth_decay", "attn_follows_mlp", "calibrate")
 
 
 def _body(model: nn.Module) -> nn.Module:
@@ -112,11 +118,19 @@ def _body(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def _traced(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Top-k indices (B, T, k) of every routed module for one forward."""
+def _traced(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None,
+            watchers: Watchers | None = None) -> dict[str, torch.Tensor]:
+    """Top-k indices (B, T, k) of every routed module for one forward (watchers decide alongside)."""
     dev = next(model.parameters()).device
-    with trace_routing(model) as trace:
-        _body(model)(input_ids=ids.to(dev), attention_mask=None if mask is None else mask.to(dev))
+    ids, mask = ids.to(dev), None if mask is None else mask.to(dev)
+    if watchers is not None:
+        watchers.begin(ids, mask)
+    try:
+        with trace_routing(model) as trace:
+            _body(model)(input_ids=ids, attention_mask=mask)
+    finally:
+        if watchers is not None:
+            watchers.end()
     return {m: trace.choices(m)[0] for m in trace.calls}
 
 
@@ -180,6 +194,7 @@ def routing_accuracy(
     max_tokens: int = 128,
     batch_size: int = 16,
     progress: Callable[[str], None] | None = None,
+    shared_forward: bool = False,
 ) -> dict[str, Any]:
     """Routing accuracy of each router preset on a model with a bundle loaded.
 
@@ -187,9 +202,14 @@ def routing_accuracy(
     data: domain -> texts; mapping: domain -> expert name (default: same name). Returns
     {router: {"top1": {domain: acc, "macro": acc}, "topk": {...}, "per_layer": {layer: {"top1", "topk"}},
     "per_module": {type: {"top1", "topk"}}, "confusion": {domain: {expert: fraction of top-1}},
-    "chance_top1": 1/E, "chance_topk": k/E, "k": k, "config": {...}, "decisions": {domain: n}}}.
+    "chance_top1": 1/E, "chance_topk": k/E, "k": k, "config": {...}, "decisions": {domain: n},
+    "forward": the preset whose routed forward produced the module inputs}}.
     Documents of all domains are batched together (mixed_batches); progress is called once per
     (router, domain), when the domain's last document has been routed.
+
+    shared_forward: one forward routed by the default preset (else the first listed) for all routers; the
+    others decide on its module inputs (Watchers). Exact for the forward's own preset; the others see hidden
+    states their own choices would have shifted slightly. False: each router in its own routed forward.
     """
     names = model.spectr.bundle.expert_names
     mapping = resolve_mapping(list(data), names, mapping)
@@ -198,34 +218,103 @@ def routing_accuracy(
     target = torch.tensor([names.index(mapping[d]) for d in domains])  # each domain's expert
     batches = list(mixed_batches(docs, batch_size, pad_id_of(tokenizer)))
     D, E = len(domains), len(names)
+    if shared_forward and len(routers) > 1:
+        lead = DEFAULT_PRESET if DEFAULT_PRESET in routers else routers[0]
+        passes = [(lead, [r for r in routers if r != lead])]
+    else:
+        passes = [(r, []) for r in routers]
     out: dict[str, Any] = {}
-    for r in routers:
-        config = apply_preset(model, r, top_k)
-        # stats[module] = (D, 3) [top-1 hits, top-k hits, decisions] per domain; conf = top-1 choices (D, E)
-        stats: dict[str, torch.Tensor] = {}
-        conf = torch.zeros(D * E, dtype=torch.long)
+    for lead, others in passes:
+        configs = {lead: apply_preset(model, lead, top_k)}
+        watchers = Watchers(model, others, top_k)
+        configs.update(watchers.configs)
+        # stats[router][module] = (D, 3) [top-1 hits, top-k hits, decisions] per domain; conf = top-1 choices (D, E)
+        stats: dict[str, dict[str, torch.Tensor]] = {r: {} for r in configs}
+        conf = {r: torch.zeros(D * E, dtype=torch.long) for r in configs}
         left = {i: len(docs[d]) for i, d in enumerate(domains)}
         for i in (i for i, n in left.items() if n == 0 and progress):
-            progress(f"{r} {domains[i]}")  # nothing to route
-        for ids, mask, dom in batches:
-            real = mask.bool()
-            n = real.sum(1)
-            e = target[dom][:, None]  # (B, 1): each row's expert
-            for m, idx in _traced(model, ids, mask).items():
-                top1 = idx[..., 0]
-                hit1 = ((top1 == e) & real).sum(1)
-                hitk = ((idx == e[..., None]).any(-1) & real).sum(1)
-                got = torch.stack([hit1, hitk, n], 1)
-                stats.setdefault(m, torch.zeros(D, 3, dtype=torch.long)).index_add_(0, dom, got)
-                conf += torch.bincount((dom[:, None] * E + top1)[real], minlength=D * E)
-            for d in dom.tolist():
-                left[d] -= 1
-                if left[d] == 0 and progress:
-                    progress(f"{r} {domains[d]}")
-        counts = {d: {m: s[i].tolist() for m, s in stats.items()} for i, d in enumerate(domains)}
-        confusion = {d: conf.view(D, E)[i] for i, d in enumerate(domains)}
-        out[r] = _summarise(counts, confusion, names, config)
-    return out
+            for r in configs:
+                progress(f"{r} {domains[i]}")  # nothing to route
+        try:
+            for ids, mask, dom in batches:
+                real = mask.bool()
+                n = real.sum(1)
+                e = target[dom][:, None]  # (B, 1): each row's expert
+                chosen = {lead: _traced(model, ids, mask, watchers)}
+                chosen.update(watchers.take())
+                for r, per_module in chosen.items():
+                    for m, idx in per_module.items():
+                        top1 = idx[..., 0]
+                        hit1 = ((top1 == e) & real).sum(1)
+                        hitk = ((idx == e[..., None]).any(-1) & real).sum(1)
+                        got = torch.stack([hit1, hitk, n], 1)
+                        stats[r].setdefault(m, torch.zeros(D, 3, dtype=torch.long)).index_add_(0, dom, got)
+                        conf[r] += torch.bincount((dom[:, None] * E + top1)[real], minlength=D * E)
+                for d in dom.tolist():
+                    left[d] -= 1
+                    if left[d] == 0 and progress:
+                        for r in configs:
+                            progress(f"{r} {domains[d]}")
+        finally:
+            watchers.close()
+        for r in configs:
+            counts = {d: {m: s[i].tolist() for m, s in stats[r].items()} for i, d in enumerate(domains)}
+            confusion = {d: conf[r].view(D, E)[i] for i, d in enumerate(domains)}
+            out[r] = {**_summarise(counts, confusion, names, configs[r]), "forward": lead}
+    return {r: out[r] for r in routers}
+
+
+class Watchers:
+    """Routers that watch another router's forward: at every routed module they decide on the module's input
+    (RoutedLinear.decide, with their own settings, pooling and per-forward state) and apply nothing."""
+
+    def __init__(self, model: nn.Module, presets: list[str], top_k: int | None = None):
+        state = model.spectr
+        self.model, self.configs = model, {}
+        self.modules: dict[str, dict[str, RoutedLinear]] = {}
+        self.states: dict[str, ForwardState] = {}
+        self.chosen: dict[str, dict[str, torch.Tensor]] = {}
+        E = len(state.bundle.expert_names)
+        for r in presets:
+            cfg = RouterConfig(**{**vars(state.config), **preset_settings(r, E, top_k=top_k), "impl": "plain"})
+            cfg.validate()
+            if cfg.router not in ("spectr", "arrow"):
+                raise ValueError(f"preset {r}: router {cfg.router!r} makes no decisions to measure")
+            st = ForwardState(cfg)
+            self.modules[r] = {m: RoutedLinear(model.get_submodule(m).base_layer, m,
+                                               module_bank(state.bundle, m, model.get_submodule(m).Vt),
+                                               cfg, None, st) for m in state.modules}
+            st.link()
+            self.states[r] = st
+            self.configs[r] = {f: getattr(cfg, f) for f in _CONFIG_FIELDS}
+        self.hooks = [model.get_submodule(m).register_forward_hook(self._watch) for m in state.modules] \
+            if presets else []
+
+    def begin(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+        self.chosen = {r: {} for r in self.states}
+        for st in self.states.values():
+            st.begin(self.model, (), {"input_ids": ids, "attention_mask": mask})
+
+    def end(self) -> None:
+        for st in self.states.values():
+            st.end()
+
+    def _watch(self, module: RoutedLinear, args: tuple, output: Any) -> None:
+        x = args[0]
+        lead = x.shape[:-1]
+        shape = (1, lead[0]) if len(lead) == 1 else (lead[:-1].numel(), lead[-1])
+        flat = x.reshape(-1, x.shape[-1])
+        for r, mods in self.modules.items():
+            self.chosen[r][module.name] = mods[module.name].decide(flat, shape, x)[1].view(*lead, -1)
+
+    def take(self) -> dict[str, dict[str, torch.Tensor]]:
+        chosen, self.chosen = self.chosen, {}
+        return chosen
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
 
 
 def _summarise(counts: dict[str, dict[str, list[int]]], conf: dict[str, torch.Tensor], names: list[str],

@@ -414,6 +414,27 @@ class RoutedLinear(nn.Module):
         if self.cfg.attn_follows_mlp and st.active and self.kind == "mlp":
             st.mlp_choice.setdefault(self.layer, idx)
 
+    def _decision(self, x: torch.Tensor, shape: tuple[int, int] | None, source: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(P, top-k scores, top-k experts) of a scoring router (spectr, arrow) for x (t, d_in)."""
+        st, t = self.routing_state, x.shape[0]
+        if self.cfg.evidence_path():
+            P, g, idx = self._choose(x, shape or (1, t), x if source is None else source)
+            return P, routing.cut(g.gather(1, idx), st.top_k(self, t)), idx
+        # the reference: each module decides on its own
+        P = routing.project(x, self.Vt, self.E)
+        g = routing.restrict(self._scores(P), st.allowed(self, t))
+        return (P, *routing.select(g, st.top_k(self, t)))
+
+    def decide(self, x: torch.Tensor, shape: tuple[int, int] | None = None, source: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, experts), each (t, k): what delta() would pick for x (t, d_in), without applying it (an
+        evaluation can watch several routers on one forward). shape and source as for delta()."""
+        if self.cfg.router not in ("spectr", "arrow"):
+            raise ValueError(f"decide: router {self.cfg.router!r} does not score experts; use spectr or arrow")
+        _, vals, idx = self._decision(x.to(self.Vt.dtype), shape, source)
+        return vals, idx
+
     def delta(
         self, x: torch.Tensor, shape: tuple[int, int] | None = None, source: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -431,14 +452,8 @@ class RoutedLinear(nn.Module):
                 dy = dy * allowed[..., cfg.expert, None].to(dy.dtype)
             return dy, None, None
         vals = idx = None
-        if cfg.router in ("spectr", "arrow") and cfg.evidence_path():
-            P, g, idx = self._choose(x, shape or (1, x.shape[0]), x if source is None else source)
-            vals = routing.cut(g.gather(1, idx), self.routing_state.top_k(self, x.shape[0]))
-            w = routing.weights(vals, idx, E, mode=cfg.weighting, temperature=cfg.temperature)
-        elif cfg.router in ("spectr", "arrow"):  # the reference: each module decides on its own
-            P = routing.project(x, self.Vt, E)
-            g = routing.restrict(self._scores(P), self.routing_state.allowed(self, x.shape[0]))
-            vals, idx = routing.select(g, self.routing_state.top_k(self, x.shape[0]))
+        if cfg.router in ("spectr", "arrow"):
+            P, vals, idx = self._decision(x, shape, source)
             w = routing.weights(vals, idx, E, mode=cfg.weighting, temperature=cfg.temperature)
         else:
             P = routing.project(x, self.Vt, E)

@@ -127,6 +127,10 @@ def routing(
     batch_size: int = typer.Option(16, "--batch-size",
                                    help="documents per forward at the longest length; shorter documents of any "
                                         "domain share forwards of as many tokens"),
+    shared: bool = typer.Option(True, "--shared-forward/--own-forwards",
+                                help="one forward routed by the default preset serves every preset (the others "
+                                     "decide on its module inputs; exact for the default), or each preset in its "
+                                     "own routed forward (exact for all, one forward pass per preset)"),
     device: str = DEVICE,
 ) -> None:
     """Routing accuracy inside the routed forward: top-1 and top-k per domain, layer, module type; macro."""
@@ -142,7 +146,8 @@ def routing(
         names = [r for r in routers.split(",") if r] if routers else list(EVAL_PRESETS)
         with _steps(len(names) * len(texts)) as step:
             result = routing_accuracy(model, tokenizer, texts, mapping=_pairs_of(mapping, "--map"), routers=names,
-                                      top_k=top_k, max_tokens=max_tokens, batch_size=batch_size, progress=step)
+                                      top_k=top_k, max_tokens=max_tokens, batch_size=batch_size, progress=step,
+                                      shared_forward=shared)
     except ValueError as exc:
         _fail(exc)
     first = next(iter(result.values()))
@@ -164,7 +169,9 @@ def routing(
         table.add_row(d, *[f"{row[e]:.2f}" for e in experts])
     out.print(table)
     _write(json_out, result)
-    err.print(f"{sum(first['decisions'].values())} decisions per preset, k: {ks}, "
+    lead = {v["forward"] for v in result.values()}
+    how = f"one forward routed by {lead.pop()}" if len(result) > 1 and len(lead) == 1 else "each in its own forward"
+    err.print(f"{sum(first['decisions'].values())} decisions per preset ({how}), k: {ks}, "
               f"{time.perf_counter() - t0:.1f} s")
 
 

@@ -343,3 +343,37 @@ def test_shared_datasets_read():
     texts = read_jsonl(shared / "math_dm" / "test.jsonl", max_docs=3)
     assert len(texts) == 3 and all(isinstance(t, str) and t for t in texts)
 
+
+
+def test_shared_forward_is_exact_for_its_own_preset(four_experts):
+    """One routed forward for every router: the forward's own preset (the runtime's default) counts exactly
+    what its own forward counts, and the watchers report their own settings and k."""
+    model, tok, data = four_experts
+    shared = routing_accuracy(model, tok, data, batch_size=2, shared_forward=True)
+    alone = routing_accuracy(model, tok, data, batch_size=2, routers=["default"])
+    assert list(shared) == list(EVAL_PRESETS) and {r["forward"] for r in shared.values()} == {"default"}
+    assert {k: v for k, v in shared["default"].items()} == alone["default"]
+    assert [shared[r]["k"] for r in EVAL_PRESETS] == [4, 3, 1]
+    assert shared["reference"]["config"]["pool"] == "module" and shared["peft-arrow"]["config"]["router"] == "arrow"
+
+
+def test_shared_forward_equals_own_forwards_when_the_experts_change_nothing(four_experts):
+    """With every expert's scaling zeroed the routed forward is the base forward whatever the router picks, so
+    watching one forward must give each preset exactly the counts of its own forward (pooling, k, arrow)."""
+    model, tok, data = four_experts
+    live = [model.get_submodule(m) for m in model.spectr.modules]
+    kept = [m.s.clone() for m in live]
+    try:
+        for m in live:
+            m.s.zero_()
+        routers = [*EVAL_PRESETS, "reference-pooled"]
+        shared = routing_accuracy(model, tok, data, batch_size=3, routers=routers, shared_forward=True)
+        own = routing_accuracy(model, tok, data, batch_size=3, routers=routers)
+        for r in routers:
+            assert shared[r]["forward"] == "default" and own[r]["forward"] == r
+            assert {k: v for k, v in shared[r].items() if k != "forward"} == \
+                {k: v for k, v in own[r].items() if k != "forward"}, r
+        assert shared["reference"]["top1"] != shared["default"]["top1"]  # the presets really decide differently
+    finally:
+        for m, s in zip(live, kept):
+            m.s.copy_(s)
