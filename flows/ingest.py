@@ -298,8 +298,11 @@ def _resolve_base_early(base_model: str | None, base_name: str | None) -> None:
 
 def ingest_on_dask(sources: list[str], address: str | None = None, workers: int | None = None,
                    **args: Any) -> list[dict]:
-    from spectr.flows.lifetime import tied_temporary_server
+    from spectr.flows.lifetime import exit_with_parent, tied_temporary_server
 
+    # A run that Prefect's runner (`spectr serve-flows`) started in a child process ends with the runner,
+    # and its local Dask workers with it (they exit when the process that started them is gone).
+    exit_with_parent()
     _resolve_base_early(args.get("base_model"), args.get("base_name"))
     with tied_temporary_server():  # no server configured: a temporary one that dies with this process
         return ingest_distributed.with_options(task_runner=dask_runner(address, workers))(
