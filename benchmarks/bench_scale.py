@@ -101,7 +101,7 @@ def main() -> None:
     i.add_argument("--md", type=Path, help="also write the results as a markdown table here")
     i.add_argument("--out", type=Path)
     i.add_argument("--root", type=Path, help="keep the generated adapters here (reused by later runs)")
-    i.add_argument("--label", default="", help='appended to the runners\' names and registry folders (e.g. "-2core"): '
+    i.add_argument("--label", default="", help='appended to the runners\' names and registry folders (e.g. --label=-2core): '
                    "benchmarks running side by side on one --root")
     m = sub.add_parser("combine", help="merge result files, speed-ups over their dask-1 run")
     m.add_argument("files", nargs="+", type=Path)

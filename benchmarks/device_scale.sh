@@ -83,7 +83,7 @@ timeout "$limit" "${bench[@]}" --gen-procs "$(nproc)" --workers 8 --out "$out/w8
 echo "== side by side, pinned: 1 worker (cores 2-5), 2 workers (6-11), 2-core emulation (0-1)"
 taskset -c 2-5 timeout "$limit" "${bench[@]}" --workers 1 --out "$out/w1.json" 2>"$out/w1.err" >"$out/w1.log" &
 taskset -c 6-11 timeout "$limit" "${bench[@]}" --workers 2 --out "$out/w2.json" 2>"$out/w2.err" >"$out/w2.log" &
-taskset -c 0,1 timeout "$limit" "${bench[@]}" --workers 2 --label -2core --out "$out/w2core.json" \
+taskset -c 0,1 timeout "$limit" "${bench[@]}" --workers 2 --label=-2core --out "$out/w2core.json" \
     2>"$out/w2core.err" >"$out/w2core.log" &
 wait || true
 for f in w1 w2 w2core; do echo "-- $f"; tail -n 2 "$out/$f.log" || true; done
