@@ -101,8 +101,8 @@ def main() -> None:
     i.add_argument("--md", type=Path, help="also write the results as a markdown table here")
     i.add_argument("--out", type=Path)
     i.add_argument("--root", type=Path, help="keep the generated adapters here (reused by later runs)")
-    i.add_argument("--label", default="", help='appended to the runners\' names and registry folders (e.g. --label=-2core): '
-                   "benchmarks running side by side on one --root")
+    i.add_argument("--label", default="", help="appended to the runners' names and registry folders "
+                   "(e.g. --label=-2core): benchmarks running side by side on one --root")
     m = sub.add_parser("combine", help="merge result files, speed-ups over their dask-1 run")
     m.add_argument("files", nargs="+", type=Path)
     m.add_argument("--md", type=Path)
@@ -268,7 +268,7 @@ def _speedups(out: list[dict]) -> None:
 
 def markdown(results: list[dict]) -> str:
     rows = ["| runner | adapters | wall | adapters/s | vs Dask 1 worker | CPU s (this run's processes) | "
-            "start-up | workers idle | driver storing | load before / after |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "start-up | workers idle | driver storing | load before / after |", "|---" * 10 + "|"]
     for r in results:
         if r.get("skipped"):
             rows.append(f"| {r['runner']} | {r['adapters']} | skipped: {r['skipped']} | | | | | | | |")

@@ -185,7 +185,8 @@ def _compute_all(jobs: list[pipeline_ingest.Job], workers: int | None,
     futures = {}
     for batch in batches:
         first, last = jobs[batch[0]], jobs[batch[-1]]
-        futures[process_batch.submit(Batch([jobs[j] for j in batch]), label=f"{first.src.name}..{last.src.name}")] = batch
+        label = f"{first.src.name}..{last.src.name}"
+        futures[process_batch.submit(Batch([jobs[j] for j in batch]), label=label)] = batch
     times.mark("submitted")
     for future in as_completed(list(futures)):
         batch = futures[future]
