@@ -475,12 +475,12 @@ def _store_many(registry: Registry, items: list[tuple[Job, Any]], run_id: str | 
         if not isinstance(result, Computed):
             out[k] = _store(registry, job, result, run_id, spectra_only)
             continue
+        adapter = dataclasses.replace(result.adapter, base=job.base)
         try:
-            adapter = dataclasses.replace(result.adapter, base=job.base)
-            existing = registry.find_version(job.src.name, adapter.content_sha256)
-        except Exception:
-            existing, adapter = True, None
-        if existing is not None:  # already stored (or unreadable): the one-at-a-time path decides
+            stored_before = registry.find_version(job.src.name, adapter.content_sha256) is not None
+        except Exception:  # _store meets the same error and makes it this adapter's rejection
+            stored_before = True
+        if stored_before:  # the one-at-a-time path decides: unchanged, its files kept
             out[k] = _store(registry, job, result, run_id, spectra_only)
         else:
             new.append((k, job, adapter, result))
