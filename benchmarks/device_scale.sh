@@ -7,6 +7,8 @@
 #     bash benchmarks/device_scale.sh prepare /work/main/.device-scale
 # There, from the repo root, with DIR carried (results go to $OUT: JSON, markdown, logs):
 #     bash .device-scale/run.sh          # = bash .device-scale/device_scale.sh run .device-scale
+# The device copies the session's own checkout, not a helper's worktree: from a worktree, copy DIR into an
+# ignored folder of that checkout (e.g. /work/main/.device-wt13/.device-scale) and carry that folder.
 #
 # Sized for about 5 minutes of wall time on 16 cores (~0.25 s of one core per adapter and worker):
 #   1. 8 workers on 1,000 adapters, alone on the machine (the adapters are generated first, off the clock);
