@@ -101,8 +101,19 @@ def main() -> None:
     i.add_argument("--md", type=Path, help="also write the results as a markdown table here")
     i.add_argument("--out", type=Path)
     i.add_argument("--root", type=Path, help="keep the generated adapters here (reused by later runs)")
+    i.add_argument("--label", default="", help="appended to the runners' names and registry folders "
+                   "(e.g. --label=-2core): benchmarks running side by side on one --root")
+    m = sub.add_parser("combine", help="merge result files, speed-ups over their dask-1 run")
+    m.add_argument("files", nargs="+", type=Path)
+    m.add_argument("--md", type=Path)
+    m.add_argument("--out", type=Path)
     a = ap.parse_args()
-    if a.what == "catalog":
+    if a.what == "combine":
+        res = combine(a.files)
+        print(markdown(res))
+        if a.md:
+            a.md.write_text(markdown(res))
+    elif a.what == "catalog":
         res = bench_catalog([int(s) for s in a.sizes.split(",")], a.repeats)
     else:
         def save(results: list[dict]) -> None:  # after every run: a host that times out keeps what it measured
@@ -112,7 +123,7 @@ def main() -> None:
                 a.md.write_text(markdown(results))
 
         res = bench_ingest(a.adapters, parse_runs(a.workers, a.adapters), a.root, a.in_process, a.gen_procs,
-                           a.stop_after, save)
+                           a.stop_after, save, a.label)
     if a.out:
         a.out.write_text(json.dumps(res, indent=1) + "\n")
 
@@ -184,6 +195,7 @@ class CpuMeter:
         self._psutil = psutil
         self._seen: dict[int, float] = {}
         self._base: dict[int, float] = {}
+        self._role: dict[int, str] = {}
 
     def _sample(self) -> None:
         me = self._psutil.Process()
@@ -191,6 +203,8 @@ class CpuMeter:
             try:
                 t = p.cpu_times()
                 self._seen[p.pid] = t.user + t.system
+                if p.pid not in self._role:
+                    self._role[p.pid] = "driver" if p.pid == me.pid else _role(p.cmdline())
             except self._psutil.Error:
                 pass
 
@@ -218,7 +232,21 @@ class CpuMeter:
         m = self._psutil.cpu_times()
         self.machine_cpu_s = m.user + m.system + getattr(m, "nice", 0.0) - self._machine0
         self.cpu_s = sum(v - self._base.get(pid, 0.0) for pid, v in self._seen.items())
+        self.by_role: dict[str, float] = {}
+        for pid, v in self._seen.items():
+            role = self._role.get(pid, "other")
+            self.by_role[role] = round(self.by_role.get(role, 0.0) + v - self._base.get(pid, 0.0), 1)
         self.load_before, self.load_after = self._load0, os.getloadavg()[0]
+
+
+def _role(cmdline: list[str]) -> str:
+    """Which part of a run a descendant process is: Dask worker (spawned by a nanny), Prefect server, other."""
+    line = " ".join(cmdline)
+    if "spawn_main" in line:
+        return "dask_workers"
+    if "uvicorn" in line or "prefect" in line:
+        return "prefect_server"
+    return "other"
 
 
 def parse_runs(workers: str, n: int) -> list[tuple[int, int]]:
@@ -240,20 +268,32 @@ def _speedups(out: list[dict]) -> None:
 
 def markdown(results: list[dict]) -> str:
     rows = ["| runner | adapters | wall | adapters/s | vs Dask 1 worker | CPU s (this run's processes) | "
-            "machine CPU s | load before / after |", "|---|---|---|---|---|---|---|---|"]
+            "start-up | workers idle | driver storing | load before / after |", "|---" * 10 + "|"]
     for r in results:
         if r.get("skipped"):
-            rows.append(f"| {r['runner']} | {r['adapters']} | skipped: {r['skipped']} | | | | | |")
+            rows.append(f"| {r['runner']} | {r['adapters']} | skipped: {r['skipped']} | | | | | | | |")
             continue
+        d = r.get("driver", {})
+        idle = d.get("workers", {}).get("idle_s")
+        store = d.get("seconds", {}).get("store")
         rows.append(f"| {r['runner']} | {r['adapters']} | {r['wall_s']} s | {r['adapters_per_s']} | "
-                    f"{r.get('speedup_vs_dask_1') or '-'}x | {r['cpu_s']} | {r['machine_cpu_s']} | "
+                    f"{r.get('speedup_vs_dask_1') or '-'}x | {r['cpu_s']} | {r.get('startup_s', '-')} s | "
+                    f"{idle if idle is not None else '-'} s | {store if store is not None else '-'} s | "
                     f"{r['load_avg_before']} / {r['load_avg_after']} |")
     first = next((r for r in results if not r.get("skipped")), {})
     return (f"Machine: {first.get('machine', '?')}, {first.get('cores', '?')} cores\n\n" + "\n".join(rows) + "\n")
 
 
+def combine(files: list[Path]) -> list[dict]:
+    """The runs of several result files (benchmarks run one after another or side by side), speed-ups
+    recomputed over their common "dask-1" run."""
+    out = [r for f in files for r in json.loads(f.read_text())]
+    _speedups(out)
+    return out
+
+
 def bench_ingest(n: int, runs: list[tuple[int, int]], root: Path | None = None, in_process: bool = True,
-                 gen_procs: int = 1, stop_after: float | None = None, save=None) -> list[dict]:
+                 gen_procs: int = 1, stop_after: float | None = None, save=None, label: str = "") -> list[dict]:
     """The in-process runner (on n adapters), then Prefect's Dask task runner on local clusters of each
     worker count, each into a fresh registry (removed after it is measured), one after the other in this
     run. One Prefect server is started first and shared (without one configured, every Dask run would pay
@@ -264,6 +304,7 @@ def bench_ingest(n: int, runs: list[tuple[int, int]], root: Path | None = None, 
     from prefect.testing.utilities import prefect_test_harness
 
     from spectr.flows.ingest import ingest_on_dask
+    from spectr.pipeline import ingest as pipeline_ingest
     from spectr.pipeline.ingest import ingest_sources
 
     started = time.monotonic()
@@ -273,6 +314,11 @@ def bench_ingest(n: int, runs: list[tuple[int, int]], root: Path | None = None, 
     t = time.perf_counter()
     base, lib = make_adapters(root, most, procs=gen_procs)
     print(f"generated {most} adapters in {time.perf_counter() - t:.1f} s under {lib}", flush=True)
+    # Every run in this process shares its imports and the base model's module table: built once here, so
+    # that the first run measured does not pay alone for importing torch and transformers (2-8 s).
+    from spectr.pipeline.basemodel import resolve_base_model
+
+    resolve_base_model(str(base), name="HuggingFaceTB/SmolLM2-135M-Instruct")
     out = []
     plan = ([("in-process", None, n)] if in_process else []) + [(f"dask-{w}", w, c) for w, c in runs]
     with prefect_test_harness(server_startup_timeout=120):
@@ -281,23 +327,37 @@ def bench_ingest(n: int, runs: list[tuple[int, int]], root: Path | None = None, 
                 out.append(dict(runner=how, adapters=count, skipped=f"past --stop-after {stop_after:.0f} s"))
                 print(json.dumps(out[-1]), flush=True)
                 continue
+            how = f"{how}{label}"
             home = root / f"home-{how}"
             shutil.rmtree(home, ignore_errors=True)  # every runner starts from an empty registry
             sources = [str(lib / f"gen-{i:04d}") for i in range(count)]
             kw = dict(base_model=str(base), base_name="HuggingFaceTB/SmolLM2-135M-Instruct",
                       registry_url=f"sqlite:///{home}/registry.db", blob_url=str(home / "blobs"))
+            pipeline_ingest.LAST_DRIVER_TIMES = None
             with CpuMeter() as cpu:
                 t = time.perf_counter()
+                called = time.time()
                 if workers is None:
-                    statuses = [o.status for o in ingest_sources(sources, **kw)]
+                    outcomes = [o.to_dict() for o in ingest_sources(sources, **kw)]
                 else:
-                    statuses = [o["status"] for o in ingest_on_dask(sources, workers=workers, **kw)]
+                    outcomes = ingest_on_dask(sources, workers=workers, **kw)
                 wall = time.perf_counter() - t
+            statuses = [o["status"] for o in outcomes]
+            steps: dict[str, float] = {}  # each adapter's seconds per step (validate, spectra, files, store), summed
+            for o in outcomes:
+                for k, v in o["seconds"].items():
+                    steps[k] = steps.get(k, 0.0) + v
             shutil.rmtree(home, ignore_errors=True)  # ~15 MB of blobs per adapter
             r = dict(runner=how, adapters=count, new=statuses.count("new"), wall_s=round(wall, 1),
                      adapters_per_s=round(count / wall, 2), cpu_s=round(cpu.cpu_s, 1),
                      machine_cpu_s=round(cpu.machine_cpu_s, 1), load_avg_before=round(cpu.load_before, 2),
-                     load_avg_after=round(cpu.load_after, 2), cores=os.cpu_count(), machine=platform.platform())
+                     load_avg_after=round(cpu.load_after, 2), cores=os.cpu_count(), machine=platform.platform(),
+                     cpu_s_by_role=cpu.by_role, step_s={k: round(v, 1) for k, v in steps.items()})
+            driver = pipeline_ingest.LAST_DRIVER_TIMES
+            if workers is not None and driver is not None:
+                # from the call to the flow's body: flow run created, cluster started (workers spawned)
+                r["startup_s"] = round(driver.started - called, 2)
+                r["driver"] = driver.summary()
             print(json.dumps(r), flush=True)
             out.append(r)
             _speedups(out)

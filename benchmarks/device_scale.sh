@@ -7,11 +7,15 @@
 #     bash benchmarks/device_scale.sh prepare /work/main/.device-scale
 # There, from the repo root, with DIR carried (results go to $OUT: JSON, markdown, logs):
 #     bash .device-scale/run.sh          # = bash .device-scale/device_scale.sh run .device-scale
+# The device copies the session's own checkout, not a helper's worktree: from a worktree, copy DIR into an
+# ignored folder of that checkout (e.g. /work/main/.device-wt13/.device-scale) and carry that folder.
 #
-# Sized for 5 minutes of wall time on 16 cores from the 2-core box's numbers (~0.2 s of one core per adapter):
-# 8 workers on 1,000 adapters first (~40 s), then 1 worker on 300 (~70 s), then 2 workers on 600 (~70 s);
-# 1 worker on 1,000 (~220 s) would not fit beside the others. No run starts after STOP_AFTER s (default: 210 s
-# after the script started, install included), so the whole stays near 5 minutes.
+# Sized for about 5 minutes of wall time on 16 cores (~0.25 s of one core per adapter and worker):
+#   1. 8 workers on 1,000 adapters, alone on the machine (the adapters are generated first, off the clock);
+#   2. then side by side, each pinned to cores of its own with taskset (driver, Prefect server and workers
+#      of a run share its cores): 1 worker on 1,000 (cores 2-5), 2 workers on 1,000 (cores 6-11), and the
+#      2-core box emulated: 2 workers on 1,000 with the whole run on cores 0-1.
+# Every run has a time limit (RUN_LIMIT s, default 330); the merged table is printed at the end.
 set -euo pipefail
 
 mode=${1:?usage: device_scale.sh prepare|run DIR}
@@ -53,14 +57,14 @@ out=${OUT:-$dir/out}
 mkdir -p "$out"
 site=${SITE:-/tmp/spectr-site}
 root=${SCALE_ROOT:-/tmp/spectr-scale}
-workers=${WORKERS:-8:1000,1:300,2:600}
 export PREFECT_HOME=/tmp/spectr-prefect PREFECT_SERVER_ANALYTICS_ENABLED=false HF_HUB_OFFLINE=1 \
        SPECTR_HOME=/tmp/spectr-home PYTHONUNBUFFERED=1
-install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$@"; }
-install "$dir"/wheels/*.whl
+py=${PYTHON:-python3}  # a dry run elsewhere: PYTHON=.venv/bin/python NO_INSTALL=1 ADAPTERS=16
+install() { "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$@"; }
+[ -n "${NO_INSTALL:-}" ] || install "$dir"/wheels/*.whl
 export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 # Away from the checkout: its own spectr/ folder must not shadow the installed package.
-check() { (cd /tmp && python3 -c 'import prefect, prefect_dask, distributed, sqlalchemy, alembic, psutil, torch, transformers
+check() { (cd /tmp && "$py" -c 'import prefect, prefect_dask, distributed, sqlalchemy, alembic, psutil, torch, transformers
 from prefect.testing.utilities import prefect_test_harness
 import spectr.flows.ingest, spectr.pipeline.ingest, spectr.registry.store
 print("imports ok: prefect", prefect.__version__, "torch", torch.__version__, "transformers", transformers.__version__)'); }
@@ -71,11 +75,22 @@ if ! check 2>"$out/import_check.txt"; then
 fi
 { echo "install + import check: $(( $(date +%s) - start )) s"; nproc; grep -m1 'model name' /proc/cpuinfo; free -g | head -2
   df -h /tmp | tail -1; uptime; } | tee "$out/host.txt"
-budget=${STOP_AFTER:-$(( 210 - ($(date +%s) - start) ))}
+limit=${RUN_LIMIT:-330}
+n=${ADAPTERS:-1000}
 cd /tmp
-python3 "$dir/bench_scale.py" ingest --workers "$workers" --no-in-process --gen-procs "$(nproc)" \
-    --root "$root" --stop-after "$budget" --out "$out/scale_ingest_16core.json" --md "$out/scale_ingest_16core.md" \
-    2>"$out/bench_stderr.log" | tee "$out/bench_stdout.log"
+bench=("$py" "$dir/bench_scale.py" ingest --adapters "$n" --no-in-process --root "$root")
+echo "== 8 workers, alone"
+timeout "$limit" "${bench[@]}" --gen-procs "$(nproc)" --workers 8 --out "$out/w8.json" 2>"$out/w8.err" \
+    | tee "$out/w8.log" || echo "8 workers: exit $?"
+echo "== side by side, pinned: 1 worker (cores 2-5), 2 workers (6-11), 2-core emulation (0-1)"
+taskset -c 2-5 timeout "$limit" "${bench[@]}" --workers 1 --out "$out/w1.json" 2>"$out/w1.err" >"$out/w1.log" &
+taskset -c 6-11 timeout "$limit" "${bench[@]}" --workers 2 --out "$out/w2.json" 2>"$out/w2.err" >"$out/w2.log" &
+taskset -c 0,1 timeout "$limit" "${bench[@]}" --workers 2 --label=-2core --out "$out/w2core.json" \
+    2>"$out/w2core.err" >"$out/w2core.log" &
+wait || true
+for f in w1 w2 w2core; do echo "-- $f"; tail -n 2 "$out/$f.log" || true; done
+results=()
+for f in w8 w1 w2 w2core; do [ -s "$out/$f.json" ] && results+=("$out/$f.json"); done
+"$py" "$dir/bench_scale.py" combine "${results[@]}" --out "$out/scale_ingest_16core.json" --md "$out/scale_ingest_16core.md"
 rm -rf "$root"
 echo "total: $(( $(date +%s) - start )) s" | tee -a "$out/host.txt"
-cat "$out/scale_ingest_16core.md"

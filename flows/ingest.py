@@ -7,6 +7,10 @@ are logged through the run logger, so they show in Prefect's UI.
 """
 from __future__ import annotations
 
+import os
+import socket
+import threading
+import time
 import uuid
 from typing import Any, Iterator
 
@@ -145,36 +149,61 @@ class Batch:
 
 
 @task(cache_policy=NO_CACHE, persist_result=False, task_run_name="process {label}")
-def process_batch(batch: Batch, label: str) -> list[Any]:
-    return pipeline_ingest.compute_jobs(batch.jobs)
+def process_batch(batch: Batch, label: str) -> dict[str, Any]:
+    started = time.time()
+    results = pipeline_ingest.compute_jobs(batch.jobs)
+    return {"results": results, "worker": f"{socket.gethostname()}:{os.getpid()}", "started": started,
+            "ended": time.time()}
 
 
-def batch_size(n_jobs: int, workers: int | None) -> int:
-    """Adapters per task: about 4 tasks per worker (a late task costs at most a quarter of a worker's share),
-    at most 32. Measured on the 2-core box, one task per adapter cost ~0.7 s of the flow's CPU each (Prefect
-    serialising its context, walking and tokenizing the parameters) and ~0.3 s of the server's: more than
-    the adapter's own SVD."""
-    return max(1, min(32, -(-n_jobs // (4 * max(1, workers or 1)))))
+MAX_BATCH = 32  # adapters per task at most
+MIN_BATCH = 4  # ... and at least (but never more than there are)
 
 
-def _compute_all(jobs: list[pipeline_ingest.Job], workers: int | None) -> Iterator[Any]:
-    size = batch_size(len(jobs), workers)
-    batches = [jobs[i:i + size] for i in range(0, len(jobs), size)]
-    # All batches are submitted at once: the runner spreads them over its workers.
-    futures = [process_batch.submit(Batch(batch), label=f"{batch[0].src.name}..{batch[-1].src.name}")
-               for batch in batches]
-    for batch, future in zip(batches, futures):
+def batch_sizes(n_jobs: int, workers: int | None) -> list[int]:
+    """Adapters per task, in submission order: each task takes an even share of what is left spread over
+    twice the workers, between MIN_BATCH and MAX_BATCH, so tasks shrink towards the end and the workers
+    finish together (the last task is small), while the first ones are large: a task costs the flow's
+    process about 0.1 s (2-core box: ~0.7 s) of Prefect's per-task work whatever its size."""
+    spread, left, sizes = 2 * max(1, workers or 1), n_jobs, []
+    while left > 0:
+        size = min(left, max(MIN_BATCH, min(MAX_BATCH, -(-left // spread))))
+        sizes.append(size)
+        left -= size
+    return sizes
+
+
+def _compute_all(jobs: list[pipeline_ingest.Job], workers: int | None,
+                 times: pipeline_ingest.DriverTimes) -> Iterator[list[tuple[int, Any]]]:
+    from prefect.futures import as_completed
+
+    batches, start = [], 0
+    for size in batch_sizes(len(jobs), workers):
+        batches.append(range(start, start + size))
+        start += size
+    # All batches are submitted at once, largest first: the runner hands them to its workers in this order.
+    futures = {}
+    for batch in batches:
+        first, last = jobs[batch[0]], jobs[batch[-1]]
+        label = f"{first.src.name}..{last.src.name}"
+        futures[process_batch.submit(Batch([jobs[j] for j in batch]), label=label)] = batch
+    times.mark("submitted")
+    for future in as_completed(list(futures)):
+        batch = futures[future]
         try:
-            results = future.result()
+            done = future.result()
+            results = done["results"]
+            times.batches.append({"n": len(batch), "worker": done["worker"], "started": done["started"],
+                                  "ended": done["ended"], "returned": time.time()})
         except Exception as exc:  # a worker lost, a task crashed: that batch's adapters are rejected
-            results = [AdapterError(f"{job.spec}: {failure_reason(exc)}") for job in batch]
-        yield from results
+            results = [AdapterError(f"{jobs[j].spec}: {failure_reason(exc)}") for j in batch]
+        yield list(zip(batch, results))
 
 
 def distributed_steps(workers: int | None = None) -> pipeline_ingest.Steps:
     # Fetching stays a plain loop in the flow's process: a task per local folder cost ~0.2 s of scheduling
     # and API calls each (measured: 1,000 fetch tasks alone took minutes on 2 cores), more than its work.
-    return pipeline_ingest.Steps(compute_all=lambda jobs: _compute_all(jobs, workers))
+    return pipeline_ingest.Steps(compute_all=lambda jobs, times: _compute_all(jobs, workers, times))
 
 
 @flow(name="spectr-ingest-distributed", validate_parameters=True)
@@ -192,14 +221,53 @@ def ingest_distributed(
     workers: int | None = None,
 ) -> list[dict]:
     """As `ingest`, with batches of adapters as tasks on the flow's task runner (Dask: see dask_runner);
-    this process alone writes the registry, in the sources' order, so versions match a plain run.
+    this process alone writes the registry, each batch as it returns and each expert's versions in the
+    sources' order, so versions match a plain run.
     workers sizes the batches (None: an existing cluster's, asked of the runner's client)."""
+    _warm_workers()
     outcomes = pipeline_ingest.ingest_sources(
         sources, base_model=base_model, base_name=base_name, dense=dense, rank=rank, niter=niter, device=device,
         registry_url=registry_url, blob_url=blob_url, steps=distributed_steps(workers or _cluster_workers()),
         logger=get_run_logger(), spectra_only=spectra_only, flow_run_id=_flow_run_id(),
     )
     return [o.to_dict() for o in outcomes]
+
+
+def _imports() -> None:
+    import prefect.task_engine  # noqa: F401
+    import spectr.pipeline.persist  # noqa: F401
+    import spectr.pipeline.spectra  # noqa: F401
+    import spectr.pipeline.validate  # noqa: F401
+
+
+async def _warm_worker() -> None:
+    """What a worker's first batch would import (torch, the validation, SVD and blob code, Prefect's task
+    engine), done while the flow's process plans and submits: ~2-5 s per worker that otherwise came after.
+    In a thread: the worker's event loop keeps answering its scheduler."""
+    import asyncio
+
+    await asyncio.to_thread(_imports)
+
+
+def _warm_workers() -> None:
+    """_warm_worker on every worker of the Dask cluster this flow runs on, without waiting for it: from a
+    thread, because even with wait=False the call returns only once every worker has unpickled the function,
+    which imports this module and Prefect there (on the 16-core host, ~4.6 s of a run's start went there,
+    read from its logs)."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    client = getattr(getattr(ctx, "task_runner", None), "client", None)
+    if client is None:  # not on a Dask runner: nothing to warm
+        return
+
+    def warm() -> None:
+        try:
+            client.run(_warm_worker, wait=False)
+        except Exception:  # a cluster closing early, a worker lost: the batches import what they need anyway
+            pass
+
+    threading.Thread(target=warm, name="spectr-warm-workers", daemon=True).start()
 
 
 def _cluster_workers() -> int | None:
@@ -224,10 +292,30 @@ def dask_runner(address: str | None = None, workers: int | None = None) -> Any:
                                           "dashboard_address": None})
 
 
+def _resolve_base_early(base_model: str | None, base_name: str | None) -> None:
+    """Resolves --base-model (its module table: torch and transformers imported, 2-8 s) in a thread, while
+    the cluster starts; the flow's own resolution then finds it cached (pipeline.basemodel). A failure
+    here is ignored: the flow reports it."""
+    def resolve() -> None:
+        try:
+            from spectr.pipeline.basemodel import resolve_base_model
+
+            if base_model:
+                resolve_base_model(base_model, name=base_name)
+        except Exception:
+            pass
+
+    threading.Thread(target=resolve, name="spectr-base-early", daemon=True).start()
+
+
 def ingest_on_dask(sources: list[str], address: str | None = None, workers: int | None = None,
                    **args: Any) -> list[dict]:
-    from spectr.flows.lifetime import tied_temporary_server
+    from spectr.flows.lifetime import exit_with_parent, tied_temporary_server
 
+    # A run that Prefect's runner (`spectr serve-flows`) started in a child process ends with the runner,
+    # and its local Dask workers with it (they exit when the process that started them is gone).
+    exit_with_parent()
+    _resolve_base_early(args.get("base_model"), args.get("base_name"))
     with tied_temporary_server():  # no server configured: a temporary one that dies with this process
         return ingest_distributed.with_options(task_runner=dask_runner(address, workers))(
             sources=sources, workers=workers, **args)

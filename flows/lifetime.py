@@ -2,6 +2,10 @@
 
 exit_with_parent(): a flow run that Prefect's runner (`spectr serve-flows`) started in a child process exits
 when the runner is gone; such runs outlived a stopped serve-flows before, still talking to a dead server.
+Both the plain and the Dask ingest call it: a run's local Dask cluster (`--workers N`) lives in the run's
+process, and its worker processes exit when that process is gone (distributed watches a pipe to the parent),
+so tethering the run takes its workers down too. A killed serve-flows once left a Dask run, its scheduler and
+workers running until the run was over.
 
 tied_temporary_server(): Prefect's temporary API server, tied to the process that started it.
 

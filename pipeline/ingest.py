@@ -7,8 +7,10 @@ whose content is already registered is recognised from its files' hash alone, be
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -98,8 +100,53 @@ class Steps:
     validate: Callable[..., Any] = validate
     spectra: Callable[..., dict] = compute_and_write
     # Set for distributed runs (flows/ingest.py on Dask): runs every Job's compute_job, in any order or
-    # place, and yields their results in the jobs' order. Registry writes stay in this process.
-    compute_all: Callable[[list["Job"]], Iterable[Any]] | None = None
+    # place, and yields lists of (job index, result) pairs as results come back (a returned batch each), in
+    # any order; it may note its batches in the DriverTimes. Registry writes stay in this process.
+    compute_all: Callable[[list["Job"], "DriverTimes"], Iterable[list[tuple[int, Any]]]] | None = None
+
+
+@dataclass
+class DriverTimes:
+    """Where a distributed ingest's driver (the one process that writes the registry) spent its time, and
+    when each batch ran on which worker: logged at the end of the run, kept in LAST_DRIVER_TIMES for
+    benchmarks. Times are time.time() (comparable across the processes of one host)."""
+
+    started: float = field(default_factory=time.time)
+    marks: dict[str, float] = field(default_factory=dict)  # phase -> when it ended
+    seconds: dict[str, float] = field(default_factory=dict)  # activity -> seconds spent in it (summed)
+    batches: list[dict] = field(default_factory=list)  # per batch: n, worker, started, ended, returned
+
+    def mark(self, phase: str) -> None:
+        self.marks.setdefault(phase, time.time())
+
+    def add(self, activity: str, since: float) -> None:
+        self.seconds[activity] = self.seconds.get(activity, 0.0) + time.perf_counter() - since
+
+    def summary(self) -> dict[str, Any]:
+        rel = {k: round(v - self.started, 3) for k, v in self.marks.items()}
+        out: dict[str, Any] = {"marks_s": rel, "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+        if self.batches:
+            workers: dict[Any, list[dict]] = {}
+            for b in self.batches:
+                workers.setdefault(b["worker"], []).append(b)
+            first, last = min(b["started"] for b in self.batches), max(b["ended"] for b in self.batches)
+            busy = {w: sum(b["ended"] - b["started"] for b in bs) for w, bs in workers.items()}
+            out["workers"] = {
+                "n": len(workers), "tasks": len(self.batches),
+                "first_task_started_s": round(first - self.started, 3),
+                "last_task_ended_s": round(last - self.started, 3),
+                "first_start_per_worker_s": sorted(round(min(b["started"] for b in bs) - self.started, 2)
+                                                   for bs in workers.values()),
+                "last_end_per_worker_s": sorted(round(max(b["ended"] for b in bs) - self.started, 2)
+                                                for bs in workers.values()),
+                "busy_s": round(sum(busy.values()), 2),
+                # each worker's idle time between the first task's start anywhere and the last task's end
+                "idle_s": round(sum(last - first - v for v in busy.values()), 2),
+            }
+        return out
+
+
+LAST_DRIVER_TIMES: DriverTimes | None = None
 
 
 def _value(result: Any) -> Any:
@@ -415,32 +462,126 @@ def _store(registry: Registry, job: Job, result: Any, run_id: str | None, spectr
         return Outcome(job.spec, "rejected", name, reason=failure_reason(exc))
 
 
+def _store_many(registry: Registry, items: list[tuple[Job, Any]], run_id: str | None,
+                spectra_only: bool) -> list[Outcome]:
+    """_store for consecutive results, the new versions among them in one transaction (one commit); where
+    that transaction fails (one adapter's name taken by another base, ...) each is stored on its own, as
+    _store would, so one adapter's rejection stays its own."""
+    from spectr.pipeline.persist import SpectraBlob, store_versions
+
+    out: dict[int, Outcome] = {}
+    new: list[tuple[int, Job, LoadedAdapter, Computed]] = []
+    for k, (job, result) in enumerate(items):
+        if not isinstance(result, Computed):
+            out[k] = _store(registry, job, result, run_id, spectra_only)
+            continue
+        adapter = dataclasses.replace(result.adapter, base=job.base)
+        try:
+            stored_before = registry.find_version(job.src.name, adapter.content_sha256) is not None
+        except Exception:  # _store meets the same error and makes it this adapter's rejection
+            stored_before = True
+        if stored_before:  # the one-at-a-time path decides: unchanged, its files kept
+            out[k] = _store(registry, job, result, run_id, spectra_only)
+        else:
+            new.append((k, job, adapter, result))
+    if new:
+        t0 = time.perf_counter()
+        try:
+            stored = store_versions(registry, [(adapter, SpectraBlob(**result.blob), run_id, result.files)
+                                               for _, _, adapter, result in new])
+        except Exception:
+            log.debug("storing %d versions at once failed; one at a time", len(new), exc_info=True)
+            for k, job, _, result in new:
+                out[k] = _store(registry, job, result, run_id, spectra_only)
+        else:
+            each = (time.perf_counter() - t0) / len(new)
+            for (k, job, adapter, result), (info, created) in zip(new, stored):
+                out[k] = Outcome(job.spec, "new" if created else "unchanged", info.name, info.version,
+                                 warnings=adapter.warnings, seconds={**result.seconds, "store": each})
+    return [out[k] for k in range(len(items))]
+
+
 def _ingest_distributed(registry: Registry, specs: list[str], sources: list[Any], resolve_base: BaseResolver,
-                        steps: Steps, run_id: str, *, dense: bool, rank: int | None, niter: int,
-                        device: str | None, spectra_only: bool = False) -> Iterator[Outcome]:
-    """Outcomes in the sources' order, each stored as soon as its batch is back (storing overlaps the
-    workers' computing)."""
+                        steps: Steps, run_id: str, times: DriverTimes, *, dense: bool, rank: int | None,
+                        niter: int, device: str | None, spectra_only: bool = False) -> Iterator[list[Outcome]]:
+    """Outcomes in the sources' order, in runs of consecutive ones. Each adapter is stored as soon as its
+    result is back and every earlier source of the same name is stored, so versions are numbered as a plain
+    run numbers them while storing overlaps the workers' computing, whichever batch returns first."""
+    t0 = time.perf_counter()
     known = {} if dense else registry.content_hashes(
         [s.name for s in sources if not isinstance(s, Exception)])
     planned = [_plan(registry, spec, src, resolve_base, known, dense=dense, rank=rank, niter=niter, device=device,
                      spectra_only=spectra_only) for spec, src in zip(specs, sources)]
-    jobs = [p for p in planned if isinstance(p, Job)]
-    results = iter(steps.compute_all(jobs) if jobs else [])
-    for p in planned:
+    times.add("plan", t0)
+    times.mark("planned")
+    jobs: list[Job] = []
+    at: list[int] = []  # job index -> index in planned
+    pending: dict[str, deque[int]] = {}  # name -> its jobs' planned indices not stored yet, in order
+    decided: dict[int, Outcome] = {}
+    for i, p in enumerate(planned):
         if isinstance(p, Outcome):
-            yield p
-            continue
-        result = next(results)
-        if isinstance(result, Known):
-            outcome = _unchanged(registry, p.spec, p.src, result.content_sha256, resolve_base,
-                                 spectra_only=spectra_only)
-            if outcome is None:  # its blob went missing, or another base: the plain path recomputes it
-                outcome = ingest_one(registry, p.spec, p.src, resolve_base, steps, dense=dense, rank=rank,
-                                     niter=niter, device=device, run_id=run_id, spectra_only=spectra_only)
-            outcome.seconds = dict(result.seconds)
-            yield outcome
+            decided[i] = p
         else:
-            yield _store(registry, p, result, run_id, spectra_only)
+            at.append(i)
+            jobs.append(p)
+            pending.setdefault(p.src.name, deque()).append(i)
+
+    def unchanged(i: int, result: Known) -> Outcome:
+        p = planned[i]
+        outcome = _unchanged(registry, p.spec, p.src, result.content_sha256, resolve_base, spectra_only=spectra_only)
+        if outcome is None:  # its blob went missing, or another base: the plain path recomputes it
+            outcome = ingest_one(registry, p.spec, p.src, resolve_base, steps, dense=dense, rank=rank,
+                                 niter=niter, device=device, run_id=run_id, spectra_only=spectra_only)
+        outcome.seconds = dict(result.seconds)
+        return outcome
+
+    def decide(ready: list[int]) -> None:
+        """Store these results, in this order: runs of computed ones in one transaction each."""
+        t0 = time.perf_counter()
+        run: list[int] = []
+        for i in [*ready, None]:
+            if i is not None and not isinstance(waiting[i], Known):
+                run.append(i)
+                continue
+            if run:
+                for k, outcome in zip(run, _store_many(registry, [(planned[k], waiting.pop(k)) for k in run],
+                                                       run_id, spectra_only)):
+                    decided[k] = outcome
+                run = []
+            if i is not None:
+                decided[i] = unchanged(i, waiting.pop(i))
+        times.add("store", t0)
+
+    waiting: dict[int, Any] = {}
+    done = 0
+    results = iter(steps.compute_all(jobs, times) if jobs else [])
+    while True:
+        t0 = time.perf_counter()
+        chunk = next(results, None)
+        times.add("wait", t0)
+        if chunk is None:
+            break
+        times.mark("first_result")
+        ready = []
+        for j, result in chunk:
+            waiting[at[j]] = result
+        for name in dict.fromkeys(jobs[j].src.name for j, _ in chunk):
+            line = pending[name]
+            while line and line[0] in waiting:  # each name's adapters are stored in the sources' order
+                ready.append(line.popleft())
+        decide(sorted(ready))
+        out = []
+        while done in decided:
+            out.append(decided.pop(done))
+            done += 1
+        if out:
+            yield out
+    times.mark("computed")
+    missing = [i for i in range(done, len(planned)) if i not in decided]
+    for i in missing:  # a runner that lost results: those adapters are rejected, not silently dropped
+        decided[i] = Outcome(planned[i].spec, "rejected", planned[i].src.name, reason="no result came back")
+    if done < len(planned):
+        yield [decided[i] for i in range(done, len(planned))]
 
 
 def ingest_sources(
@@ -494,17 +635,28 @@ def ingest_sources(
     run_id = registry.start_run(specs, params, flow_run_id)
     outcomes = []
     fetched = steps.fetch_all(specs)
+    times = None
     if steps.compute_all is not None:
-        decided = _ingest_distributed(registry, specs, fetched, resolve_base, steps, run_id, dense=dense,
+        global LAST_DRIVER_TIMES
+        times = LAST_DRIVER_TIMES = DriverTimes()
+        times.mark("fetched")
+        decided = _ingest_distributed(registry, specs, fetched, resolve_base, steps, run_id, times, dense=dense,
                                       rank=rank, niter=niter, device=device, spectra_only=spectra_only)
     else:  # one adapter at a time, each line printed as soon as it is decided
-        decided = (ingest_one(registry, spec, src, resolve_base, steps, dense=dense, rank=rank, niter=niter,
-                              device=device, run_id=run_id, spectra_only=spectra_only)
+        decided = ([ingest_one(registry, spec, src, resolve_base, steps, dense=dense, rank=rank, niter=niter,
+                               device=device, run_id=run_id, spectra_only=spectra_only)]
                    for spec, src in zip(specs, fetched))
-    for spec, outcome in zip(specs, decided):
-        registry.record_result(run_id, source=spec, name=outcome.name, status=outcome.status,
-                               version=outcome.version, reason=outcome.reason, warnings=outcome.warnings)
-        emit(outcome)
-        outcomes.append(outcome)
+    for chunk in decided:  # consecutive outcomes in the sources' order: their results in one transaction
+        t0 = time.perf_counter()
+        registry.record_results(run_id, [dict(source=o.source, name=o.name, status=o.status, version=o.version,
+                                              reason=o.reason, warnings=o.warnings) for o in chunk])
+        if times is not None:
+            times.add("record", t0)
+        for outcome in chunk:
+            emit(outcome)
+            outcomes.append(outcome)
     registry.finish_run(run_id, "completed" if all(o.accepted for o in outcomes) else "completed_with_rejections")
+    if times is not None:
+        times.mark("finished")
+        logger.info("driver times: %s", json.dumps(times.summary()))
     return outcomes

@@ -79,3 +79,15 @@ def store_version(
         run_id=run_id,
         files=files,
     )
+
+
+def store_versions(
+    registry: Registry,
+    items: list[tuple[LoadedAdapter, SpectraBlob, str | None, dict[str, tuple[str, int]] | None]],
+) -> list[tuple[VersionInfo, bool]]:
+    """store_version for several (adapter, blob, run_id, files), in this order, in one transaction: the
+    distributed ingest's single writer commits a returned batch at once, not an adapter at a time."""
+    return registry.add_versions([dict(
+        adapter=adapter, blob=blob.blob_sha256, method=blob.method, params=blob.params, energy=blob.energy,
+        n_modules=blob.n_modules, size_bytes=blob.size_bytes, run_id=run_id, files=files)
+        for adapter, blob, run_id, files in items])

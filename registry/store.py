@@ -277,74 +277,85 @@ class Registry:
 
         files: the original adapter files kept as blobs, filename -> (blob sha256, size); a version that
         exists without them (ingested with --spectra-only) gets them attached."""
-        check_expert_name(adapter.source.name)  # the registry is the last line: every source is checked here too
-        for sha in [spectra_blob_sha256, *(sha for sha, _ in (files or {}).values())]:
-            if not self.blobs.exists(sha):
-                raise ValueError(
-                    f"blob {sha} for {adapter.source.name!r} is not in the blob store {self.blobs.root}; put() it first"
-                )
+        return self.add_versions([dict(
+            adapter=adapter, blob=spectra_blob_sha256, method=method, params=params, energy=energy,
+            n_modules=n_modules, size_bytes=size_bytes, run_id=run_id, files=files)])[0]
+
+    def add_versions(self, items: list[dict[str, Any]]) -> list[tuple[VersionInfo, bool]]:
+        """add_version for several adapters, in this order, in one transaction (one commit): each item holds
+        add_version's arguments (the spectra blob's sha256 as `blob`). All or none are stored."""
+        for it in items:
+            check_expert_name(it["adapter"].source.name)  # the registry is the last line: every source is checked
+            for sha in [it["blob"], *(sha for sha, _ in (it.get("files") or {}).values())]:
+                if not self.blobs.exists(sha):
+                    raise ValueError(f"blob {sha} for {it['adapter'].source.name!r} is not in the blob store "
+                                     f"{self.blobs.root}; put() it first")
+
         # Writers racing for the same next version number: the unique constraint picks one, the others retry.
-        return settle(lambda: self._add_version(
-            adapter, spectra_blob_sha256, method, params, energy, n_modules, size_bytes, run_id, files or {}
-        ))
+        def attempt() -> list[tuple[VersionInfo, bool]]:
+            with self._session.begin() as s:
+                return [self._add_version(s, it["adapter"], it["blob"], it["method"], it["params"], it["energy"],
+                                          it["n_modules"], it["size_bytes"], it.get("run_id"), it.get("files") or {})
+                        for it in items]
+
+        return settle(attempt)
 
     def _add_version(
-        self, adapter: LoadedAdapter, blob: str, method: str, params: dict, energy: float,
+        self, s: Session, adapter: LoadedAdapter, blob: str, method: str, params: dict, energy: float,
         n_modules: int, size_bytes: int, run_id: str | None, files: dict[str, tuple[str, int]],
     ) -> tuple[VersionInfo, bool]:
         name = adapter.source.name
-        with self._session.begin() as s:
-            base = self._ensure_base(s, adapter.base)
-            row = s.scalar(select(Adapter).where(Adapter.name == name))
-            if row is None:
-                row = Adapter(name=name, base_model=base)
-                s.add(row)
-                s.flush()
-            elif row.base_model_id != base.id and row.base_model.config_sha256 != base.config_sha256:
-                raise ValueError(
-                    f"expert {name!r} is registered for base model {row.base_model.name!r}; "
-                    f"{adapter.source.source} targets {base.name!r} (a different config)"
-                )
-            same = s.scalar(
-                self._versions_query().where(
-                    AdapterVersion.adapter_id == row.id, AdapterVersion.content_sha256 == adapter.content_sha256
-                )
-            )
-            if same is not None:
-                self._attach_files(s, same.id, files)
-                return _info(same), False
-            last = s.scalar(select(func.max(AdapterVersion.version)).where(AdapterVersion.adapter_id == row.id))
-            ver = AdapterVersion(
-                adapter=row,
-                version=(last or 0) + 1,
-                source=adapter.source.source,
-                revision=adapter.source.revision,
-                content_sha256=adapter.content_sha256,
-                config=_jsonable(adapter.config),
-                rank=int(adapter.rank),
-                alpha=float(adapter.alpha),
-                target_modules=sorted(adapter.target_modules),
-                modules_to_save=sorted(adapter.modules_to_save),
-                n_modules=len(adapter.modules) or len(adapter.dense_deltas),
-                dense=bool(adapter.dense_deltas),
-                ingestion_run_id=run_id,
-            )
-            params_json = _jsonable(params)
-            ver.spectra.append(
-                Spectra(
-                    blob_sha256=blob,
-                    method=method,
-                    params=params_json,
-                    params_sha256=sha256_json(params_json),
-                    energy=float(energy),
-                    n_modules=int(n_modules),
-                    size_bytes=int(size_bytes),
-                )
-            )
-            s.add(ver)
+        base = self._ensure_base(s, adapter.base)
+        row = s.scalar(select(Adapter).where(Adapter.name == name))
+        if row is None:
+            row = Adapter(name=name, base_model=base)
+            s.add(row)
             s.flush()
-            self._attach_files(s, ver.id, files)
-            return replace(_info(ver), files=tuple(sorted(files))), True
+        elif row.base_model_id != base.id and row.base_model.config_sha256 != base.config_sha256:
+            raise ValueError(
+                f"expert {name!r} is registered for base model {row.base_model.name!r}; "
+                f"{adapter.source.source} targets {base.name!r} (a different config)"
+            )
+        same = s.scalar(
+            self._versions_query().where(
+                AdapterVersion.adapter_id == row.id, AdapterVersion.content_sha256 == adapter.content_sha256
+            )
+        )
+        if same is not None:
+            self._attach_files(s, same.id, files)
+            return _info(same), False
+        last = s.scalar(select(func.max(AdapterVersion.version)).where(AdapterVersion.adapter_id == row.id))
+        ver = AdapterVersion(
+            adapter=row,
+            version=(last or 0) + 1,
+            source=adapter.source.source,
+            revision=adapter.source.revision,
+            content_sha256=adapter.content_sha256,
+            config=_jsonable(adapter.config),
+            rank=int(adapter.rank),
+            alpha=float(adapter.alpha),
+            target_modules=sorted(adapter.target_modules),
+            modules_to_save=sorted(adapter.modules_to_save),
+            n_modules=len(adapter.modules) or len(adapter.dense_deltas),
+            dense=bool(adapter.dense_deltas),
+            ingestion_run_id=run_id,
+        )
+        params_json = _jsonable(params)
+        ver.spectra.append(
+            Spectra(
+                blob_sha256=blob,
+                method=method,
+                params=params_json,
+                params_sha256=sha256_json(params_json),
+                energy=float(energy),
+                n_modules=int(n_modules),
+                size_bytes=int(size_bytes),
+            )
+        )
+        s.add(ver)
+        s.flush()
+        self._attach_files(s, ver.id, files)
+        return replace(_info(ver), files=tuple(sorted(files))), True
 
     @staticmethod
     def _attach_files(s: Session, version_id: int, files: dict[str, tuple[str, int]]) -> None:
@@ -808,17 +819,20 @@ class Registry:
         reason: str | None = None,
         warnings: list[str] | None = None,
     ) -> None:
-        if status not in RESULT_STATUSES:
-            raise ValueError(f"result status must be one of {RESULT_STATUSES}, got {status!r}")
+        self.record_results(run_id, [dict(source=source, name=name, status=status, version=version, reason=reason,
+                                          warnings=warnings)])
+
+    def record_results(self, run_id: str, results: list[dict[str, Any]]) -> None:
+        """Several results of one run (dicts of record_result's keywords), in this order, in one transaction."""
+        for r in results:
+            if r["status"] not in RESULT_STATUSES:
+                raise ValueError(f"result status must be one of {RESULT_STATUSES}, got {r['status']!r}")
         with self._session.begin() as s:
             if s.get(IngestionRun, run_id) is None:
                 raise KeyError(f"no ingestion run {run_id!r}")
-            s.add(
-                IngestionResult(
-                    run_id=run_id, source=source, name=name, status=status,
-                    version=version, reason=reason, warnings=list(warnings or []),
-                )
-            )
+            s.add_all(IngestionResult(  # inserted in this order: a run's results are read back by id
+                run_id=run_id, source=r["source"], name=r.get("name"), status=r["status"], version=r.get("version"),
+                reason=r.get("reason"), warnings=list(r.get("warnings") or [])) for r in results)
 
     def recorded_warnings(self, name: str, version: int) -> list[str] | None:
         """The warnings last recorded for an accepted expert version (None when no run recorded it)."""

@@ -151,3 +151,82 @@ def test_existing_scheduler_matches_the_default_runner(prefect_harness, tmp_path
     with Client(dask_cluster) as client:  # the work went through that scheduler, onto its workers
         prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
     assert prefixes, "no task ever ran on the external scheduler"
+
+
+# A runner-like parent (as `spectr serve-flows` starts a scheduled run: a multiprocessing child) whose child runs
+# the served Dask flow with a local 2-worker cluster on a hub source whose endpoint accepts and never answers:
+# the run holds its cluster while it waits on the hub (up to SPECTR_HUB_TIMEOUT).
+RUNNER_WITH_DASK = """
+import multiprocessing as mp, os, sys, time
+
+def flow_run(source, base):
+    from spectr.flows.schedule import ingest_on_dask_flow
+    ingest_on_dask_flow(sources=[source], base_model=base, workers=2)
+
+if __name__ == "__main__":
+    child = mp.get_context("spawn").Process(target=flow_run, args=(sys.argv[1], sys.argv[2]))
+    child.start()
+    print(child.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def _cmdline(p) -> str:
+    import psutil
+
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:  # gone meanwhile
+        return ""
+
+
+def test_a_killed_runner_leaves_no_dask_workers(prefect_harness, tmp_path, tiny_base_dir):
+    """`serve-flows --workers N` killed mid-run: the run's process and its local Dask workers end with it
+    (they once lived on, orphaned, until the run was over)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    from prefect.settings import PREFECT_API_URL
+
+    silent = socket.socket()  # the kernel accepts connections into the backlog; nothing ever answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    script = tmp_path / "runner_with_dask.py"
+    script.write_text(RUNNER_WITH_DASK)
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "SPECTR_HOME": str(tmp_path / "home"),
+           "HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}", "HF_HUB_OFFLINE": "0",
+           "SPECTR_HUB_TIMEOUT": "600"}
+    runner = subprocess.Popen([sys.executable, str(script), "org/never-answers", str(tiny_base_dir)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    seen: list[psutil.Process] = []
+    try:
+        line = runner.stdout.readline()
+        assert line, "the runner-like parent did not start its run"
+        run = psutil.Process(int(line))
+        deadline = time.monotonic() + 300
+        while True:  # the run's cluster is up: two Dask worker processes under the run's process
+            workers = [p for p in run.children(recursive=True) if "spawn_main" in _cmdline(p)]
+            if len(workers) >= 2:
+                break
+            assert run.is_running() and time.monotonic() < deadline, "the run's 2 Dask workers never started"
+            time.sleep(0.5)
+        seen = [run, *run.children(recursive=True)]
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(60)
+        gone, alive = psutil.wait_procs(seen, timeout=60)
+        assert not alive, f"outlived the killed runner: {[(p.pid, _cmdline(p)[:90]) for p in alive]}"
+    finally:
+        for p in [*seen]:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+        silent.close()

@@ -197,3 +197,13 @@ def test_dense_finetune_ingested_by_randomized_svd(prefect_harness, spectr_home,
         rebuilt = m.scaling * (m.U * m.S) @ m.V.T
         assert (rebuilt - delta).norm() / delta.norm() < 1e-4
         assert m.energy > 0.9999
+
+
+@pytest.mark.parametrize("n, workers", [(1, 1), (6, 2), (200, 2), (1000, 1), (1000, 8), (37, 64)])
+def test_batches_shrink_towards_the_end(n, workers):
+    from spectr.flows.ingest import MAX_BATCH, MIN_BATCH, batch_sizes
+
+    sizes = batch_sizes(n, workers)
+    assert sum(sizes) == n and all(1 <= s <= MAX_BATCH for s in sizes)
+    assert sizes == sorted(sizes, reverse=True)  # large first, small last: the workers finish together
+    assert sizes[-1] <= MIN_BATCH or len(sizes) == 1

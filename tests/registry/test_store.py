@@ -168,3 +168,26 @@ def test_catalog_rows(registry, add):
     needed = {"name", "version", "base_model", "rank", "modules", "content_sha256", "blob_sha256",
               "target_modules", "method", "energy", "source", "revision", "created_at", "alpha"}
     assert needed <= set(rows[0])
+
+
+def test_add_versions_stores_a_batch_in_order_or_nothing(registry):
+    """The distributed ingest's writer: a returned batch's versions in one transaction, numbered in order; a
+    batch with one unusable item stores none of them (the caller then stores each on its own)."""
+    data = spectra_bytes(3)
+    blob = registry.blobs.put(data)
+    kw = dict(blob=blob, method="exact", params={}, energy=1.0, n_modules=1, size_bytes=len(data))
+    bad = [dict(adapter=loaded("early", "1"), **kw), dict(adapter=loaded("late", "2"), **{**kw, "blob": "f" * 64})]
+    with pytest.raises(ValueError, match="not in the blob store"):
+        registry.add_versions(bad)
+    assert _count(registry, "adapter_versions") == 0
+    got = registry.add_versions([dict(adapter=loaded("twice", c), **kw) for c in "3434"])
+    assert [(v.version, created) for v, created in got] == [(1, True), (2, True), (1, False), (2, False)]
+
+
+def test_record_results_keeps_their_order(registry):
+    run = registry.start_run(["/a/x", "/a/y", "/a/z"], {})
+    registry.record_results(run, [dict(source=f"/a/{n}", name=n, status="rejected", reason=n) for n in "zxy"])
+    assert [r["source"] for r in registry.get_run(run)["results"]] == ["/a/z", "/a/x", "/a/y"]
+    with pytest.raises(ValueError, match="status must be one of"):
+        registry.record_results(run, [dict(source="/a/ok", name=None, status="new"), dict(source="x", status="maybe")])
+    assert len(registry.get_run(run)["results"]) == 3  # nothing of a refused list
