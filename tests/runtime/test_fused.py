@@ -149,11 +149,15 @@ def test_cuda_fused_equals_plain_fp32_choices_and_bf16_logits(bundle, name):
         set_expert_mask(model, None)
     fused.to(torch.bfloat16), plain.to(torch.bfloat16)
     if fused.spectr.config.apply == "gathered":
-        # bf16 reference: the same fused model applying densely (same kernel, same decisions, only where the sum
-        # is rounded differs). The plain path's "gathered" runs its grouped apply, which rounds each expert's
-        # delta to bf16 first; this tiny random model's decisions flip on such differences (on the CPU, plain
-        # grouped vs plain dense at k=2: 18% apart in bf16, 5 flipped choices), so it is no bf16 reference.
-        set_router(plain, impl="fused", apply="dense")
+        # bf16: the plain path's "gathered" runs its grouped apply, which rounds each expert's delta to bf16
+        # first, and this tiny random model's near-tied scores flip on such differences (the H200 run at
+        # ed038ed: fused gathered vs fused dense 2% apart); so each token may use exactly top_k experts here
+        # (set_expert_mask): the decisions are pinned and only the arithmetic is compared.
+        k = fused.spectr.config.top_k
+        g = torch.Generator().manual_seed(4)
+        pinned = torch.stack([torch.randperm(4, generator=g) < k for _ in range(IDS.numel())])
+        for model in (fused, plain):
+            set_expert_mask(model, pinned)
     got, want = run(fused, ids)[0].float(), run(plain, ids)[0].float()
     assert (got - want).norm() / want.norm() <= 2e-2
 
