@@ -50,8 +50,9 @@ class RouterConfig:
     depth_decay: float = 0.5  # the factor per decision group for depth_evidence="decayed"
     attn_follows_mlp: bool = False  # layer l's attention modules take layer l-1's MLP decision
     calibrate: str = "none"  # none | isotropic | base_weight: divide selection evidence by an expert's typical score
-    # fused: one scoring GEMM per input group, decisions handed to siblings by module attributes, the dense
-    # apply added into the base output (addmm_), on a GPU one Triton kernel for the routing math; compiles
+    # fused: one GEMM per input group for the base outputs and scores (layout_group), decisions and outputs
+    # handed to siblings by module attributes, the dense apply added into the base output (addmm_; at decode
+    # sizes on a GPU one gathered Triton apply per group), on a GPU one Triton kernel for the routing math; compiles
     # with fullgraph=True and captures into CUDA graphs. plain: the readable per-module code, the reference
     # the fused path is tested against (and the grouped apply, which the fused path leaves to it).
     impl: str = "fused"
