@@ -28,7 +28,7 @@ route = None
 expand = None
 expand_group = None
 order = None
-DECODE_MAX = 64  # at or below this many token rows an input group applies gathered in one expand_group launch
+DECODE_MAX = 64  # at or below this many token rows: eager takes the group GEMM, and a GPU applies with expand_group
 SORT_MIN = 128  # order(): at or below this many tokens the rows are visited as they are (decode)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
