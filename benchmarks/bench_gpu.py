@@ -149,12 +149,14 @@ def timed(fn, ids: torch.Tensor, warmup: int = 3, reps: int = 20, mark: bool = F
     return statistics.median(times)
 
 
-def measure(model, compiled: bool, label: str) -> dict[str, float]:
+def measure(model, compiled: bool, label: str, prof: Path | None = None) -> dict[str, float]:
+    """Median ms per shape; prof: also write a torch.profiler table per shape of the measured forward
+    (compiled: the kernels replayed from the CUDA graph, as CUPTI sees them) to this file."""
     fwd = model
     if compiled:
         torch._dynamo.reset()
         fwd = torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    out = {}
+    out, tables = {}, []
     g = torch.Generator(device=DEV).manual_seed(7)
     for shape, (B, T) in SHAPES.items():
         ids = torch.randint(0, 32000, (B, T), device=DEV, generator=g)
@@ -164,25 +166,30 @@ def measure(model, compiled: bool, label: str) -> dict[str, float]:
         out[shape] = timed(lambda i: fwd(input_ids=i, use_cache=False).logits, ids, mark=compiled)
         print(f"  {label} {'compiled' if compiled else 'eager'} {shape}: {out[shape]:.3f} ms "
               f"(cell took {time.perf_counter() - t0:.1f} s)", flush=True)
+        if prof is not None and DEV == "cuda":
+            tables.append(profile_table(fwd, ids, compiled, f"{label} {'compiled' if compiled else 'eager'} {shape}"))
+    if prof is not None and tables:
+        prof.parent.mkdir(parents=True, exist_ok=True)
+        prof.write_text("\n".join(tables))
     return out
 
 
-def profile(model, path: Path, label: str) -> None:
+def profile_table(fwd, ids: torch.Tensor, compiled: bool, title: str) -> str:
+    """torch.profiler over 3 forwards (already warm): kernels by GPU time, with their count."""
     from torch.profiler import ProfilerActivity, profile as prof
 
-    lines = []
-    for shape, (B, T) in SHAPES.items():
-        ids = torch.randint(0, 32000, (B, T), device=DEV)
-        with torch.no_grad():
-            for _ in range(2):
-                model(input_ids=ids, use_cache=False)
-            torch.cuda.synchronize()
-            with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
-                for _ in range(3):
-                    model(input_ids=ids, use_cache=False)
-                torch.cuda.synchronize()
-        lines += [f"## {label} {shape} (3 forwards)", p.key_averages().table(sort_by="cuda_time_total", row_limit=25)]
-    path.write_text("\n".join(lines))
+    with torch.no_grad(), prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        for _ in range(3):
+            if compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            fwd(input_ids=ids, use_cache=False)
+        torch.cuda.synchronize()
+    events = p.key_averages()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    n = sum(e.count for e in kernels) / 3
+    gpu = sum(e.self_device_time_total for e in kernels) / 3 / 1e3
+    return (f"## {title}: {n:.0f} kernels, {gpu:.3f} ms GPU time per forward\n"
+            + events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
 
 
 def main() -> None:
@@ -193,7 +200,7 @@ def main() -> None:
                     help="variant:E pairs also measured compiled (or 'none')")
     ap.add_argument("--skip", default="", help="short variant names not measured (e.g. plain,arrow)")
     ap.add_argument("--peft", action=argparse.BooleanOptionalAction, default=True, help="measure PEFT Arrow at E=8")
-    ap.add_argument("--profile", type=Path, help="write torch.profiler tables (defaults, eager) here")
+    ap.add_argument("--profile", type=Path, help="write torch.profiler tables here (base compiled; defaults eager and compiled at --profile-experts)")
     ap.add_argument("--profile-experts", default="8,64", help="the E's profiled with --profile")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: check the script, not the speed")
@@ -223,9 +230,12 @@ def main() -> None:
         rows.append({"variant": label, "E": E, "compiled": opts_compiled, **result})
         write_results(rows, a, time.perf_counter() - t_start, quiet=True)  # a run cut short keeps its rows
 
+    def prof(name: str) -> Path | None:
+        return a.profile / f"profile_{name}.txt" if a.profile else None
+
     record("base", None, False, measure(base, False, "base"))
     if "base" in want_compiled:
-        record("base", None, True, measure(base, True, "base"))
+        record("base", None, True, measure(base, True, "base", prof("base_compiled")))
     with tempfile.TemporaryDirectory() as tmp:
         factors = make_factors(base, max(sizes), a.layers)
         bundle_path, folders = write_experts(Path(tmp), base, factors)
@@ -237,10 +247,13 @@ def main() -> None:
                 if short[label] in skip or (label == "defaults, impl=plain" and E != sizes[0]):
                     continue
                 model = load_bundle(copy.deepcopy(base), bundle, **opts)
-                record(label, E, False, measure(model, False, f"{label} E={E}"))
+                profiled = label == "defaults" and str(E) in a.profile_experts.split(",")
+                record(label, E, False, measure(model, False, f"{label} E={E}",
+                                                prof(f"{short[label]}_E{E}") if profiled else None))
                 if f"{short[label]}:{E}" in want_compiled:
                     try:
-                        record(label, E, True, measure(model, True, f"{label} E={E}"))
+                        record(label, E, True, measure(model, True, f"{label} E={E}",
+                                                       prof(f"{short[label]}_E{E}_compiled") if profiled else None))
                     except Exception as exc:  # noqa: BLE001 - a benchmark reports, then tries without the kernel
                         print(f"  {label} E={E} compiled failed: {type(exc).__name__}: {str(exc)[:600]}", flush=True)
                         from spectr.runtime import kernels
@@ -248,9 +261,6 @@ def main() -> None:
                         if kernels.route is not None:
                             kernels.route = kernels.expand = None
                             record(label + " (no Triton kernel)", E, True, measure(model, True, f"{label} E={E}"))
-                if a.profile and label == "defaults" and str(E) in a.profile_experts.split(","):
-                    a.profile.mkdir(parents=True, exist_ok=True)
-                    profile(model, a.profile / f"profile_{short[label]}_E{E}.txt", f"{label} E={E}")
                 del model
                 gc.collect()
                 torch.cuda.empty_cache()

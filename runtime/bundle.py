@@ -23,7 +23,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from spectr.digest import config_sha256
-from spectr.runtime.layer import ForwardState, RoutedLinear, RouterConfig
+from spectr.runtime.layer import ForwardState, RoutedLinear, RouterConfig, release_group
 from spectr.runtime.presets import DEFAULT_PRESET, preset_settings
 from spectr.runtime.trace import TraceRecorder
 
@@ -445,6 +445,10 @@ def unload_bundle(model: nn.Module) -> nn.Module:
     state: RoutedState | None = getattr(model, "spectr", None)
     if state is None:
         raise ValueError("model has no bundle loaded")
+    for m in state.modules:
+        routed = model.get_submodule(m)
+        if routed.W_group is not None:  # the group GEMM's layout: the base weights get their own storage back
+            release_group(routed.siblings)
     for m in state.modules:
         parent, _, child = m.rpartition(".")
         setattr(model.get_submodule(parent), child, model.get_submodule(m).base_layer)

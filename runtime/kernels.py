@@ -26,7 +26,9 @@ import torch
 
 route = None
 expand = None
+expand_group = None
 order = None
+DECODE_MAX = 64  # at or below this many token rows: eager takes the group GEMM, and a GPU applies with expand_group
 SORT_MIN = 128  # order(): at or below this many tokens the rows are visited as they are (decode)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -40,7 +42,7 @@ if torch.cuda.is_available() or INTERPRET:
     if triton is not None:
 
         @triton.jit
-        def _route_kernel(P, S, rank, s, allowed, C, idx_out, vals_out, stride_p, stride_a, inv_temp,
+        def _route_kernel(P, S, rank, s, allowed, C, idx_out, vals_out, stride_p, stride_c, stride_a, inv_temp,
                           M: tl.constexpr, E: tl.constexpr, R: tl.constexpr, EP: tl.constexpr, RP: tl.constexpr,
                           K: tl.constexpr, ARROW: tl.constexpr, SIGMA: tl.constexpr, RANK_NORM: tl.constexpr,
                           SOFTMAX: tl.constexpr, FACTOR: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -119,19 +121,24 @@ if torch.cuda.is_available() or INTERPRET:
                         ck = tl.sum(tl.where((pos == k)[:, None], c, 0.0), axis=0)
                         tl.store(C + ((t * M + m) * K + k) * R + r, ck.to(C.dtype.element_ty), mask=r < R)
                 else:
-                    tl.store(C + t * stride_p + m * E * R + offs, c.to(C.dtype.element_ty), mask=er)
+                    tl.store(C + t * stride_c + m * E * R + offs, c.to(C.dtype.element_ty), mask=er)
 
         @triton.jit
         def _expand_kernel(Y, Cc, idx, perm, US, t, N, stride_y, stride_c, stride_u,
                            K: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr,
-                           BN: tl.constexpr, SORTED: tl.constexpr, IEEE: tl.constexpr):
+                           BN: tl.constexpr, SORTED: tl.constexpr, IEEE: tl.constexpr,
+                           O1: tl.constexpr, O2: tl.constexpr):
+            # a group's output (expand_group): columns from O1 on belong to member 1, from O2 on to member 2,
+            # whose coefficients follow member 0's by K*R per member in each row of Cc; BN divides O1 and O2
             i = tl.program_id(0) * BT + tl.arange(0, BT)
             row_ok = i < t
             if SORTED:
                 rows = tl.load(perm + i, mask=row_ok, other=0).to(tl.int64)
             else:
                 rows = i.to(tl.int64)
-            n = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+            n0 = tl.program_id(1) * BN
+            member = (n0 >= O1).to(tl.int64) + (n0 >= O2).to(tl.int64)
+            n = n0.to(tl.int64) + tl.arange(0, BN)
             n_ok = n < N
             r = tl.arange(0, RP)
             r_ok = r < R
@@ -139,7 +146,7 @@ if torch.cuda.is_available() or INTERPRET:
             acc = tl.zeros([BT, BN], tl.float32)
             for k in tl.static_range(K):
                 e_rows = tl.load(idx + rows * K + k, mask=row_ok, other=0).to(tl.int32)
-                c = tl.load(Cc + rows[:, None] * stride_c + k * R + r[None, :],
+                c = tl.load(Cc + rows[:, None] * stride_c + member * K * R + k * R + r[None, :],
                             mask=row_ok[:, None] & r_ok[None, :], other=0.0)
                 cur = tl.min(tl.where(row_ok, e_rows, big), axis=0)
                 while cur < big:  # each expert met in this block of rows: one product over the block
@@ -177,21 +184,46 @@ if torch.cuda.is_available() or INTERPRET:
             grid = (triton.cdiv(t, BT), triton.cdiv(N, BN))
             _expand_kernel[grid](y, c, idx, perm if perm is not None else idx, US, t, N, y.stride(0),
                                  c.stride(0), US.stride(0), K=K, R=R, RP=RP, BT=BT, BN=BN,
-                                 SORTED=perm is not None, IEEE=c.dtype == torch.float32, num_warps=4)
+                                 SORTED=perm is not None, IEEE=c.dtype == torch.float32, O1=1 << 30, O2=1 << 30,
+                                 num_warps=4)
+            return y
+
+        def expand_group(y: torch.Tensor, c: torch.Tensor, idx: torch.Tensor, US: torch.Tensor,
+                         starts: list[int], bn: int) -> torch.Tensor:
+            """`expand` for an input group's joint output, in one launch: y (t, >= N) holds the members'
+            outputs side by side from column 0 (member m's from starts[m]); c (t, M, K, R) contiguous, route's
+            compact output for the group; US (N, E*R) the members' U Sigma stacked the same way; bn divides every
+            start. Rows as they come (decode sizes). In place; returns y."""
+            t, N = y.shape[0], US.shape[0]
+            M, K, R = c.shape[1], c.shape[2], c.shape[3]
+            if y.stride(1) != 1 or not c.is_contiguous() or M > 3 or any(o % bn for o in starts):
+                raise ValueError("expand_group: y needs unit column stride, c contiguous, at most 3 members, "
+                                 "bn dividing every member's start")
+            far = 1 << 30
+            O1 = starts[1] if M > 1 else far
+            O2 = starts[2] if M > 2 else far
+            RP = max(16, 1 << (R - 1).bit_length())
+            grid = (triton.cdiv(t, 16), triton.cdiv(N, bn))
+            _expand_kernel[grid](y, c, idx, idx, US, t, N, y.stride(0), c.stride(0), US.stride(0), K=K, R=R, RP=RP,
+                                 BT=16, BN=bn, SORTED=False, IEEE=c.dtype == torch.float32, O1=O1, O2=O2,
+                                 num_warps=4)
             return y
 
         def route(P: torch.Tensor, S: torch.Tensor, rank: torch.Tensor, s: torch.Tensor,
                   allowed: torch.Tensor | None, *, M: int, E: int, k: int, router: str, score: str,
                   rank_normalize: bool, weighting: str, temperature: float, combine: str, compact: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            """P (t, M*E*R) -> (C like P, idx (t, k) int64, vals (t, M, k) float32) for one input group;
+            """P (t, M*E*R) -> (C (t, M*E*R), idx (t, k) int64, vals (t, M, k) float32) for one input group;
+            P may be a column slice of a wider tensor (unit column stride; the group GEMM's score columns);
             compact: C holds only the chosen experts' coefficients, (t, M, k, R), for `expand`.
 
             S (M, E, R), rank (M, E), s (M, E) on P's device (any dtype); allowed bool (t, E), (E,) or None.
             """
             t, R = P.shape[0], S.shape[2]
             k = min(k, E)
-            C = P.new_empty(t, M, k, R) if compact else torch.empty_like(P)
+            if P.stride(1) != 1:
+                raise ValueError("route: P needs unit column stride")
+            C = P.new_empty(t, M, k, R) if compact else P.new_empty(t, P.shape[1])
             idx = torch.empty(t, k, dtype=torch.int64, device=P.device)
             vals = torch.empty(t, M, k, dtype=torch.float32, device=P.device)
             mask = allowed if allowed is not None else rank
@@ -200,7 +232,7 @@ if torch.cuda.is_available() or INTERPRET:
                 mask = allowed.view(torch.uint8)
             EP, RP = 1 << (E - 1).bit_length(), 1 << (R - 1).bit_length()
             _route_kernel[(t,)](
-                P, S, rank, s, mask, C, idx, vals, P.stride(0), stride_a, 1.0 / temperature,
+                P, S, rank, s, mask, C, idx, vals, P.stride(0), C.stride(0), stride_a, 1.0 / temperature,
                 M=M, E=E, R=R, EP=EP, RP=RP, K=k, ARROW=router == "arrow", SIGMA=score == "sigma",
                 RANK_NORM=rank_normalize, SOFTMAX=weighting == "softmax", FACTOR=combine == "factor",
                 HAS_MASK=allowed is not None, COMPACT=compact, num_warps=4 if EP * RP >= 512 else 2,

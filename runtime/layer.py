@@ -50,8 +50,9 @@ class RouterConfig:
     depth_decay: float = 0.5  # the factor per decision group for depth_evidence="decayed"
     attn_follows_mlp: bool = False  # layer l's attention modules take layer l-1's MLP decision
     calibrate: str = "none"  # none | isotropic | base_weight: divide selection evidence by an expert's typical score
-    # fused: one scoring GEMM per input group, decisions handed to siblings by module attributes, the dense
-    # apply added into the base output (addmm_), on a GPU one Triton kernel for the routing math; compiles
+    # fused: one GEMM per input group for the base outputs and scores (layout_group), decisions and outputs
+    # handed to siblings by module attributes, the dense apply added into the base output (addmm_; at decode
+    # sizes on a GPU one gathered Triton apply per group), on a GPU one Triton kernel for the routing math; compiles
     # with fullgraph=True and captures into CUDA graphs. plain: the readable per-module code, the reference
     # the fused path is tested against (and the grouped apply, which the fused path leaves to it).
     impl: str = "fused"
@@ -203,11 +204,20 @@ class ForwardState:
                     for f in ("S", "rank", "s"):
                         lead.register_buffer(f"{f}_group", torch.stack([getattr(m, f) for m in members]),
                                              persistent=False)
+            layout_group(members)
 
     def _clear_handoffs(self) -> None:
+        # Only what is set: under torch.compile the hooks run as frames of their own, and every attribute they
+        # assign is replayed in Python on each call (3 per routed module, twice a forward: about 340 module
+        # setattrs for 8 Llama layers); a None checked is a guard, not a replay.
         for members in self.members.values():
             for m in members:
-                m.pending = m.layer_idx = None
+                if m.pending is not None:
+                    m.pending = None
+                if m.layer_idx is not None:
+                    m.layer_idx = None
+                if m.pending_out is not None:
+                    m.pending_out = None
 
     def begin(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         cfg = self.cfg
@@ -292,6 +302,62 @@ class ForwardState:
         return total
 
 
+def layout_group(members: list[RoutedLinear]) -> None:
+    """One GEMM for an input group: the members' base weights and their experts' V^T stacked in one matrix,
+    W_group = [W_1; ...; W_M; V_1^T; ...; V_M^T] (on the lead, the group's first member), so that x @ W_group^T
+    gives every member's base output and every score projection at once (for q, k, v: one GEMM where the
+    base model runs three, plus none for scoring). No copy is kept: each member's base weight, V^T and U Sigma
+    become views of the lead's W_group / US_group (same values; unload_bundle gives the weights their own
+    storage back; copy.deepcopy clones parameters, so a deep copy holds both, of equal value). Only for bias-free nn.Linear members whose weights match the bank in dtype and device;
+    other groups keep the per-module path."""
+    lead = members[0]
+    lead.W_group = lead.US_group = None
+    bases = [m.base_layer for m in members]
+    if not all(type(b) is nn.Linear and b.bias is None for b in bases):
+        return
+    W = [b.weight for b in bases]
+    ref = lead.Vt
+    if not ref.is_floating_point() or ref.device.type == "meta" or any(
+            w.dtype != ref.dtype or w.device != ref.device or w.shape[1] != ref.shape[1]
+            or m.Vt.dtype != ref.dtype or m.US.dtype != ref.dtype for w, m in zip(W, members)):
+        return
+    with torch.no_grad():
+        lead.W_group = torch.cat([w.detach() for w in W] + [m.Vt for m in members])
+        lead.US_group = torch.cat([m.US for m in members])
+    outs = [w.shape[0] for w in W]
+    lead.group_outs, lead.group_n = outs, sum(outs)
+    lead.group_starts = [sum(outs[:i]) for i in range(len(outs))]
+    # expand_group's column block: one member per block
+    lead.group_bn = next((b for b in (64, 32, 16) if all(o % b == 0 for o in lead.group_starts)), None)
+    _bind_group(members)
+
+
+def _bind_group(members: list[RoutedLinear]) -> None:
+    """Point every member's base weight, V^T and U Sigma (and the lead's Vt_group) into the lead's W_group /
+    US_group (after layout_group, and again after model.to(...) moved them)."""
+    lead = members[0]
+    W, U = lead.W_group, lead.US_group
+    o = 0
+    for m in members:
+        n = m.base_layer.weight.shape[0]
+        m.base_layer.weight.data = W[o:o + n]
+        m.US = U[o:o + n]
+        o += n
+    for m in members:
+        n = m.Vt.shape[0]
+        m.Vt = W[o:o + n]
+        o += n
+    if len(members) > 1 and getattr(lead, "Vt_group", None) is not None:
+        lead.Vt_group = W[lead.group_n:]
+
+
+def release_group(members: list[RoutedLinear]) -> None:
+    """Give each member's base weight its own storage again (unload_bundle)."""
+    for m in members:
+        w = m.base_layer.weight
+        w.data = w.data.clone()
+
+
 class RoutedLinear(nn.Module):
     """y = base(x) + delta y, where delta y mixes the experts the router picks for each token."""
 
@@ -326,7 +392,20 @@ class RoutedLinear(nn.Module):
         self.layer_rest: list[RoutedLinear] = []
         self.pending: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
         self.layer_idx: torch.Tensor | None = None
+        # The group GEMM (layout_group): on the lead, the stacked weights; pending_out hands a sibling its
+        # output (input, output, choices, values) within one forward.
+        self.register_buffer("W_group", None, persistent=False)
+        self.register_buffer("US_group", None, persistent=False)
+        self.pending_out: tuple | None = None
         self.routing_state.register(self)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> RoutedLinear:
+        """model.to(...) moves each tensor on its own; the lead then points its group's views into the moved
+        W_group / US_group again (a sibling moved later finds its views already in place: nothing to move)."""
+        super()._apply(fn, recurse)
+        if self.W_group is not None:
+            _bind_group(self.siblings)
+        return self
 
     def _scores(self, P: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -481,7 +560,8 @@ class RoutedLinear(nn.Module):
             Ps = [x @ m.Vt.T for m in members]
         return [P.view(x.shape[0], m.E, -1) for m, P in zip(members, Ps)]
 
-    def _decide_group(self, x: torch.Tensor, shape: tuple[int, int]) -> list[tuple]:
+    def _decide_group(self, x: torch.Tensor, shape: tuple[int, int], Ps: list[torch.Tensor] | None = None
+                      ) -> list[tuple]:
         """(C (t, E*r), vals, idx) for every member of this module's group, from one shared decision.
 
         The same choices as the plain path: selection on the pooled scores of the group (the plain path
@@ -489,9 +569,10 @@ class RoutedLinear(nn.Module):
         cfg, st, t = self.cfg, self.routing_state, x.shape[0]
         members = self._group()
         allowed = st.allowed(self, t)
-        if self._kernel_ok(x):
+        if Ps is None and self._kernel_ok(x):
             return self._decide_group_kernel(members, x, allowed)
-        Ps = self._project_group(members, x)
+        if Ps is None:
+            Ps = self._project_group(members, x)
         if cfg.router == "uniform":
             return [(routing.coefficients(P, routing.all_weights(t, m.rank, allowed), m.S, m.s,
                                           combine=cfg.combine).reshape(t, -1), None, None, None)
@@ -596,18 +677,104 @@ class RoutedLinear(nn.Module):
             return torch.addmm(y2, C.to(y.dtype), US.T.to(y.dtype)).view_as(y)
         return y2.addmm_(C.to(y.dtype), US.T.to(y.dtype)).view_as(y)
 
+    def _fused_ok(self, x: torch.Tensor) -> bool:
+        """The fused path applies densely or gathered (kernels.expand); a grouped apply (apply="grouped", or
+        "auto" at large E*r without the kernels) takes the plain path, whose per-expert gathers have
+        data-dependent shapes (not for torch.compile). So do the round-two options the fused path does not
+        implement (prompt_mean, depth_evidence, attn_follows_mlp)."""
+        cfg = self.cfg
+        return cfg.impl == "fused" and cfg.apply != "grouped" and not cfg.plain_only() and (
+            cfg.apply in ("dense", "gathered") or self.Vt.shape[0] <= cfg.dense_max or 2 * cfg.top_k >= self.E
+            or self._gathers(x))
+
+    def _group_ok(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+        """Whether this call takes the group GEMM (_group_forward): a laid-out group deciding together (or a
+        group of one), a router that scores, no autograd through the base weights (those stay the modules' own
+        parameters for autograd's sake), x in the weights' dtype."""
+        lead, cfg = self.siblings[0], self.cfg
+        if lead.W_group is None or args or kwargs or cfg.router == "fixed" or cfg.pool == "layer" \
+                or (cfg.pool == "module" and len(self.siblings) > 1) or x.dtype != lead.W_group.dtype:
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or self.base_layer.weight.requires_grad):
+            return False
+        # Eager, at prefill sizes, the per-module path: the group's outputs are column slices of one matrix, and
+        # eager elementwise kernels downstream (rotary, SiLU * up) run their slow strided variants on them (H200,
+        # 8 x 512 tokens: 1.19x the base instead of 1.11x). Inductor reads the slices in its fused kernels.
+        if not torch.compiler.is_compiling() and x.numel() > kernels.DECODE_MAX * x.shape[-1]:
+            return False
+        return self._fused_ok(x)
+
+    def _group_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused path for a laid-out input group: the first member called runs one GEMM against W_group
+        (every member's base output and scores), decides for the group (Triton kernel on a GPU, routing.py's
+        code elsewhere), applies every member's delta and hands each sibling its output; a sibling called with
+        the same input returns it. At decode sizes on a GPU the apply is one expand_group launch for the whole
+        group (only the chosen experts' U Sigma columns, in place); otherwise each member's dense apply
+        (in place with addmm_ in eager; out of place under torch.compile, where Inductor fuses the add into the
+        output's consumer instead of copying the base output first)."""
+        dims = x.shape[:-1]
+        got = self.pending_out
+        if got is not None:
+            self.pending_out = None
+            if got[0] is x:
+                self._record(got[2], got[3], dims)
+                return got[1].view(*dims, -1)
+        members, lead, cfg, st = self.siblings, self.siblings[0], self.cfg, self.routing_state
+        xf = x.reshape(-1, x.shape[-1])
+        t, M = xf.shape[0], len(members)
+        Y = xf @ lead.W_group.T
+        outs = list(Y[:, :lead.group_n].split(lead.group_outs, dim=1))
+        P = Y[:, lead.group_n:]
+        Cs = None
+        if self._kernel_ok(xf):
+            S, rank, s = (lead.S_group, lead.rank_group, lead.s_group) if M > 1 else \
+                (self.S.unsqueeze(0), self.rank.unsqueeze(0), self.s.unsqueeze(0))
+            decode = t <= kernels.DECODE_MAX and lead.group_bn is not None and kernels.expand_group is not None \
+                and cfg.apply != "dense"
+            gathered = decode or self._gathers(xf)
+            C, idx, vals = kernels.route(P, S, rank, s, st.allowed(self, t), M=M, E=self.E, k=cfg.top_k,
+                                         router=cfg.router, score=cfg.score, rank_normalize=cfg.rank_normalize,
+                                         weighting=cfg.weighting, temperature=cfg.temperature, combine=cfg.combine,
+                                         compact=gathered)
+            vals_of = [vals[:, m] for m in range(M)]
+            if decode:
+                kernels.expand_group(Y, C, idx, lead.US_group, lead.group_starts, lead.group_bn)
+            elif gathered:
+                perm = kernels.order(idx)
+                for m, o in zip(members, outs):
+                    kernels.expand(o, C[:, m.slot], idx, m.US, perm)
+            else:
+                Cs = C.split(lead.group_sizes, dim=1) if M > 1 else (C,)
+        else:
+            shape = (1, dims[0]) if len(dims) == 1 else (dims[:-1].numel(), dims[-1])
+            Ps = [p.view(t, m.E, -1) for m, p in zip(members, P.split([m.Vt.shape[0] for m in members], dim=1))]
+            res = self._decide_group(xf, shape, Ps)
+            Cs, idx, vals_of = [r[0] for r in res], res[0][2], [r[1] for r in res]
+        if Cs is not None:
+            if torch.compiler.is_compiling():
+                outs = [o + C.to(o.dtype) @ m.US.T for o, C, m in zip(outs, Cs, members)]
+            else:
+                for o, C, m in zip(outs, Cs, members):
+                    o.addmm_(C.to(o.dtype), m.US.T)
+        if st.active:
+            for m, o, v in zip(members, outs, vals_of):
+                if m is not self:
+                    m.pending_out = (x, o, idx, v)
+        self._record(idx, vals_of[self.slot], dims)
+        return outs[self.slot].view(*dims, -1)
+
+    def _record(self, idx: torch.Tensor | None, vals: torch.Tensor | None, dims: torch.Size) -> None:
+        if self.recorder is not None and self.recorder.enabled and idx is not None:
+            self.recorder.record(self.name, idx.view(*dims, -1), vals.view(*dims, -1))
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._group_ok(x, args, kwargs):
+            return self._group_forward(x)
         y = self.base_layer(x, *args, **kwargs)
         lead = x.shape[:-1]
         shape = (1, lead[0]) if len(lead) == 1 else (lead[:-1].numel(), lead[-1])
         cfg = self.cfg
-        # The fused path applies densely or gathered (kernels.expand); a grouped apply (apply="grouped", or
-        # "auto" at large E*r without the kernels) takes the plain path, whose per-expert gathers have
-        # data-dependent shapes (not for torch.compile). So do the round-two options the fused path does not
-        # implement (prompt_mean, depth_evidence, attn_follows_mlp).
-        if cfg.impl == "fused" and cfg.apply != "grouped" and not cfg.plain_only() and (
-                cfg.apply in ("dense", "gathered") or self.Vt.shape[0] <= cfg.dense_max or 2 * cfg.top_k >= self.E
-                or self._gathers(x)):
+        if self._fused_ok(x):
             return self._fused_forward(x, y, shape)
         dy, vals, idx = self.delta(x.reshape(-1, x.shape[-1]), shape, x)
         if self.recorder is not None and self.recorder.enabled and idx is not None:

@@ -147,15 +147,20 @@ def test_cuda_fused_equals_plain_fp32_choices_and_bf16_logits(bundle, name):
     assert (run(fused, ids)[0] - run(plain, ids)[0]).abs().max() <= 1e-3
     for model in (fused, plain):
         set_expert_mask(model, None)
+    # bf16: this tiny random model's near-tied scores flip on rounding differences (two bf16 paths that round
+    # at different points, e.g. the plain grouped apply, which rounds each expert's delta, differ by 15-37% on
+    # the H200 at 5abcab0), so each token may use exactly top_k experts here (set_expert_mask): the decisions are
+    # pinned, and each path's bf16 logits are compared with the fp32 logits of the same decisions; the fused
+    # path is to be as close to them as the readable one (or within 2%).
+    k = fused.spectr.config.top_k
+    g = torch.Generator().manual_seed(4)
+    pinned = torch.stack([torch.randperm(4, generator=g) < k for _ in range(IDS.numel())])
+    for model in (fused, plain):
+        set_expert_mask(model, pinned)
+    ref = run(plain, ids)[0]
     fused.to(torch.bfloat16), plain.to(torch.bfloat16)
-    if fused.spectr.config.apply == "gathered":
-        # bf16 reference: the same fused model applying densely (same kernel, same decisions, only where the sum
-        # is rounded differs). The plain path's "gathered" runs its grouped apply, which rounds each expert's
-        # delta to bf16 first; this tiny random model's decisions flip on such differences (on the CPU, plain
-        # grouped vs plain dense at k=2: 18% apart in bf16, 5 flipped choices), so it is no bf16 reference.
-        set_router(plain, impl="fused", apply="dense")
-    got, want = run(fused, ids)[0].float(), run(plain, ids)[0].float()
-    assert (got - want).norm() / want.norm() <= 2e-2
+    err_fused, err_plain = (((run(m, ids)[0].float() - ref).norm() / ref.norm()).item() for m in (fused, plain))
+    assert err_fused <= max(2 * err_plain, 2e-2), (err_fused, err_plain)
 
 
 @cuda
