@@ -284,7 +284,7 @@ class Watchers:
             self.modules[r] = {m: RoutedLinear(model.get_submodule(m).base_layer, m,
                                                module_bank(state.bundle, m, model.get_submodule(m).Vt),
                                                cfg, None, st) for m in state.modules}
-            st.link()
+            st.link(layout=False)  # they share the model's base layers and never run them
             self.states[r] = st
             self.configs[r] = {f: getattr(cfg, f) for f in _CONFIG_FIELDS}
         self.hooks = [model.get_submodule(m).register_forward_hook(self._watch) for m in state.modules] \

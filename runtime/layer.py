@@ -188,10 +188,12 @@ class ForwardState:
         self.members[module.group].append(module)
         self.by_layer[module.layer].append(module)
 
-    def link(self) -> None:
+    def link(self, layout: bool = True) -> None:
         """Static plan for the fused path, once every module is registered: each module's input group (in
         registration order) with one stacked V^T for the group's single scoring GEMM, and the modules of
-        its layer outside its group (pool="layer" hands them its decision)."""
+        its layer outside its group (pool="layer" hands them its decision). layout: also the group GEMM
+        (layout_group), which makes the base weights views; False for modules that only decide (evaluate's
+        Watchers share the model's base layers)."""
         for members in self.members.values():
             for slot, m in enumerate(members):
                 m.siblings, m.slot = members, slot
@@ -204,7 +206,8 @@ class ForwardState:
                     for f in ("S", "rank", "s"):
                         lead.register_buffer(f"{f}_group", torch.stack([getattr(m, f) for m in members]),
                                              persistent=False)
-            layout_group(members)
+            if layout:
+                layout_group(members)
 
     def _clear_handoffs(self) -> None:
         # Only what is set: under torch.compile the hooks run as frames of their own, and every attribute they

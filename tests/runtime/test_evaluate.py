@@ -377,3 +377,15 @@ def test_shared_forward_equals_own_forwards_when_the_experts_change_nothing(four
     finally:
         for m, s in zip(live, kept):
             m.s.copy_(s)
+
+
+def test_watchers_leave_the_models_weights_alone(four_experts):
+    """Watchers share the model's base layers: building and closing them moves no base weight's storage."""
+    from spectr.runtime.evaluate import Watchers
+
+    model, _, _ = four_experts
+    live = [model.get_submodule(m).base_layer.weight for m in model.spectr.modules]
+    before = [(w.data_ptr(), w.clone()) for w in live]
+    watchers = Watchers(model, ["reference", "peft-arrow"])
+    watchers.close()
+    assert [(w.data_ptr(), torch.equal(w, c)) for w, (_, c) in zip(live, before)] == [(p, True) for p, _ in before]
