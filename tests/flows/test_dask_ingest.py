@@ -7,20 +7,9 @@ import shutil
 import pytest
 
 from tests.processes import stop_all
+from tests.registry_content import registry_content
 
 pytest.importorskip("prefect_dask", reason="the dask extra (pip install 'spectr[dask]') is not installed")
-
-
-def _content(home) -> dict:
-    from spectr.registry import Registry
-
-    with Registry(f"sqlite:///{home / 'registry.db'}", str(home / "blobs")) as reg:
-        versions = [{k: v for k, v in d.items() if k != "created_at"} for d in reg.catalog()]
-        runs = reg.engine.connect().exec_driver_sql("SELECT id FROM ingestion_runs ORDER BY started_at").scalars().all()
-        results = [{k: r[k] for k in ("source", "name", "status", "version", "reason", "warnings")}
-                   for run in runs for r in reg.get_run(run)["results"]]
-        blobs = sorted(p.relative_to(home / "blobs").as_posix() for p in (home / "blobs").rglob("*") if p.is_file())
-    return {"versions": versions, "results": results, "blobs": blobs}
 
 
 def test_local_two_worker_cluster_matches_the_default_runner(prefect_harness, tmp_path, monkeypatch, make_adapter,
@@ -48,7 +37,7 @@ def test_local_two_worker_cluster_matches_the_default_runner(prefect_harness, tm
         assert [o.status for o in outcomes].count("new") == 5 and [o.status for o in outcomes].count("rejected") == 1
         again = run_ingest(sources[:2], base_model=str(tiny_base_dir), **kw)  # known content: unchanged
         assert [o.status for o in again] == ["unchanged", "unchanged"]
-        homes[how] = _content(home)
+        homes[how] = registry_content(home)
     assert homes["dask"] == homes["default"]
     versions, blobs = homes["default"]["versions"], homes["default"]["blobs"]
     assert len(versions) == 5 and all(v["adapter_kept"] for v in versions)  # files kept, as a plain run
@@ -146,7 +135,7 @@ def test_existing_scheduler_matches_the_default_runner(prefect_harness, tmp_path
         monkeypatch.delenv("SPECTR_BLOB_URL", raising=False)
         kw = {"dask_address": dask_cluster} if how == "address" else {}
         assert [o.status for o in run_ingest(sources, base_model=str(tiny_base_dir), **kw)] == ["new"] * 3
-        homes[how] = _content(home)
+        homes[how] = registry_content(home)
     assert homes["address"] == homes["default"] and len(homes["default"]["versions"]) == 3
     with Client(dask_cluster) as client:  # the work went through that scheduler, onto its workers
         prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))

@@ -7,22 +7,13 @@ import shutil
 
 from spectr.pipeline import ingest as pipeline_ingest
 from spectr.pipeline.ingest import Steps, compute_job, ingest_sources
-from spectr.registry import Registry
+from tests.registry_content import registry_content
 
 
 def _reversed_batches(jobs, times, size=2):
     batches = [list(range(i, min(i + size, len(jobs)))) for i in range(0, len(jobs), size)]
     for batch in reversed(batches):  # the last batch returns first
         yield [(j, compute_job(jobs[j])) for j in batch]
-
-
-def _content(home) -> dict:
-    with Registry(f"sqlite:///{home / 'registry.db'}", str(home / "blobs")) as reg:
-        versions = [{k: v for k, v in d.items() if k != "created_at"} for d in reg.catalog()]
-        runs = reg.engine.connect().exec_driver_sql("SELECT id FROM ingestion_runs ORDER BY started_at").scalars().all()
-        results = [{k: r[k] for k in ("source", "name", "status", "version", "reason", "warnings")}
-                   for run in runs for r in reg.get_run(run)["results"]]
-    return {"versions": versions, "results": results}
 
 
 def test_results_stored_in_any_order_write_what_a_plain_run_writes(tmp_path, make_adapter, tiny_base_dir):
@@ -47,7 +38,7 @@ def test_results_stored_in_any_order_write_what_a_plain_run_writes(tmp_path, mak
         assert [(o.name, o.status, o.version) for o in outcomes] == [
             ("twice", "new", 1), ("one", "new", 1), ("broken", "rejected", None), ("twice", "new", 2),
             ("two", "new", 1), ("twice", "unchanged", 1)]
-        homes[how] = _content(home)
+        homes[how] = registry_content(home, blobs=False)
     assert homes["reversed"] == homes["plain"]
     times = pipeline_ingest.LAST_DRIVER_TIMES  # the reversed run's: every batch came back and was stored
     assert {"planned", "first_result", "computed", "finished"} <= set(times.marks) and times.seconds["store"] > 0

@@ -52,6 +52,17 @@ def bundle_from_adapters(out: Path, folders: list[Path], model) -> Path:
     return write_bundle(out, base=base_of(model, modules), experts=experts)
 
 
+def uneven_bundle(make_adapter, folder: Path, prefix: str, seed: int) -> Path:
+    """Four experts of unequal ranks (4, 2, 4, 4), the third adapting attention only: a group's stacked V^T
+    and the experts absent from a module must still split and route right."""
+    folders = [make_adapter(f"{prefix}-alpha", seed=seed, r=4), make_adapter(f"{prefix}-beta", seed=seed + 1, r=2),
+               make_adapter(f"{prefix}-gamma", seed=seed + 2, r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+               make_adapter(f"{prefix}-delta", seed=seed + 3, r=4)]
+    from tests.conftest import build_tiny_llama
+
+    return bundle_from_adapters(folder, folders, build_tiny_llama())
+
+
 def left_pad(rows: list[torch.Tensor], width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows left-padded with 0 to `width`: (input_ids, attention_mask)."""
     ids = torch.zeros(len(rows), width, dtype=torch.long)

@@ -12,7 +12,7 @@ import torch
 from spectr.runtime import (PEFT_ARROW, REFERENCE, load_bundle, read_bundle, set_expert_mask, set_router,
                             trace_routing)
 from tests.conftest import build_tiny_llama
-from tests.runtime.helpers import bundle_from_adapters, left_pad
+from tests.runtime.helpers import left_pad, uneven_bundle
 
 NAMES = ("alpha", "beta", "gamma", "delta")
 IDS = torch.tensor([[5, 17, 99, 3, 42, 8, 64, 120, 1, 77, 12, 90]])
@@ -43,11 +43,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 @pytest.fixture(scope="module")
 def bundle(make_adapter, tmp_path_factory):
-    # unequal ranks and an expert lacking the MLP: the stacked group V^T must still split right
-    folders = [make_adapter("fused-alpha", seed=70, r=4), make_adapter("fused-beta", seed=71, r=2),
-               make_adapter("fused-gamma", seed=72, r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-               make_adapter("fused-delta", seed=73, r=4)]
-    return read_bundle(bundle_from_adapters(tmp_path_factory.mktemp("fused") / "four", folders, build_tiny_llama()))
+    return read_bundle(uneven_bundle(make_adapter, tmp_path_factory.mktemp("fused") / "four", "fused", 70))
 
 
 def pair(bundle, opts, **model_kw):

@@ -13,18 +13,14 @@ import torch
 
 from spectr.runtime import kernels, load_bundle, read_bundle, trace_routing, unload_bundle
 from tests.conftest import build_tiny_llama
-from tests.runtime.helpers import bundle_from_adapters, left_pad
+from tests.runtime.helpers import left_pad, uneven_bundle
 
 IDS = torch.tensor([[5, 17, 99, 3, 42, 8, 64, 120, 1, 77, 12, 90]])
 
 
 @pytest.fixture(scope="module")
 def bundle(make_adapter, tmp_path_factory):
-    # unequal ranks and an expert lacking the MLP, as in test_fused
-    folders = [make_adapter("group-alpha", seed=80, r=4), make_adapter("group-beta", seed=81, r=2),
-               make_adapter("group-gamma", seed=82, r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-               make_adapter("group-delta", seed=83, r=4)]
-    return read_bundle(bundle_from_adapters(tmp_path_factory.mktemp("group") / "four", folders, build_tiny_llama()))
+    return read_bundle(uneven_bundle(make_adapter, tmp_path_factory.mktemp("group") / "four", "group", 80))
 
 
 def shares(a: torch.Tensor, b: torch.Tensor) -> bool:
