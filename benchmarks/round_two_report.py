@@ -3,7 +3,8 @@
     python benchmarks/round_two_report.py --study docs/results/round2/lib8a/study.json \
         --study docs/results/round2/lib8b/study.json --out docs/results/round2/lib8 --title "8-expert library"
 
-Runs that share base and oracle (the same library and sample) are merged row by row; writes summary.md
+Runs that share base and oracle (the same library and sample) are merged row by row (a `--switch-only` run adds
+its tokens to switch to the rows of the same names; a study.partial.json of a run cut short counts too); writes summary.md
 (top-1, top-1 where the text's expert adapts the module, loss, share of the oracle's gain, tokens to switch),
 tradeoff.png (accuracy against switch delay) and layers.png (top-1 per layer).
 """
@@ -24,15 +25,16 @@ def merge(paths: list[Path]) -> tuple[dict[str, Any], dict[str, Any], list[dict]
     switch: dict[str, Any] = {}
     metas = []
     for p in paths:
-        data = json.loads(p.read_text())
-        metas.append(data["meta"])
+        data = json.loads(p.read_text())  # study.json, or study.partial.json of a run cut short (no meta)
+        if "meta" in data:
+            metas.append(data["meta"])
         for name, r in data["results"].items():
             if name in ("base", "oracle") and name in results:
                 if abs(macro(results[name]["loss"]) - macro(r["loss"])) > 1e-6:
                     raise SystemExit(f"{p}: its {name} loss differs from the first study's; not the same sample")
                 continue
             results[name] = r
-        switch.update({k: v for k, v in data["switch"].items() if k != "definition"})
+        switch.update({k: v for k, v in data.get("switch", {}).items() if k != "definition"})
     return results, switch, metas
 
 

@@ -77,6 +77,9 @@ ROUND2: dict[str, dict[str, Any]] = {
                                                                   "depth_evidence": "cumulative", "prompt_mean": 0.5},
     "default attn_follows_mlp depth=cumulative smooth=0.5 ranknorm": {
         **DEFAULT, "attn_follows_mlp": True, "depth_evidence": "cumulative", "smooth": 0.5, "rank_normalize": True},
+    "default attn_follows_mlp prompt_mean=0.5 ranknorm": {**DEFAULT, "attn_follows_mlp": True, "prompt_mean": 0.5,
+                                                          "rank_normalize": True},
+    "default prompt_mean=0.5 ranknorm": {**DEFAULT, "prompt_mean": 0.5, "rank_normalize": True},
 }
 CONFIGS.update(ROUND2)
 # Named sets for --configs (a comma list may mix set names and configuration names).
@@ -91,7 +94,13 @@ SETS = {"round1": [c for c in CONFIGS if c not in ROUND2], "round2": list(ROUND2
                     "default attn_follows_mlp depth=cumulative prompt_mean=0.5"],
         "mixed": ["spectr k=4", "spectr ranknorm k=4", "default", "default ranknorm", "default calibrate=isotropic",
                   "default calibrate=base_weight", "default attn_follows_mlp depth=cumulative smooth=0.5",
-                  "default attn_follows_mlp depth=cumulative smooth=0.5 ranknorm"]}
+                  "default attn_follows_mlp depth=cumulative smooth=0.5 ranknorm"],
+        # the mixed library against the best option of the 8-expert run (attn_follows_mlp + prompt_mean=0.5)
+        "mixed2": ["default", "default ranknorm", "default attn_follows_mlp prompt_mean=0.5",
+                   "default attn_follows_mlp prompt_mean=0.5 ranknorm"],
+        # tokens to switch of the 8-expert run's rows (with --switch-only)
+        "switch8": ["default", "default attn_follows_mlp prompt_mean=0.5", "default prompt_mean=0.5",
+                    "default attn_follows_mlp", "default smooth=0.5", "default attn_follows_mlp smooth=0.5"]}
 SWITCH = ["spectr k=4", "arrow k=4 (PEFT)", "spectr pool=input k=4", "spectr pool=layer k=4",
           "spectr smooth=0.5 k=4", "spectr smooth=0.8 k=4", "spectr k=1", "spectr pool=input k=1",
           "spectr smooth=0.5 k=1", "spectr pool=input smooth=0.5 k=1", "spectr ranknorm k=4", *ROUND2]
@@ -304,6 +313,8 @@ def main() -> None:
     ap.add_argument("--configs", default=None, help="comma-separated subset of the configurations")
     ap.add_argument("--out", type=Path, default=Path("docs/results"))
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--switch-only", action="store_true",
+                    help="only tokens to switch for the chosen configurations (no base, oracle or accuracy rows)")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -317,15 +328,18 @@ def main() -> None:
     texts = {d: read_jsonl(args.data_dir / d / "test.jsonl", args.max_docs) for d in domains}
     docs = {d: tokenize(tokenizer, t, args.max_tokens) for d, t in texts.items()}
     pad = pad_id_of(tokenizer)
-    results: dict[str, Any] = {"base": measure(model, docs, names, pad, args.batch_size, routed=False)}
+    chosen = CONFIGS if args.configs is None else {c: CONFIGS[c] for c in expand(args.configs)}
+    results: dict[str, Any] = {}
+    if not args.switch_only:
+        results["base"] = measure(model, docs, names, pad, args.batch_size, routed=False)
     load_bundle(model, bundle, "fixed", expert=names[0])
     oracle = {}
-    for d in domains:
+    for d in domains if not args.switch_only else []:
         set_router(model, preset="fixed", expert=d)
         oracle[d] = measure(model, {d: docs[d]}, names, pad, args.batch_size, routed=False)["loss"][d]
-    results["oracle"] = {"loss": oracle}
-    chosen = CONFIGS if args.configs is None else {c: CONFIGS[c] for c in expand(args.configs)}
-    for name, kw in chosen.items():
+    if oracle:
+        results["oracle"] = {"loss": oracle}
+    for name, kw in chosen.items() if not args.switch_only else []:
         set_router(model, preset="reference", **kw)  # each configuration changes the reference
         r = measure(model, docs, names, pad, args.batch_size, routed=kw.get("router") != "uniform")
         r["k"] = kw["top_k"]
@@ -349,12 +363,15 @@ def main() -> None:
                         sequences=args.switch_sequences)
         switch["definition"] = got["definition"]
         switch[name] = got[f"study:{name}"]
-        print(f"{name:28} switch {switch[name]['mean_latency']:.1f} tokens", flush=True)
+        print(f"{name:28} switch {switch[name]['mean_latency']:.1f} tokens ({time.time() - t0:.0f} s)", flush=True)
         (args.out / "study.partial.json").write_text(json.dumps({"results": results, "switch": switch}, indent=1))
     meta = dict(base=args.base_model.name, experts=len(names), docs=args.max_docs, tokens=args.max_tokens,
                 threads=torch.get_num_threads(), device=args.device, seconds=time.time() - t0,
                 command="python benchmarks/study_routing.py " + " ".join(sys.argv[1:]))
     (args.out / "study.json").write_text(json.dumps({"meta": meta, "results": results, "switch": switch}, indent=1))
+    if args.switch_only:
+        print(json.dumps({n: s["mean_latency"] for n, s in switch.items() if n != "definition"}, indent=1))
+        return
     pictures(args.out, results, domains, names, switch)
     print(report(args.out, results, switch, domains, meta))
 
