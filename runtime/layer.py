@@ -361,6 +361,18 @@ def release_group(members: list[RoutedLinear]) -> None:
         w.data = w.data.clone()
 
 
+def _base_names(module: nn.Module, state: dict[str, Any], prefix: str, meta: Any) -> None:
+    inner = prefix + "base_layer."
+    for key in [k for k in state if k.startswith(inner)]:
+        state[prefix + key[len(inner):]] = state.pop(key)
+
+
+def _wrapped_names(module: nn.Module, state: dict[str, Any], prefix: str, *_: Any) -> None:
+    own = set(module.base_layer.state_dict())
+    for key in [k for k in state if k.startswith(prefix) and k[len(prefix):] in own]:
+        state[prefix + "base_layer." + key[len(prefix):]] = state.pop(key)
+
+
 class RoutedLinear(nn.Module):
     """y = base(x) + delta y, where delta y mixes the experts the router picks for each token."""
 
@@ -401,6 +413,10 @@ class RoutedLinear(nn.Module):
         self.register_buffer("US_group", None, persistent=False)
         self.pending_out: tuple | None = None
         self.routing_state.register(self)
+        # The model's state_dict keeps the base model's names (q_proj.weight, not q_proj.base_layer.weight), so a
+        # routed model saves and loads its base weights like the plain model does.
+        self.register_state_dict_post_hook(_base_names)
+        self.register_load_state_dict_pre_hook(_wrapped_names)
 
     def _apply(self, fn: Any, recurse: bool = True) -> RoutedLinear:
         """model.to(...) moves each tensor on its own; the lead then points its group's views into the moved

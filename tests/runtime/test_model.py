@@ -309,3 +309,28 @@ def copy_with_manifest(src: Path, dst: Path, **base: Any) -> Path:
     manifest["base"].update(base)
     (dst / "manifest.json").write_text(json.dumps(manifest))
     return dst
+
+
+@torch.no_grad()
+def test_a_routed_model_saves_and_loads_its_base_weights_under_the_base_names(bundle_dir, tmp_path):
+    """Routing state is never saved (non-persistent buffers), and the base weights keep the plain model's names:
+    save_pretrained of a routed model gives back the base model, and a base state_dict loads into a routed one."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 17, 99, 3, 42]])
+    base = build_tiny_llama()
+    plain = base.state_dict()
+    want = base(ids).logits
+    routed = load_bundle(build_tiny_llama(), bundle_dir)
+    got = routed.state_dict()
+    assert list(got) == list(plain) and all(torch.equal(got[k], plain[k]) for k in plain)
+    routed.save_pretrained(tmp_path / "saved")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    assert torch.allclose(again(ids).logits, want, atol=1e-6)
+    # Another base's weights load into the routed model; it then routes exactly as that base with the bundle does.
+    other = build_tiny_llama(seed=5)
+    routed.load_state_dict(other.state_dict())
+    fresh = load_bundle(build_tiny_llama(seed=5), bundle_dir)
+    assert torch.allclose(routed(ids).logits, fresh(ids).logits, atol=1e-6)
+    unload_bundle(routed)
+    assert torch.equal(routed.model.layers[0].self_attn.q_proj.weight, other.model.layers[0].self_attn.q_proj.weight)
