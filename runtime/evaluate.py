@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from spectr.runtime.bundle import module_bank, set_router
-from spectr.runtime.layer import ForwardState, RoutedLinear, RouterConfig
+from spectr.runtime.layer import ForwardState, RoutedLinear, RouterConfig, batch_shape
 from spectr.runtime.presets import DEFAULT_PRESET, EVAL_PRESETS, preset_settings
 from spectr.runtime.trace import layer_of, trace_routing
 
@@ -302,8 +302,7 @@ class Watchers:
     def _watch(self, module: RoutedLinear, args: tuple, output: Any) -> None:
         x = args[0]
         lead = x.shape[:-1]
-        shape = (1, lead[0]) if len(lead) == 1 else (lead[:-1].numel(), lead[-1])
-        flat = x.reshape(-1, x.shape[-1])
+        flat, shape = x.reshape(-1, x.shape[-1]), batch_shape(lead)
         for r, mods in self.modules.items():
             self.chosen[r][module.name] = mods[module.name].decide(flat, shape, x)[1].view(*lead, -1)
 

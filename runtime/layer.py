@@ -122,6 +122,11 @@ def group_key(name: str) -> tuple[str, str]:
     return parent, child
 
 
+def batch_shape(lead: torch.Size) -> tuple[int, int]:
+    """(batch, tokens) of an input's leading dims: (T,) is one sequence, (..., T) a batch of sequences."""
+    return (1, lead[0]) if len(lead) == 1 else (lead[:-1].numel(), lead[-1])
+
+
 def _cache_length(cache: Any) -> int | torch.Tensor:
     if cache is None:
         return 0
@@ -684,9 +689,7 @@ class RoutedLinear(nn.Module):
         else:
             C, vals, idx, perm = self._fused_coefficients(xf, shape)
             US = self.US
-        if self.recorder is not None and self.recorder.enabled and idx is not None:
-            lead = x.shape[:-1]
-            self.recorder.record(self.name, idx.view(*lead, -1), vals.view(*lead, -1))
+        self._record(idx, vals, x.shape[:-1])
         if C.dim() == 3:  # compact (t, k, r): the gathered apply, in place (a copy first under autograd)
             y2 = y2.clone() if y.requires_grad else y2
             return kernels.expand(y2, C, idx, self.US, perm).view_as(y)
@@ -765,7 +768,7 @@ class RoutedLinear(nn.Module):
             else:
                 Cs = C.split(lead.group_sizes, dim=1) if M > 1 else (C,)
         else:
-            shape = (1, dims[0]) if len(dims) == 1 else (dims[:-1].numel(), dims[-1])
+            shape = batch_shape(dims)
             Ps = [p.view(t, m.E, -1) for m, p in zip(members, P.split([m.Vt.shape[0] for m in members], dim=1))]
             res = self._decide_group(xf, shape, Ps)
             Cs, idx, vals_of = [r[0] for r in res], res[0][2], [r[1] for r in res]
@@ -791,11 +794,10 @@ class RoutedLinear(nn.Module):
             return self._group_forward(x)
         y = self.base_layer(x, *args, **kwargs)
         lead = x.shape[:-1]
-        shape = (1, lead[0]) if len(lead) == 1 else (lead[:-1].numel(), lead[-1])
+        shape = batch_shape(lead)
         cfg = self.cfg
         if self._fused_ok(x):
             return self._fused_forward(x, y, shape)
         dy, vals, idx = self.delta(x.reshape(-1, x.shape[-1]), shape, x)
-        if self.recorder is not None and self.recorder.enabled and idx is not None:
-            self.recorder.record(self.name, idx.view(*lead, -1), vals.view(*lead, -1))
+        self._record(idx, vals, lead)
         return y + dy.view(*lead, -1).to(y.dtype)
