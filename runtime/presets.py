@@ -53,6 +53,8 @@ def preset_settings(preset: str, n_experts: int | None = None, **overrides: Any)
         raise ValueError(f"unknown router setting {unknown[0]!r}; expected RouterConfig fields "
                          f"({', '.join(f.name for f in fields(RouterConfig))})")
     settings = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None or k == "expert"}}
+    if int(settings["top_k"]) < 1:  # clipping to E is a convenience; a k below 1 is a mistake
+        raise ValueError(f"top_k must be >= 1, got {settings['top_k']}")
     if n_experts is not None:
         settings["top_k"] = max(1, min(int(settings["top_k"]), n_experts))
     return settings

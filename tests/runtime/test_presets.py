@@ -42,6 +42,9 @@ def test_preset_mistakes_name_what_exists():
         preset_settings("spectr")
     with pytest.raises(ValueError, match="unknown router setting 'topk'"):
         preset_settings("default", topk=2)
+    with pytest.raises(ValueError, match="top_k must be >= 1, got -3"):  # k above E is clipped, below 1 refused
+        preset_settings("reference", 8, top_k=-3)
+    assert preset_settings("reference", 2)["top_k"] == 2
     assert parse_preset("fixed:code") == ("fixed", "code") and parse_preset("peft-arrow") == ("peft-arrow", None)
     with pytest.raises(ValueError, match="fixed:NAME"):
         parse_preset("fixed")
