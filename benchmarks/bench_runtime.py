@@ -185,6 +185,52 @@ def default_only(a) -> None:
             print(f"E={E}, {a.layers} layers, {a.tokens} tokens, {torch.get_num_threads()} threads, median of "
                   f"{a.repeats} interleaved rounds: " + ", ".join(f"{k} {v:.1f} ms ({v / med['base']:.3f}x)"
                                                                 for k, v in med.items()), flush=True)
+            if a.parts:
+                print(parts(models["default"], ids, med["base"], med["default"]), flush=True)
+
+
+def _ms(fn, n: int = 30) -> float:
+    """Median ms of fn() over 5 rounds of n calls (after a warm-up)."""
+    fn()
+    rounds = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        rounds.append((time.perf_counter() - t0) / n)
+    return statistics.median(rounds) * 1e3
+
+
+@torch.no_grad()
+def parts(model, ids: torch.Tensor, base_ms: float, routed_ms: float) -> str:
+    """Where the default routed forward's extra time goes, each piece timed alone on the inputs the modules saw:
+    the scoring GEMMs (each input group's x @ V_group^T), the routing math (pooled scores -> top-k -> weights ->
+    coefficients, routing.py), the dense apply (y += C (U Sigma)^T); the rest is the wrappers' Python and memory
+    traffic. base + scoring + apply is the floor of this arithmetic (every expert scored, all applied densely)."""
+    from spectr.runtime.layer import RoutedLinear
+
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.setdefault(mod.name, args[0].detach().clone()))
+             for m in model.modules() if isinstance(m, RoutedLinear)]
+    model(ids)
+    for h in hooks:
+        h.remove()
+    score = math = apply = 0.0
+    for m in model.modules():
+        if not isinstance(m, RoutedLinear) or m.slot != 0:
+            continue  # one measurement per input group, from its first member
+        x = seen[m.name].reshape(-1, seen[m.name].shape[-1])
+        members = m._group()
+        score += _ms(lambda: m._project_group(members, x))
+        Ps = m._project_group(members, x)
+        math += _ms(lambda: m._decide_group(x, (1, x.shape[0]), Ps))
+        for mem, (C, *_rest) in zip(members, m._decide_group(x, (1, x.shape[0]), Ps)):
+            y = torch.zeros(x.shape[0], mem.US.shape[0])
+            apply += _ms(lambda: y.addmm_(C, mem.US.T))
+    rest = routed_ms - base_ms - score - math - apply
+    return (f"  parts, each alone: scoring GEMMs {score:.1f} ms, dense apply {apply:.1f} ms, routing math {math:.1f} ms, "
+            f"rest (wrappers, memory) {rest:.1f} ms; the floor of the GEMMs alone, base + scoring + apply = "
+            f"{(base_ms + score + apply) / base_ms:.3f}x base")
 
 
 def main() -> None:
@@ -202,6 +248,8 @@ def main() -> None:
     ap.add_argument("--default-only", action="store_true",
                     help="only base vs the default routed forward (E from --experts), interleaved forward by "
                          "forward so a shared, noisy CPU slows both alike; prints the median ratio")
+    ap.add_argument("--parts", action="store_true", help="with --default-only: time the routed forward's pieces alone "
+                    "(scoring GEMMs, routing math, dense apply) and print the floor they set")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
