@@ -200,7 +200,7 @@ def main() -> None:
                     help="variant:E pairs also measured compiled (or 'none')")
     ap.add_argument("--skip", default="", help="short variant names not measured (e.g. plain,arrow)")
     ap.add_argument("--peft", action=argparse.BooleanOptionalAction, default=True, help="measure PEFT Arrow at E=8")
-    ap.add_argument("--profile", type=Path, help="write torch.profiler tables here (base compiled; defaults eager and compiled at --profile-experts)")
+    ap.add_argument("--profile", type=Path, help="write torch.profiler tables here (base eager and compiled; defaults eager and compiled at --profile-experts)")
     ap.add_argument("--profile-experts", default="8,64", help="the E's profiled with --profile")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: check the script, not the speed")
@@ -233,7 +233,7 @@ def main() -> None:
     def prof(name: str) -> Path | None:
         return a.profile / f"profile_{name}.txt" if a.profile else None
 
-    record("base", None, False, measure(base, False, "base"))
+    record("base", None, False, measure(base, False, "base", prof("base")))
     if "base" in want_compiled:
         record("base", None, True, measure(base, True, "base", prof("base_compiled")))
     with tempfile.TemporaryDirectory() as tmp:
