@@ -37,7 +37,8 @@ class RouterConfig:
     apply: str = "auto"  # dense | grouped | gathered | auto (see dense_max, gather_min)
     dense_max: int = 4096  # auto: dense when E*r <= dense_max or 2k >= E (dense won every size measured)
     # apply="gathered": only the chosen experts' columns of U Sigma (kernels.expand, in the fused path on a GPU
-    # with Triton; where the kernels do not run, e.g. on a CPU, the fused path applies densely: the same sum).
+    # with Triton; where the kernels do not run, e.g. on a CPU, and under torch.compile past decode sizes, the fused
+    # path applies densely: the same sum).
     # auto gathers when E*r >= gather_min and 2k < E; None = never, until the H200 table measures where it
     # wins (at E=8 it lost: benchmarks/results/gpu_h200.md)
     gather_min: int | None = None
@@ -751,20 +752,19 @@ class RoutedLinear(nn.Module):
         if self._kernel_ok(xf):
             S, rank, s = (lead.S_group, lead.rank_group, lead.s_group) if M > 1 else \
                 (self.S.unsqueeze(0), self.rank.unsqueeze(0), self.s.unsqueeze(0))
+            # Gathered only at decode sizes (one expand_group launch into Y itself). Larger calls reach this path
+            # only under torch.compile on a GPU, and there the per-member expand into a column slice of Y faulted
+            # (H200, E=64, apply="gathered": illegal memory access); the dense apply also measured faster at
+            # prefill sizes (benchmarks/results/gpu_h200.md).
             decode = t <= kernels.DECODE_MAX and lead.group_bn is not None and kernels.expand_group is not None \
                 and cfg.apply != "dense"
-            gathered = decode or self._gathers(xf)
             C, idx, vals = kernels.route(P, S, rank, s, st.allowed(self, t), M=M, E=self.E, k=cfg.top_k,
                                          router=cfg.router, score=cfg.score, rank_normalize=cfg.rank_normalize,
                                          weighting=cfg.weighting, temperature=cfg.temperature, combine=cfg.combine,
-                                         compact=gathered)
+                                         compact=decode)
             vals_of = [vals[:, m] for m in range(M)]
             if decode:
                 kernels.expand_group(Y, C, idx, lead.US_group, lead.group_starts, lead.group_bn)
-            elif gathered:
-                perm = kernels.order(idx)
-                for m, o in zip(members, outs):
-                    kernels.expand(o, C[:, m.slot], idx, m.US, perm)
             else:
                 Cs = C.split(lead.group_sizes, dim=1) if M > 1 else (C,)
         else:

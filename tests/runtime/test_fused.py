@@ -177,6 +177,25 @@ def test_cuda_graphs_compiled_equals_eager(bundle, name):
 
 @cuda
 @torch.no_grad()
+@pytest.mark.parametrize("name", ["defaults", "gathered"])
+def test_cuda_graphs_compiled_equals_eager_at_prefill_sizes(bundle, name):
+    """Past the decode sizes (and past kernels.SORT_MIN rows) the compiled model takes the group GEMM with the
+    dense apply; apply="gathered" there once faulted (an illegal memory access on the H200 at E=64)."""
+    fused, _ = pair(bundle, CONFIGS[name])
+    fused.cuda()
+    ids = torch.randint(1, 120, (3, 100), generator=torch.Generator().manual_seed(3)).cuda()
+    want = fused(ids).logits
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # warm-up, record, replay
+        torch.compiler.cudagraph_mark_step_begin()
+        got = compiled(ids).logits.clone()
+    torch.cuda.synchronize()
+    assert (got - want).abs().max() <= 1e-3
+
+
+@cuda
+@torch.no_grad()
 def test_cuda_load_bundle_compile_generate_equals_eager(bundle):
     eager = load_bundle(build_tiny_llama(), bundle).cuda()
     fast = load_bundle(build_tiny_llama(), bundle, compile=True).cuda()
