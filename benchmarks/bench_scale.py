@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/bench_scale.py catalog --sizes 100,1000,10000
     .venv/bin/python benchmarks/bench_scale.py ingest --adapters 1000 --workers 1,2
     python3 benchmarks/bench_scale.py ingest --adapters 1000 --workers 1:300,2:600,8 --no-in-process --gen-procs 8
+    python3 benchmarks/bench_scale.py generate --adapters 1000 --root /tmp/scale      # adapters only
+    python3 benchmarks/bench_scale.py combine w8.json w1.json --md scale.md             # one table, ratios
 
 Catalog: the registry is filled through SQLAlchemy Core with rows shaped as add_version writes them (one
 shared spectra blob), then timed through catalog_sql: the first query after a change (builds the snapshot)
@@ -103,16 +105,25 @@ def main() -> None:
     i.add_argument("--root", type=Path, help="keep the generated adapters here (reused by later runs)")
     i.add_argument("--label", default="", help="appended to the runners' names and registry folders "
                    "(e.g. --label=-2core): benchmarks running side by side on one --root")
+    g = sub.add_parser("generate", help="only write the adapters (off the clock, before timed runs)")
+    g.add_argument("--adapters", type=int, default=1000)
+    g.add_argument("--root", type=Path, required=True)
+    g.add_argument("--procs", type=int, default=os.cpu_count() or 1)
     m = sub.add_parser("combine", help="merge result files, speed-ups over their dask-1 run")
     m.add_argument("files", nargs="+", type=Path)
     m.add_argument("--md", type=Path)
     m.add_argument("--out", type=Path)
     a = ap.parse_args()
+    if a.what == "generate":
+        t = time.perf_counter()
+        make_adapters(a.root, a.adapters, procs=a.procs)
+        print(f"generated {a.adapters} adapters in {time.perf_counter() - t:.1f} s under {a.root}", flush=True)
+        return
     if a.what == "combine":
         res = combine(a.files)
-        print(markdown(res))
+        print(markdown(res) + "\n" + phases(res))
         if a.md:
-            a.md.write_text(markdown(res))
+            a.md.write_text(markdown(res) + "\n" + phases(res))
     elif a.what == "catalog":
         res = bench_catalog([int(s) for s in a.sizes.split(",")], a.repeats)
     else:
@@ -284,6 +295,27 @@ def markdown(results: list[dict]) -> str:
     return (f"Machine: {first.get('machine', '?')}, {first.get('cores', '?')} cores\n\n" + "\n".join(rows) + "\n")
 
 
+def phases(results: list[dict]) -> str:
+    """Where each distributed run's wall went, in seconds from the call of ingest_on_dask (its own marks and
+    the driver's DriverTimes): the fixed start and end around the batches, and the batches' span."""
+    rows = ["| runner | cluster up | flow body | driver ready | imports done (last worker) | first batch starts | "
+            "all workers busy | batches (first start -> last end) | last end -> call returns | wall |",
+            "|---" * 10 + "|"]
+    for r in results:
+        d, c = r.get("driver"), r.get("call_s", {})
+        if r.get("skipped") or not d or "workers" not in d:
+            continue
+        w, t0 = d["workers"], r["startup_s"]  # t0: the driver's DriverTimes start, from the call
+        imports = w.get("imports_done_per_worker_s") or []
+        returned = c.get("returned", r["wall_s"])
+        rows.append("| {} | {} | {} | {:.2f} | {} | {:.2f} | {:.2f} | {:.1f} | {:.2f} | {} |".format(
+            r["runner"], c.get("cluster_ready", "-"), c.get("body", "-"), t0,
+            f"{t0 + max(imports):.2f}" if imports else "-", t0 + w["first_task_started_s"],
+            t0 + max(w["first_start_per_worker_s"]), w["last_task_ended_s"] - w["first_task_started_s"],
+            returned - t0 - w["last_task_ended_s"], r["wall_s"]))
+    return "Seconds from the call of ingest_on_dask:\n\n" + "\n".join(rows) + "\n"
+
+
 def combine(files: list[Path]) -> list[dict]:
     """The runs of several result files (benchmarks run one after another or side by side), speed-ups
     recomputed over their common "dask-1" run."""
@@ -303,6 +335,7 @@ def bench_ingest(n: int, runs: list[tuple[int, int]], root: Path | None = None, 
 
     from prefect.testing.utilities import prefect_test_harness
 
+    from spectr.flows import ingest as flows_ingest
     from spectr.flows.ingest import ingest_on_dask
     from spectr.pipeline import ingest as pipeline_ingest
     from spectr.pipeline.ingest import ingest_sources
@@ -358,6 +391,8 @@ def bench_ingest(n: int, runs: list[tuple[int, int]], root: Path | None = None, 
                 # from the call to the flow's body: flow run created, cluster started (workers spawned)
                 r["startup_s"] = round(driver.started - called, 2)
                 r["driver"] = driver.summary()
+                # ingest_on_dask's own points from the call: cluster_ready, body, body_end, returned
+                r["call_s"] = {k: round(v - called, 2) for k, v in flows_ingest.LAST_CALL_TIMES.items()}
             print(json.dumps(r), flush=True)
             out.append(r)
             _speedups(out)

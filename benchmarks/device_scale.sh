@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
 # Issue 13's 16-core measurement: 1,000 generated SmolLM2-shaped rank-8 adapters through Prefect's Dask task
-# runner with 8 workers, against 1 and 2 workers (bench_scale.py ingest), on the GPU host (16 cores, no
-# internet, no prefect/dask/sqlalchemy/alembic installed there).
+# runner with 8 workers against 1 worker (bench_scale.py ingest), on the GPU host (16 cores, no internet, no
+# prefect/dask/sqlalchemy/alembic installed there).
 #
 # Here, on a machine with PyPI (fills DIR with the wheels, this checkout's spectr wheel and bench_scale.py):
 #     bash benchmarks/device_scale.sh prepare /work/main/.device-scale
 # There, from the repo root, with DIR carried (results go to $OUT: JSON, markdown, logs):
 #     bash .device-scale/run.sh          # = bash .device-scale/device_scale.sh run .device-scale
-# The device copies the session's own checkout, not a helper's worktree: from a worktree, copy DIR into an
-# ignored folder of that checkout (e.g. /work/main/.device-wt13/.device-scale) and carry that folder.
+# The device copies the session's own checkout, not a helper's worktree: run `prepare` from the worktree
+# (the wheel is built from the checkout the script sits in) into an ignored folder of the session's
+# checkout, and carry that folder.
 #
-# Sized for about 5 minutes of wall time on 16 cores (~0.25 s of one core per adapter and worker):
-#   1. 8 workers on 1,000 adapters, alone on the machine (the adapters are generated first, off the clock);
-#   2. then side by side, each pinned to cores of its own with taskset (driver, Prefect server and workers
-#      of a run share its cores): 1 worker on 1,000 (cores 2-5), 2 workers on 1,000 (cores 6-11), and the
-#      2-core box emulated: 2 workers on 1,000 with the whole run on cores 0-1.
-# Every run has a time limit (RUN_LIMIT s, default 330); the merged table is printed at the end.
+# Each run has the whole machine, one after the other, and each is its own process with its own Prefect
+# server (both pay the same first-flow-run costs a `spectr ingest --workers N` pays): the installed packages
+# are byte-compiled first (as a plain pip install leaves them; the wheels go in with --no-compile, and
+# processes importing uncompiled Prefect at once paid for it on the clock before), the adapters are
+# generated, then
+#   1. 8 workers on 1,000 adapters;
+#   2. 1 worker on 1,000 adapters;
+#   3. 2 workers on 1,000 adapters, only when TWO=1 (about 2 minutes more).
+# Every run has a time limit (RUN_LIMIT s, default 300); the table with the speed-ups and the start-up
+# phases is printed at the end (~300 s in all on 16 cores: 312 s with GROW_GIB=20).
 set -euo pipefail
 
 mode=${1:?usage: device_scale.sh prepare|run DIR}
@@ -59,7 +64,7 @@ site=${SITE:-/tmp/spectr-site}
 root=${SCALE_ROOT:-/tmp/spectr-scale}
 export PREFECT_HOME=/tmp/spectr-prefect PREFECT_SERVER_ANALYTICS_ENABLED=false HF_HUB_OFFLINE=1 \
        SPECTR_HOME=/tmp/spectr-home PYTHONUNBUFFERED=1
-py=${PYTHON:-python3}  # a dry run elsewhere: PYTHON=.venv/bin/python NO_INSTALL=1 ADAPTERS=16
+py=${PYTHON:-python3}  # a dry run elsewhere: PYTHON=.venv/bin/python NO_INSTALL=1 ADAPTERS=16 WORKERS="2 1"
 install() { "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$@"; }
 [ -n "${NO_INSTALL:-}" ] || install "$dir"/wheels/*.whl
 export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
@@ -73,24 +78,36 @@ if ! check 2>"$out/import_check.txt"; then
     install "$dir"/stack/*.whl
     check
 fi
-{ echo "install + import check: $(( $(date +%s) - start )) s"; nproc; grep -m1 'model name' /proc/cpuinfo; free -g | head -2
-  df -h /tmp | tail -1; uptime; } | tee "$out/host.txt"
-limit=${RUN_LIMIT:-330}
+[ -n "${NO_INSTALL:-}" ] || "$py" -m compileall -q -j 0 "$site" >/dev/null || echo "byte-compiling $site: exit $?"
+{ echo "install + byte-compile + import check: $(( $(date +%s) - start )) s"; nproc; grep -m1 'model name' /proc/cpuinfo
+  lscpu 2>/dev/null | grep -E '^(Thread|Core|Socket|NUMA node\(s\)|CPU max MHz|CPU MHz)' || true
+  free -g | head -2; df -h /tmp | tail -1; uptime; } | tee "$out/host.txt"
+limit=${RUN_LIMIT:-300}
 n=${ADAPTERS:-1000}
 cd /tmp
+"$py" "$dir/bench_scale.py" generate --adapters "$n" --root "$root" --procs "$(nproc)" | tee -a "$out/host.txt"
+# Some hosts are VMs whose memory grows as it is used (KINDS.md: ~3 s per 8 GiB): a run writing ~15 GB of
+# blobs into the page cache fast would wait for that growth, and only the first run would. GROW_GIB=20
+# touches and frees that much once first, so every run starts from the same memory (the 1-GPU H200 kind had
+# its 125.8 GiB from the start, so not by default); MemTotal is logged around the runs either way.
+memtotal() { echo "MemTotal $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo) ($1)"; }
+memtotal "at the start" | tee -a "$out/host.txt"
+if [ "${GROW_GIB:-0}" -gt 0 ]; then
+    "$py" -c 'import sys, time; t = time.time(); held = [bytearray(1 << 30) for _ in range(int(sys.argv[1]))]
+print(f"touched {len(held)} GiB in {time.time() - t:.1f} s")' "$GROW_GIB" 2>&1 | tee -a "$out/host.txt" || true
+    memtotal "after growing" | tee -a "$out/host.txt"
+fi
 bench=("$py" "$dir/bench_scale.py" ingest --adapters "$n" --no-in-process --root "$root")
-echo "== 8 workers, alone"
-timeout "$limit" "${bench[@]}" --gen-procs "$(nproc)" --workers 8 --out "$out/w8.json" 2>"$out/w8.err" \
-    | tee "$out/w8.log" || echo "8 workers: exit $?"
-echo "== side by side, pinned: 1 worker (cores 2-5), 2 workers (6-11), 2-core emulation (0-1)"
-taskset -c 2-5 timeout "$limit" "${bench[@]}" --workers 1 --out "$out/w1.json" 2>"$out/w1.err" >"$out/w1.log" &
-taskset -c 6-11 timeout "$limit" "${bench[@]}" --workers 2 --out "$out/w2.json" 2>"$out/w2.err" >"$out/w2.log" &
-taskset -c 0,1 timeout "$limit" "${bench[@]}" --workers 2 --label=-2core --out "$out/w2core.json" \
-    2>"$out/w2core.err" >"$out/w2core.log" &
-wait || true
-for f in w1 w2 w2core; do echo "-- $f"; tail -n 2 "$out/$f.log" || true; done
+read -r -a runs <<<"${WORKERS:-8 1}"  # a dry run elsewhere: WORKERS="2 1"
+[ -z "${TWO:-}" ] || runs+=(2)
 results=()
-for f in w8 w1 w2 w2core; do [ -s "$out/$f.json" ] && results+=("$out/$f.json"); done
+for w in "${runs[@]}"; do
+    echo "== $w worker(s), alone on the machine ($(( $(date +%s) - start )) s in)"
+    timeout "$limit" "${bench[@]}" --workers "$w" --out "$out/w$w.json" 2>"$out/w$w.err" || echo "$w worker(s): exit $?"
+    [ -s "$out/w$w.json" ] && results+=("$out/w$w.json")
+    memtotal "after $w worker(s)" | tee -a "$out/host.txt"
+    sleep 1  # the run's Prefect server and workers are gone before the next starts
+done
 "$py" "$dir/bench_scale.py" combine "${results[@]}" --out "$out/scale_ingest_16core.json" --md "$out/scale_ingest_16core.md"
 rm -rf "$root"
 echo "total: $(( $(date +%s) - start )) s" | tee -a "$out/host.txt"

@@ -150,10 +150,14 @@ class Batch:
 
 @task(cache_policy=NO_CACHE, persist_result=False, task_run_name="process {label}")
 def process_batch(batch: Batch, label: str) -> dict[str, Any]:
+    import torch
+
+    from spectr.flows import dask_worker
+
     started = time.time()
     results = pipeline_ingest.compute_jobs(batch.jobs)
     return {"results": results, "worker": f"{socket.gethostname()}:{os.getpid()}", "started": started,
-            "ended": time.time()}
+            "ended": time.time(), "warmed": dask_worker.WARMED_AT, "threads": torch.get_num_threads()}
 
 
 MAX_BATCH = 32  # adapters per task at most
@@ -194,7 +198,8 @@ def _compute_all(jobs: list[pipeline_ingest.Job], workers: int | None,
             done = future.result()
             results = done["results"]
             times.batches.append({"n": len(batch), "worker": done["worker"], "started": done["started"],
-                                  "ended": done["ended"], "returned": time.time()})
+                                  "ended": done["ended"], "returned": time.time(), "warmed": done.get("warmed"),
+                                  "threads": done.get("threads")})
         except Exception as exc:  # a worker lost, a task crashed: that batch's adapters are rejected
             results = [AdapterError(f"{jobs[j].spec}: {failure_reason(exc)}") for j in batch]
         yield list(zip(batch, results))
@@ -224,20 +229,26 @@ def ingest_distributed(
     this process alone writes the registry, each batch as it returns and each expert's versions in the
     sources' order, so versions match a plain run.
     workers sizes the batches (None: an existing cluster's, asked of the runner's client)."""
-    _warm_workers()
+    _mark("body")
+    if not workers:  # an existing cluster: its workers import what a batch needs now (a local one preloads)
+        _warm_workers()
     outcomes = pipeline_ingest.ingest_sources(
         sources, base_model=base_model, base_name=base_name, dense=dense, rank=rank, niter=niter, device=device,
         registry_url=registry_url, blob_url=blob_url, steps=distributed_steps(workers or _cluster_workers()),
         logger=get_run_logger(), spectra_only=spectra_only, flow_run_id=_flow_run_id(),
     )
+    _mark("body_end")
     return [o.to_dict() for o in outcomes]
 
 
-def _imports() -> None:
-    import prefect.task_engine  # noqa: F401
-    import spectr.pipeline.persist  # noqa: F401
-    import spectr.pipeline.spectra  # noqa: F401
-    import spectr.pipeline.validate  # noqa: F401
+# When the last ingest_on_dask call in this process reached each point of its start and end (time.time()):
+# called, cluster_ready (a local cluster up: scheduler and workers registered), body (the flow's body began),
+# body_end, returned (flow run finished, cluster closed). Benchmarks read it.
+LAST_CALL_TIMES: dict[str, float] = {}
+
+
+def _mark(point: str) -> None:
+    LAST_CALL_TIMES.setdefault(point, time.time())
 
 
 async def _warm_worker() -> None:
@@ -246,14 +257,16 @@ async def _warm_worker() -> None:
     In a thread: the worker's event loop keeps answering its scheduler."""
     import asyncio
 
-    await asyncio.to_thread(_imports)
+    from spectr.flows.dask_worker import warm_imports
+
+    await asyncio.to_thread(warm_imports)
 
 
 def _warm_workers() -> None:
-    """_warm_worker on every worker of the Dask cluster this flow runs on, without waiting for it: from a
-    thread, because even with wait=False the call returns only once every worker has unpickled the function,
-    which imports this module and Prefect there (on the 16-core host, ~4.6 s of a run's start went there,
-    read from its logs)."""
+    """_warm_worker on every worker of the existing Dask cluster this flow runs on, without waiting for it:
+    from a thread, because even with wait=False the call returns only once every worker has unpickled the
+    function, which imports this module and Prefect there (on the 16-core host, ~4.6 s of a run's start
+    went there, read from its logs)."""
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()
@@ -281,15 +294,73 @@ def _cluster_workers() -> int | None:
         return None
 
 
-def dask_runner(address: str | None = None, workers: int | None = None) -> Any:
-    """Prefect's DaskTaskRunner on an existing scheduler (address, e.g. tcp://host:8786) or on a local
-    cluster of `workers` single-threaded processes (Dask sets each worker's OMP/MKL threads to 1)."""
+def local_cluster_kwargs(workers: int) -> dict[str, Any]:
+    """A local cluster of `workers` single-threaded processes (Dask sets each worker's OMP/MKL threads to 1,
+    so 1 and N workers run the same threads per worker), each preloading flows/dask_worker.py."""
+    return {"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
+            "preload": ["spectr.flows.dask_worker"]}
+
+
+class EarlyCluster:
+    """A local Dask cluster started in a thread as soon as the ingest is called, while Prefect creates the
+    flow run (and --base-model resolves, in its own thread): the workers spawn and import what a batch
+    needs meanwhile. Prefect's DaskTaskRunner takes `take` as its `cluster_class` (a callable that returns the
+    cluster) when the flow first submits, and closes it when the flow run ends; a flow that ends before
+    asking for it (a Prefect error) leaves it to close_unused."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.cluster: Any = None
+        self.error: BaseException | None = None
+        self.taken = False
+        self._ready = threading.Event()
+        threading.Thread(target=self._start, name="spectr-local-cluster", daemon=True).start()
+
+    def _start(self) -> None:
+        try:
+            from distributed import LocalCluster
+
+            self.cluster = LocalCluster(**local_cluster_kwargs(self.workers))
+            _mark("cluster_ready")
+        except BaseException as exc:  # raised where the flow asks for the cluster
+            self.error = exc
+        finally:
+            self._ready.set()
+
+    def take(self, **_: Any) -> Any:
+        self._ready.wait()
+        if self.error is not None:
+            raise self.error
+        self.taken = True
+        return self.cluster
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Prefect sends the flow, its task runner included, with every task to the workers: there this is
+        # an inert copy (the cluster lives in the process that started it).
+        return {"workers": self.workers}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.workers, self.cluster, self.taken = state["workers"], None, False
+        self.error = RuntimeError("a local Dask cluster is started and used by the process that called the ingest")
+        self._ready = threading.Event()
+        self._ready.set()
+
+    def close_unused(self) -> None:
+        self._ready.wait()
+        if self.cluster is not None and not self.taken:
+            self.cluster.close()
+
+
+def dask_runner(address: str | None = None, workers: int | None = None, early: EarlyCluster | None = None) -> Any:
+    """Prefect's DaskTaskRunner on an existing scheduler (address, e.g. tcp://host:8786), on a local cluster
+    already starting (early), or on a local cluster of `workers` single-threaded processes."""
     from prefect_dask import DaskTaskRunner
 
     if address:
         return DaskTaskRunner(address=address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": workers or 1, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None})
+    if early is not None:
+        return DaskTaskRunner(cluster_class=early.take)
+    return DaskTaskRunner(cluster_kwargs=local_cluster_kwargs(workers or 1))
 
 
 def _resolve_base_early(base_model: str | None, base_name: str | None) -> None:
@@ -312,10 +383,18 @@ def ingest_on_dask(sources: list[str], address: str | None = None, workers: int 
                    **args: Any) -> list[dict]:
     from spectr.flows.lifetime import exit_with_parent, tied_temporary_server
 
+    LAST_CALL_TIMES.clear()
+    _mark("called")
     # A run that Prefect's runner (`spectr serve-flows`) started in a child process ends with the runner,
     # and its local Dask workers with it (they exit when the process that started them is gone).
     exit_with_parent()
+    early = None if address else EarlyCluster(workers or 1)
     _resolve_base_early(args.get("base_model"), args.get("base_name"))
-    with tied_temporary_server():  # no server configured: a temporary one that dies with this process
-        return ingest_distributed.with_options(task_runner=dask_runner(address, workers))(
-            sources=sources, workers=workers, **args)
+    try:
+        with tied_temporary_server():  # no server configured: a temporary one that dies with this process
+            return ingest_distributed.with_options(task_runner=dask_runner(address, workers, early))(
+                sources=sources, workers=workers, **args)
+    finally:
+        if early is not None:
+            early.close_unused()
+        _mark("returned")

@@ -114,7 +114,8 @@ class DriverTimes:
     started: float = field(default_factory=time.time)
     marks: dict[str, float] = field(default_factory=dict)  # phase -> when it ended
     seconds: dict[str, float] = field(default_factory=dict)  # activity -> seconds spent in it (summed)
-    batches: list[dict] = field(default_factory=list)  # per batch: n, worker, started, ended, returned
+    batches: list[dict] = field(default_factory=list)  # per batch: n, worker, started, ended, returned, warmed,
+    # threads (warmed: when its worker had its imports done; threads: torch threads there)
 
     def mark(self, phase: str) -> None:
         self.marks.setdefault(phase, time.time())
@@ -131,6 +132,7 @@ class DriverTimes:
                 workers.setdefault(b["worker"], []).append(b)
             first, last = min(b["started"] for b in self.batches), max(b["ended"] for b in self.batches)
             busy = {w: sum(b["ended"] - b["started"] for b in bs) for w, bs in workers.items()}
+            warmed = [next((b["warmed"] for b in bs if b.get("warmed") is not None), None) for bs in workers.values()]
             out["workers"] = {
                 "n": len(workers), "tasks": len(self.batches),
                 "first_task_started_s": round(first - self.started, 3),
@@ -139,6 +141,10 @@ class DriverTimes:
                                                    for bs in workers.values()),
                 "last_end_per_worker_s": sorted(round(max(b["ended"] for b in bs) - self.started, 2)
                                                 for bs in workers.values()),
+                # when each worker had imported what a batch needs (a preloaded local worker; left out: not done
+                # when its batches ended, or not preloaded)
+                "imports_done_per_worker_s": sorted(round(w - self.started, 2) for w in warmed if w is not None),
+                "torch_threads_per_worker": sorted({b.get("threads") for b in self.batches} - {None}),
                 "busy_s": round(sum(busy.values()), 2),
                 # each worker's idle time between the first task's start anywhere and the last task's end
                 "idle_s": round(sum(last - first - v for v in busy.values()), 2),

@@ -39,9 +39,29 @@ def test_local_two_worker_cluster_matches_the_default_runner(prefect_harness, tm
         assert [o.status for o in again] == ["unchanged", "unchanged"]
         homes[how] = registry_content(home)
     assert homes["dask"] == homes["default"]
+    from spectr.pipeline import ingest as pipeline_ingest
+
+    # The local workers ran torch on one thread each, as a 1-worker run does.
+    assert pipeline_ingest.LAST_DRIVER_TIMES.summary()["workers"]["torch_threads_per_worker"] == [1]
     versions, blobs = homes["default"]["versions"], homes["default"]["blobs"]
     assert len(versions) == 5 and all(v["adapter_kept"] for v in versions)  # files kept, as a plain run
     assert {f"sha256/{v['blob_sha256'][:2]}/{v['blob_sha256'][2:]}.safetensors" for v in versions} <= set(blobs)
+
+
+def test_a_local_cluster_the_flow_never_used_is_closed(prefect_harness, tmp_path, monkeypatch, tiny_base_dir):
+    """The local cluster starts as the call comes, before Prefect validates the flow's parameters: a run
+    that fails there closes it too, leaving no worker processes behind."""
+    import psutil
+
+    from spectr.flows.ingest import LAST_CALL_TIMES, ingest_on_dask
+
+    monkeypatch.setenv("SPECTR_HOME", str(tmp_path / "home"))
+    with pytest.raises(Exception):
+        ingest_on_dask([str(tmp_path)], workers=2, base_model=str(tiny_base_dir), niter="not a number")
+    assert "cluster_ready" in LAST_CALL_TIMES and "body" not in LAST_CALL_TIMES  # up, never used
+    workers = [p for p in psutil.Process().children(recursive=True) if "spawn_main" in _cmdline(p)]
+    _, alive = psutil.wait_procs(workers, timeout=10)  # closed: at most still exiting
+    assert not alive, f"worker processes left running: {[p.pid for p in alive]}"
 
 
 @pytest.mark.parametrize("args, message", [
