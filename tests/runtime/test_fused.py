@@ -164,15 +164,19 @@ def test_cuda_fused_equals_plain_fp32_choices_and_bf16_logits(bundle, name):
 @pytest.mark.parametrize("name", ["defaults", "reference", "k2-mix-layer", "gathered"])
 def test_cuda_graphs_compiled_equals_eager(bundle, name):
     fused, _ = pair(bundle, CONFIGS[name])
-    fused.cuda()
-    ids = IDS.expand(3, -1).contiguous().cuda()
-    want = fused(ids).logits
+    assert compiled_minus_eager(fused.cuda(), IDS.expand(3, -1).contiguous().cuda()) <= 1e-3
+
+
+def compiled_minus_eager(model, ids: torch.Tensor) -> float:
+    """Max |logit difference| between the model compiled into CUDA graphs (after warm-up, record, replay) and eager."""
+    want = model(ids).logits
     torch._dynamo.reset()
-    compiled = torch.compile(fused, mode="reduce-overhead", fullgraph=True)
-    for _ in range(3):  # warm-up, record, replay
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
         torch.compiler.cudagraph_mark_step_begin()
         got = compiled(ids).logits.clone()
-    assert (got - want).abs().max() <= 1e-3
+    torch.cuda.synchronize()
+    return (got - want).abs().max().item()
 
 
 @cuda
@@ -182,16 +186,8 @@ def test_cuda_graphs_compiled_equals_eager_at_prefill_sizes(bundle, name):
     """Past the decode sizes (and past kernels.SORT_MIN rows) the compiled model takes the group GEMM with the
     dense apply; apply="gathered" there once faulted (an illegal memory access on the H200 at E=64)."""
     fused, _ = pair(bundle, CONFIGS[name])
-    fused.cuda()
-    ids = torch.randint(1, 120, (3, 100), generator=torch.Generator().manual_seed(3)).cuda()
-    want = fused(ids).logits
-    torch._dynamo.reset()
-    compiled = torch.compile(fused, mode="reduce-overhead", fullgraph=True)
-    for _ in range(3):  # warm-up, record, replay
-        torch.compiler.cudagraph_mark_step_begin()
-        got = compiled(ids).logits.clone()
-    torch.cuda.synchronize()
-    assert (got - want).abs().max() <= 1e-3
+    ids = torch.randint(1, 120, (3, 100), generator=torch.Generator().manual_seed(3))
+    assert compiled_minus_eager(fused.cuda(), ids.cuda()) <= 1e-3
 
 
 @cuda
