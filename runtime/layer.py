@@ -405,6 +405,7 @@ class RoutedLinear(nn.Module):
         self.register_buffer("S", bank["S"], persistent=False)
         self.register_buffer("s", bank["scaling"], persistent=False)
         self.register_buffer("rank", bank["rank"], persistent=False)
+        self.complete = bool((bank["rank"] > 0).all())  # every expert adapts this module: no -inf scores
         self.routing_state = state if state is not None else ForwardState(cfg)
         # The fused path's static plan (ForwardState.link fills it in): input group, slot in it, the rest
         # of the layer; pending/layer_idx carry a sibling's decision to this module within one forward.
@@ -435,7 +436,7 @@ class RoutedLinear(nn.Module):
     def _scores(self, P: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         return routing.scores(P, self.S, self.rank, router=cfg.router, score=cfg.score,
-                              rank_normalize=cfg.rank_normalize)
+                              rank_normalize=cfg.rank_normalize, complete=self.complete)
 
     def calibration(self) -> torch.Tensor:
         """c_e (E,) for the configured calibrate mode (routing.calibration), on the module's device."""
@@ -613,7 +614,8 @@ class RoutedLinear(nn.Module):
         idx = self.layer_idx if cfg.pool == "layer" else None  # an earlier group of this layer decided
         if idx is None or idx.shape[0] != t:
             evs = [routing.restrict(e, allowed) for e in evs]
-            idx = routing.select(evs[0] if len(evs) == 1 else routing.pool(evs), k)[1]
+            complete = allowed is None and all(m.complete for m in members)
+            idx = routing.select(evs[0] if len(evs) == 1 else routing.pool(evs, complete), k)[1]
             if cfg.pool == "layer" and st.active:
                 for m in self.layer_rest:
                     m.layer_idx = idx

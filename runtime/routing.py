@@ -99,8 +99,10 @@ def scores(
     router: str = "spectr",
     score: str = "norm",
     rank_normalize: bool = False,
+    complete: bool = False,
 ) -> torch.Tensor:
-    """Routing scores (t, E) in float32; -inf for experts that do not adapt this module.
+    """Routing scores (t, E) in float32; -inf for experts that do not adapt this module (complete: every
+    expert adapts it, nothing to set).
 
     spectr: ||V_e^T x|| ("norm") or ||Sigma_e V_e^T x|| ("sigma"); arrow: |v_e1^T x|.
     """
@@ -115,7 +117,7 @@ def scores(
         raise ValueError(f"unknown score {score!r}; expected one of {SCORES}")
     if rank_normalize and router != "arrow":
         g = g / rank.clamp(min=1).float().sqrt()
-    return g.masked_fill(rank == 0, float("-inf"))
+    return g if complete else g.masked_fill(rank == 0, float("-inf"))
 
 
 def restrict(g: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
@@ -156,7 +158,9 @@ def weights(
     softmax: softmax(score / temperature) over the selected set (Arrow).
     """
     valid = torch.isfinite(vals)
-    if mode == "uniform":
+    if vals.shape[1] == 1 and mode in WEIGHTS:  # one choice: weight 1 either way (0 where it is not allowed)
+        w_sel = valid.float()
+    elif mode == "uniform":
         w_sel = valid.float() / valid.sum(dim=1, keepdim=True).clamp(min=1)
     elif mode == "softmax":
         w_sel = torch.softmax(vals / temperature, dim=1).nan_to_num(0.0)
@@ -221,9 +225,12 @@ def cosine(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return g / x.float().norm(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
 
 
-def pool(evidence: list[torch.Tensor]) -> torch.Tensor:
+def pool(evidence: list[torch.Tensor], complete: bool = False) -> torch.Tensor:
     """Sum of several modules' (t, E) evidence; an expert absent (-inf) from one module adds nothing
-    there and stays -inf only where every module lacks it."""
+    there and stays -inf only where every module lacks it. complete: no -inf anywhere (every module has
+    every expert, no mask), so the plain sum."""
+    if complete:
+        return sum(evidence[1:], evidence[0])
     present = torch.stack([torch.isfinite(e) for e in evidence]).any(0)
     total = sum(e.masked_fill(~torch.isfinite(e), 0.0) for e in evidence)
     return total.masked_fill(~present, float("-inf"))

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from spectr.runtime.spectrum import AdapterSpectra, ModuleSpectrum
-from spectr.runtime import load_bundle, read_bundle, write_bundle
+from spectr.runtime import load_bundle, read_bundle, routing, write_bundle
 
 D_IN, D_OUT, RANKS = 12, 10, (2, 3, 4, 3, 1)
 
@@ -137,3 +137,23 @@ def test_bad_router_options_are_refused(bundle):
         load_bundle(Net(), bundle, router="nope")
     with pytest.raises(ValueError, match="no expert named"):
         load_bundle(Net(), bundle, router="fixed", expert="missing")
+
+
+def test_the_shortcuts_for_complete_modules_and_one_choice_change_nothing():
+    """pool(complete=True) is the plain sum, scores(complete=True) skips the -inf mask, and weights for k = 1
+    skip the softmax: each equals the general form wherever its condition holds, and the general form still
+    handles absent experts."""
+    g = torch.Generator().manual_seed(0)
+    P, S = torch.randn(64, 6, 4, generator=g), torch.rand(6, 4, generator=g)
+    full, some = torch.full((6,), 4), torch.tensor([4, 0, 4, 2, 4, 0])
+    evs = [routing.scores(P * (i + 1), S, full) for i in range(3)]
+    assert torch.equal(routing.pool(evs, complete=True), routing.pool(evs))
+    assert torch.equal(routing.scores(P, S, full, complete=True), routing.scores(P, S, full))
+    partial = routing.scores(P, S, some)
+    assert torch.isinf(partial[:, [1, 5]]).all() and torch.isfinite(routing.pool([partial, evs[0]])).all()
+    masked = routing.restrict(evs[0], torch.rand(64, 6, generator=g) > 0.3)
+    for mode in routing.WEIGHTS:
+        vals, idx = routing.select(masked, 1)
+        w = routing.weights(vals, idx, 6, mode=mode)
+        want = torch.zeros(64, 6).scatter_(1, idx, torch.softmax(vals, dim=1).nan_to_num(0.0))
+        assert torch.equal(w, want) and (w.sum(1) <= 1).all()
