@@ -15,12 +15,21 @@
 # server (both pay the same first-flow-run costs a `spectr ingest --workers N` pays): the installed packages
 # are byte-compiled first (as a plain pip install leaves them; the wheels go in with --no-compile, and
 # processes importing uncompiled Prefect at once paid for it on the clock before), the adapters are
-# generated, then
-#   1. 8 workers on 1,000 adapters;
-#   2. 1 worker on 1,000 adapters;
-#   3. 2 workers on 1,000 adapters, only when TWO=1 (about 2 minutes more).
-# Every run has a time limit (RUN_LIMIT s, default 300); the table with the speed-ups and the start-up
-# phases is printed at the end (~300 s in all on 16 cores: 312 s with GROW_GIB=20).
+# generated, then the runs RUNS names, in its order, each MODE:WORKERS:
+#   local:N     `spectr ingest --workers N`: a local cluster of N workers started by the run, on the clock;
+#   existing:N  `spectr ingest --dask tcp://127.0.0.1:PORT`: off the clock, a `dask scheduler` and a `dask
+#               worker --nworkers N --nthreads 1 --preload spectr.flows.dask_worker` are started (each in its
+#               own process group) and waited for until all N workers are registered and done importing
+#               what a batch needs (bench_scale.py wait-cluster); then the ingest is timed on that cluster,
+#               and the cluster is torn down (its process groups killed) before the next run.
+# RUNS defaults to "local:8 local:1" (plus local:2 with TWO=1; WORKERS="8 1" still names local runs). Every
+# run has a time limit (RUN_LIMIT s, default 300), cut to what is left of BUDGET (s since the start, if set:
+# no run starts with less than 30 s of it left, and the table is printed before it ends). The table with the
+# speed-ups (each over the 1-worker run of its own mode; RECORDED=dask-1:1000:184.0 stands in, marked as
+# recorded, for a mode whose 1-worker run is not in RUNS) and the start-up phases is printed at the end.
+# On 16 cores: local:8 ~45 s, local:1 ~195 s, existing:8 ~55 s and existing:1 ~200 s with their clusters'
+# start (measured: local 8 and 1 in 312 s in all with GROW_GIB=20).
+# A dry run elsewhere: PYTHON=.venv/bin/python NO_INSTALL=1 ADAPTERS=40 RUNS="existing:2 existing:1 local:2"
 set -euo pipefail
 
 mode=${1:?usage: device_scale.sh prepare|run DIR}
@@ -64,7 +73,7 @@ site=${SITE:-/tmp/spectr-site}
 root=${SCALE_ROOT:-/tmp/spectr-scale}
 export PREFECT_HOME=/tmp/spectr-prefect PREFECT_SERVER_ANALYTICS_ENABLED=false HF_HUB_OFFLINE=1 \
        SPECTR_HOME=/tmp/spectr-home PYTHONUNBUFFERED=1
-py=${PYTHON:-python3}  # a dry run elsewhere: PYTHON=.venv/bin/python NO_INSTALL=1 ADAPTERS=16 WORKERS="2 1"
+py=${PYTHON:-python3}  # a dry run elsewhere: see the header
 install() { "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$@"; }
 [ -n "${NO_INSTALL:-}" ] || install "$dir"/wheels/*.whl
 export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
@@ -98,16 +107,89 @@ print(f"touched {len(held)} GiB in {time.time() - t:.1f} s")' "$GROW_GIB" 2>&1 |
     memtotal "after growing" | tee -a "$out/host.txt"
 fi
 bench=("$py" "$dir/bench_scale.py" ingest --adapters "$n" --no-in-process --root "$root")
-read -r -a runs <<<"${WORKERS:-8 1}"  # a dry run elsewhere: WORKERS="2 1"
-[ -z "${TWO:-}" ] || runs+=(2)
+if [ -z "${RUNS:-}" ]; then
+    RUNS=""
+    for w in ${WORKERS:-8 1}; do RUNS+=" local:$w"; done
+    [ -z "${TWO:-}" ] || RUNS+=" local:2"
+fi
+echo "runs: $RUNS${BUDGET:+ (budget $BUDGET s)}${RECORDED:+ (recorded: $RECORDED)}" | tee -a "$out/host.txt"
+
+# An existing cluster's processes: each started in its own process group (job control on while it forks),
+# all killed at the end of its run and on any exit of this script (a failure, a timeout, a signal).
+groups=()
+stop_groups() {
+    [ ${#groups[@]} -gt 0 ] || return 0
+    local g left
+    for g in "${groups[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
+    for _ in $(seq 50); do  # up to 10 s to close
+        left=0
+        for g in "${groups[@]}"; do kill -0 -- "-$g" 2>/dev/null && left=1; done
+        [ "$left" = 0 ] && break
+        sleep 0.2
+    done
+    for g in "${groups[@]}"; do kill -KILL -- "-$g" 2>/dev/null || true; done
+    sleep 0.2
+    left=$(ps -e -o pgid= | awk -v gs=" ${groups[*]} " 'index(gs, " " $1 " ")' | wc -l)
+    echo "cluster torn down: process groups ${groups[*]} killed, $left process(es) left" | tee -a "$out/host.txt"
+    groups=()
+}
+trap stop_groups EXIT
+trap 'exit 143' TERM INT
+free_port() { "$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+start_cluster() {  # $1 workers, $2 log prefix; sets $address
+    local port
+    port=$(free_port)
+    address=tcp://127.0.0.1:$port
+    set -m
+    "$py" -m distributed.cli.dask_scheduler --host 127.0.0.1 --port "$port" --no-dashboard >"$2.scheduler.log" 2>&1 &
+    groups+=($!)
+    "$py" -m distributed.cli.dask_worker "$address" --nworkers "$1" --nthreads 1 --no-dashboard \
+        --host 127.0.0.1 --preload spectr.flows.dask_worker --death-timeout 60 \
+        --local-directory "/tmp/spectr-dask-$1" >"$2.workers.log" 2>&1 &
+    groups+=($!)
+    set +m
+}
+
+# Seconds left of BUDGET (a large number without one).
+left() { if [ -n "${BUDGET:-}" ]; then echo $(( BUDGET - ($(date +%s) - start) )); else echo 999999; fi; }
 results=()
-for w in "${runs[@]}"; do
-    echo "== $w worker(s), alone on the machine ($(( $(date +%s) - start )) s in)"
-    timeout "$limit" "${bench[@]}" --workers "$w" --out "$out/w$w.json" 2>"$out/w$w.err" || echo "$w worker(s): exit $?"
-    [ -s "$out/w$w.json" ] && results+=("$out/w$w.json")
-    memtotal "after $w worker(s)" | tee -a "$out/host.txt"
+for run in $RUNS; do
+    how=${run%%:*} w=${run#*:}
+    case "$how" in local|existing) ;; *) echo "RUNS: $run is not local:N or existing:N" >&2; exit 2 ;; esac
+    name=$how-$w
+    budget=$(( $(left) - 15 ))  # 15 s kept for the table and the clean-up
+    if [ "$budget" -lt 30 ]; then
+        echo "== $name: SKIPPED, $(left) s of the budget left" | tee -a "$out/host.txt"
+        continue
+    fi
+    lim=$(( limit < budget ? limit : budget ))
+    if [ "$how" = existing ]; then
+        echo "== existing cluster, $w worker(s): starting it off the clock ($(( $(date +%s) - start )) s in)"
+        t=$(date +%s)
+        start_cluster "$w" "$out/$name"
+        if ! timeout "$(( lim < 180 ? lim : 180 ))" "$py" "$dir/bench_scale.py" wait-cluster "$address" --workers "$w" \
+                --timeout "$(( lim < 170 ? lim - 10 : 160 ))" 2>"$out/$name.wait.err" | tee -a "$out/host.txt"; then
+            echo "$name: the cluster did not come up (see $name.*.log, $name.wait.err)" | tee -a "$out/host.txt"
+            tail -5 "$out/$name.wait.err" "$out/$name.workers.log" || true
+            stop_groups
+            continue
+        fi
+        budget=$(( $(left) - 15 ))
+        lim=$(( limit < budget ? limit : budget ))
+        echo "== $name: $w worker(s) of an existing cluster (up in $(( $(date +%s) - t )) s), alone on the machine ($(( $(date +%s) - start )) s in, limit $lim s)"
+        timeout "$lim" "${bench[@]}" --dask "$address" --out "$out/$name.json" 2>"$out/$name.err" || echo "$name: exit $?"
+        stop_groups
+    else
+        echo "== $name: $w worker(s), a local cluster per run, alone on the machine ($(( $(date +%s) - start )) s in, limit $lim s)"
+        timeout "$lim" "${bench[@]}" --workers "$w" --out "$out/$name.json" 2>"$out/$name.err" || echo "$name: exit $?"
+    fi
+    [ -s "$out/$name.json" ] && results+=("$out/$name.json")
+    memtotal "after $name" | tee -a "$out/host.txt"
     sleep 1  # the run's Prefect server and workers are gone before the next starts
 done
-"$py" "$dir/bench_scale.py" combine "${results[@]}" --out "$out/scale_ingest_16core.json" --md "$out/scale_ingest_16core.md"
+recorded=()
+for r in ${RECORDED:-}; do recorded+=(--recorded "$r"); done
+[ ${#results[@]} -eq 0 ] || "$py" "$dir/bench_scale.py" combine "${results[@]}" ${recorded[@]+"${recorded[@]}"} \
+    --out "$out/scale_ingest_16core.json" --md "$out/scale_ingest_16core.md"
 rm -rf "$root"
 echo "total: $(( $(date +%s) - start )) s" | tee -a "$out/host.txt"
