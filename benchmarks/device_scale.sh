@@ -133,8 +133,13 @@ stop_groups() {
     echo "cluster torn down: process groups ${groups[*]} killed, $left process(es) left" | tee -a "$out/host.txt"
     groups=()
 }
+# The timed commands run in the background and are waited for: a signal to this script is then handled at
+# once (bash runs a trap only after a foreground command ends), ends the command in hand, then the cluster.
+child=
+on_signal() { [ -z "$child" ] || kill -TERM "$child" 2>/dev/null || true; exit 143; }
 trap stop_groups EXIT
-trap 'exit 143' TERM INT
+trap on_signal TERM INT
+waited() { "$@" & child=$!; local rc=0; wait "$child" || rc=$?; child=; return "$rc"; }
 free_port() { "$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 start_cluster() {  # $1 workers, $2 log prefix; sets $address
     local port
@@ -152,7 +157,7 @@ start_cluster() {  # $1 workers, $2 log prefix; sets $address
 
 # Seconds left of BUDGET (a large number without one).
 left() { if [ -n "${BUDGET:-}" ]; then echo $(( BUDGET - ($(date +%s) - start) )); else echo 999999; fi; }
-results=()
+results=() failed=()
 for run in $RUNS; do
     how=${run%%:*} w=${run#*:}
     case "$how" in local|existing) ;; *) echo "RUNS: $run is not local:N or existing:N" >&2; exit 2 ;; esac
@@ -167,21 +172,26 @@ for run in $RUNS; do
         echo "== existing cluster, $w worker(s): starting it off the clock ($(( $(date +%s) - start )) s in)"
         t=$(date +%s)
         start_cluster "$w" "$out/$name"
-        if ! timeout "$(( lim < 180 ? lim : 180 ))" "$py" "$dir/bench_scale.py" wait-cluster "$address" --workers "$w" \
-                --timeout "$(( lim < 170 ? lim - 10 : 160 ))" 2>"$out/$name.wait.err" | tee -a "$out/host.txt"; then
+        wl=${WAIT_LIMIT:-180}  # s for the cluster to come up
+        wl=$(( lim < wl ? lim : wl ))
+        if ! waited timeout "$(( wl + 10 ))" "$py" "$dir/bench_scale.py" wait-cluster "$address" --workers "$w" \
+                --timeout "$wl" >"$out/$name.wait.out" 2>"$out/$name.wait.err"; then
+            cat "$out/$name.wait.out"
             echo "$name: the cluster did not come up (see $name.*.log, $name.wait.err)" | tee -a "$out/host.txt"
-            tail -5 "$out/$name.wait.err" "$out/$name.workers.log" || true
+            tail -n 5 "$out/$name.wait.err" "$out/$name.workers.log" || true
+            failed+=("$name")
             stop_groups
             continue
         fi
+        tee -a "$out/host.txt" <"$out/$name.wait.out"
         budget=$(( $(left) - 15 ))
         lim=$(( limit < budget ? limit : budget ))
         echo "== $name: $w worker(s) of an existing cluster (up in $(( $(date +%s) - t )) s), alone on the machine ($(( $(date +%s) - start )) s in, limit $lim s)"
-        timeout "$lim" "${bench[@]}" --dask "$address" --out "$out/$name.json" 2>"$out/$name.err" || echo "$name: exit $?"
+        waited timeout "$lim" "${bench[@]}" --dask "$address" --out "$out/$name.json" 2>"$out/$name.err" || { echo "$name: exit $?"; failed+=("$name"); }
         stop_groups
     else
         echo "== $name: $w worker(s), a local cluster per run, alone on the machine ($(( $(date +%s) - start )) s in, limit $lim s)"
-        timeout "$lim" "${bench[@]}" --workers "$w" --out "$out/$name.json" 2>"$out/$name.err" || echo "$name: exit $?"
+        waited timeout "$lim" "${bench[@]}" --workers "$w" --out "$out/$name.json" 2>"$out/$name.err" || { echo "$name: exit $?"; failed+=("$name"); }
     fi
     [ -s "$out/$name.json" ] && results+=("$out/$name.json")
     memtotal "after $name" | tee -a "$out/host.txt"
@@ -193,3 +203,4 @@ for r in ${RECORDED:-}; do recorded+=(--recorded "$r"); done
     --out "$out/scale_ingest_16core.json" --md "$out/scale_ingest_16core.md"
 rm -rf "$root"
 echo "total: $(( $(date +%s) - start )) s" | tee -a "$out/host.txt"
+[ ${#failed[@]} -eq 0 ] || { echo "failed: ${failed[*]}" | tee -a "$out/host.txt"; exit 1; }
