@@ -7,6 +7,7 @@
 #     bash benchmarks/device_scale.sh prepare /work/main/.device-scale
 # There, from the repo root, with DIR carried (results go to $OUT: JSON, markdown, logs):
 #     bash .device-scale/run.sh          # = bash .device-scale/device_scale.sh run .device-scale
+#     RUNS="existing:8 existing:1 local:8" BUDGET=380 RECORDED=dask-1:1000:184.0 bash .device-scale/run.sh
 # The device copies the session's own checkout, not a helper's worktree: run `prepare` from the worktree
 # (the wheel is built from the checkout the script sits in) into an ignored folder of the session's
 # checkout, and carry that folder.
@@ -27,8 +28,9 @@
 # no run starts with less than 30 s of it left, and the table is printed before it ends). The table with the
 # speed-ups (each over the 1-worker run of its own mode; RECORDED=dask-1:1000:184.0 stands in, marked as
 # recorded, for a mode whose 1-worker run is not in RUNS) and the start-up phases is printed at the end.
-# On 16 cores: local:8 ~45 s, local:1 ~195 s, existing:8 ~55 s and existing:1 ~200 s with their clusters'
-# start (measured: local 8 and 1 in 312 s in all with GROW_GIB=20).
+# Device seconds on 16 cores, estimated from the fourth pass (install ~20 s and generation ~6 s first; each
+# run's process also starts its Prefect server, ~10 s): local:8 ~45 s, local:1 ~195 s; existing:8 ~55 s and
+# existing:1 ~200 s with their clusters' start, not yet measured (local:8 and local:1 took 312 s in all).
 # A dry run elsewhere: PYTHON=.venv/bin/python NO_INSTALL=1 ADAPTERS=40 RUNS="existing:2 existing:1 local:2"
 set -euo pipefail
 
@@ -80,7 +82,8 @@ export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 # Away from the checkout: its own spectr/ folder must not shadow the installed package.
 check() { (cd /tmp && "$py" -c 'import prefect, prefect_dask, distributed, sqlalchemy, alembic, psutil, torch, transformers
 from prefect.testing.utilities import prefect_test_harness
-import spectr.flows.ingest, spectr.pipeline.ingest, spectr.registry.store
+import spectr.flows.ingest, spectr.flows.dask_worker, spectr.pipeline.ingest, spectr.registry.store
+import distributed.cli.dask_scheduler, distributed.cli.dask_worker  # an existing cluster: dask scheduler / worker
 print("imports ok: prefect", prefect.__version__, "torch", torch.__version__, "transformers", transformers.__version__)'); }
 if ! check 2>"$out/import_check.txt"; then
     echo "imports failed without the stack wheels (see import_check.txt); installing them too"
