@@ -70,7 +70,13 @@ fi
 [ "$mode" = run ] || { echo "device_scale.sh: mode must be prepare or run, got $mode" >&2; exit 2; }
 start=$(date +%s)
 out=${OUT:-$dir/out}
-mkdir -p "$out"
+# $OUT brings back 8 files at most: host.txt, each run's JSON, the combined JSON and markdown, and logs.tgz
+# (every run's stderr, the clusters' logs, the import check: $work, packed at any exit).
+work=${WORK:-/tmp/spectr-scale-logs}
+rm -rf "$work"
+mkdir -p "$out" "$work"
+pack() { tar czf "$out/logs.tgz" -C "$work" . 2>/dev/null || true; }
+trap pack EXIT
 site=${SITE:-/tmp/spectr-site}
 root=${SCALE_ROOT:-/tmp/spectr-scale}
 export PREFECT_HOME=/tmp/spectr-prefect PREFECT_SERVER_ANALYTICS_ENABLED=false HF_HUB_OFFLINE=1 \
@@ -85,8 +91,8 @@ from prefect.testing.utilities import prefect_test_harness
 import spectr.flows.ingest, spectr.flows.dask_worker, spectr.pipeline.ingest, spectr.registry.store
 import distributed.cli.dask_scheduler, distributed.cli.dask_worker  # an existing cluster: dask scheduler / worker
 print("imports ok: prefect", prefect.__version__, "torch", torch.__version__, "transformers", transformers.__version__)'); }
-if ! check 2>"$out/import_check.txt"; then
-    echo "imports failed without the stack wheels (see import_check.txt); installing them too"
+if ! check 2>"$work/import_check.txt"; then
+    echo "imports failed without the stack wheels (see import_check.txt in logs.tgz); installing them too"
     install "$dir"/stack/*.whl
     check
 fi
@@ -140,7 +146,7 @@ stop_groups() {
 # once (bash runs a trap only after a foreground command ends), ends the command in hand, then the cluster.
 child=
 on_signal() { [ -z "$child" ] || kill -TERM "$child" 2>/dev/null || true; exit 143; }
-trap stop_groups EXIT
+trap 'stop_groups; pack' EXIT
 trap on_signal TERM INT
 waited() { "$@" & child=$!; local rc=0; wait "$child" || rc=$?; child=; return "$rc"; }
 free_port() { "$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -174,27 +180,27 @@ for run in $RUNS; do
     if [ "$how" = existing ]; then
         echo "== existing cluster, $w worker(s): starting it off the clock ($(( $(date +%s) - start )) s in)"
         t=$(date +%s)
-        start_cluster "$w" "$out/$name"
+        start_cluster "$w" "$work/$name"
         wl=${WAIT_LIMIT:-180}  # s for the cluster to come up
         wl=$(( lim < wl ? lim : wl ))
         if ! waited timeout "$(( wl + 10 ))" "$py" "$dir/bench_scale.py" wait-cluster "$address" --workers "$w" \
-                --timeout "$wl" >"$out/$name.wait.out" 2>"$out/$name.wait.err"; then
-            cat "$out/$name.wait.out"
-            echo "$name: the cluster did not come up (see $name.*.log, $name.wait.err)" | tee -a "$out/host.txt"
-            tail -n 5 "$out/$name.wait.err" "$out/$name.workers.log" || true
+                --timeout "$wl" >"$work/$name.wait.out" 2>"$work/$name.wait.err"; then
+            cat "$work/$name.wait.out"
+            echo "$name: the cluster did not come up (see $name.*.log, $name.wait.err in logs.tgz)" | tee -a "$out/host.txt"
+            tail -n 5 "$work/$name.wait.err" "$work/$name.workers.log" || true
             failed+=("$name")
             stop_groups
             continue
         fi
-        tee -a "$out/host.txt" <"$out/$name.wait.out"
+        tee -a "$out/host.txt" <"$work/$name.wait.out"
         budget=$(( $(left) - 15 ))
         lim=$(( limit < budget ? limit : budget ))
         echo "== $name: $w worker(s) of an existing cluster (up in $(( $(date +%s) - t )) s), alone on the machine ($(( $(date +%s) - start )) s in, limit $lim s)"
-        waited timeout "$lim" "${bench[@]}" --dask "$address" --out "$out/$name.json" 2>"$out/$name.err" || { echo "$name: exit $?"; failed+=("$name"); }
+        waited timeout "$lim" "${bench[@]}" --dask "$address" --out "$out/$name.json" 2>"$work/$name.err" || { echo "$name: exit $?"; failed+=("$name"); }
         stop_groups
     else
         echo "== $name: $w worker(s), a local cluster per run, alone on the machine ($(( $(date +%s) - start )) s in, limit $lim s)"
-        waited timeout "$lim" "${bench[@]}" --workers "$w" --out "$out/$name.json" 2>"$out/$name.err" || { echo "$name: exit $?"; failed+=("$name"); }
+        waited timeout "$lim" "${bench[@]}" --workers "$w" --out "$out/$name.json" 2>"$work/$name.err" || { echo "$name: exit $?"; failed+=("$name"); }
     fi
     [ -s "$out/$name.json" ] && results+=("$out/$name.json")
     memtotal "after $name" | tee -a "$out/host.txt"
