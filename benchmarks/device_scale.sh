@@ -142,7 +142,7 @@ stop_groups() {
     done
     for g in "${groups[@]}"; do kill -KILL -- "-$g" 2>/dev/null || true; done
     sleep 0.2
-    left=$(ps -e -o pgid= | awk -v gs=" ${groups[*]} " 'index(gs, " " $1 " ")' | wc -l)
+    left=$(ps -e -o pgid= | awk -v gs=" ${groups[*]} " 'index(gs, " " $1 " ")' | wc -l) || left="?"
     echo "cluster torn down: process groups ${groups[*]} killed, $left process(es) left" | tee -a "$out/host.txt"
     groups=()
 }
