@@ -6,6 +6,15 @@
     python3 benchmarks/bench_scale.py ingest --adapters 1000 --workers 1:300,2:600,8 --no-in-process --gen-procs 8
     python3 benchmarks/bench_scale.py generate --adapters 1000 --root /tmp/scale      # adapters only
     python3 benchmarks/bench_scale.py combine w8.json w1.json --md scale.md             # one table, ratios
+    python3 benchmarks/bench_scale.py wait-cluster tcp://127.0.0.1:8786 --workers 8     # an existing cluster ready
+    python3 benchmarks/bench_scale.py ingest --adapters 1000 --dask tcp://127.0.0.1:8786 --no-in-process
+
+Existing cluster (--dask): the workers of a scheduler started beforehand (`dask scheduler`, `dask worker
+--preload spectr.flows.dask_worker`: benchmarks/device_scale.sh starts them) run the batches, as `spectr
+ingest --dask tcp://HOST:8786` does; wait-cluster returns once they are all registered and have imported what
+a batch needs, so the timed run starts on warm workers. Its runner is named "dask-N-existing" (N: the
+scheduler's workers) and its speed-up is over a "dask-1-existing" run; local clusters' runs ("dask-N") over
+"dask-1".
 
 Catalog: the registry is filled through SQLAlchemy Core with rows shaped as add_version writes them (one
 shared spectra blob), then timed through catalog_sql: the first query after a change (builds the snapshot)
@@ -14,6 +23,7 @@ and the median of later ones (reuse), for a filter-and-group query and a listing
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -95,6 +105,8 @@ def main() -> None:
     i = sub.add_parser("ingest")
     i.add_argument("--adapters", type=int, default=1000)
     i.add_argument("--workers", default="1,2", help='worker counts, each optionally with its own adapter count: "1:300,8"')
+    i.add_argument("--dask", metavar="ADDRESS", help="instead of local clusters: one run on the existing Dask "
+                   "scheduler at ADDRESS (tcp://HOST:PORT), on --adapters adapters, with all its workers")
     i.add_argument("--no-in-process", dest="in_process", action="store_false",
                    help="skip the in-process runner (no Prefect, no Dask)")
     i.add_argument("--gen-procs", type=int, default=1, help="processes generating the adapters")
@@ -109,18 +121,29 @@ def main() -> None:
     g.add_argument("--adapters", type=int, default=1000)
     g.add_argument("--root", type=Path, required=True)
     g.add_argument("--procs", type=int, default=os.cpu_count() or 1)
-    m = sub.add_parser("combine", help="merge result files, speed-ups over their dask-1 run")
+    m = sub.add_parser("combine", help="merge result files, speed-ups over their 1-worker run of the same mode")
     m.add_argument("files", nargs="+", type=Path)
+    m.add_argument("--recorded", metavar="RUNNER:ADAPTERS:WALL", action="append", default=[],
+                   help="a 1-worker run measured earlier (e.g. dask-1:1000:184.0), the reference of its mode "
+                   "only where these files have no such run; marked as recorded in the table")
     m.add_argument("--md", type=Path)
     m.add_argument("--out", type=Path)
+    w = sub.add_parser("wait-cluster", help="wait until an existing Dask scheduler has N workers, all done "
+                       "importing what a batch needs")
+    w.add_argument("address")
+    w.add_argument("--workers", type=int, required=True)
+    w.add_argument("--timeout", type=float, default=180)
     a = ap.parse_args()
+    if a.what == "wait-cluster":
+        wait_cluster(a.address, a.workers, a.timeout)
+        return
     if a.what == "generate":
         t = time.perf_counter()
         make_adapters(a.root, a.adapters, procs=a.procs)
         print(f"generated {a.adapters} adapters in {time.perf_counter() - t:.1f} s under {a.root}", flush=True)
         return
     if a.what == "combine":
-        res = combine(a.files)
+        res = combine(a.files, [parse_recorded(r) for r in a.recorded])
         print(markdown(res) + "\n" + phases(res))
         if a.md:
             a.md.write_text(markdown(res) + "\n" + phases(res))
@@ -133,8 +156,8 @@ def main() -> None:
             if a.md:
                 a.md.write_text(markdown(results))
 
-        res = bench_ingest(a.adapters, parse_runs(a.workers, a.adapters), a.root, a.in_process, a.gen_procs,
-                           a.stop_after, save, a.label)
+        runs = [(a.dask, a.adapters)] if a.dask else parse_runs(a.workers, a.adapters)
+        res = bench_ingest(a.adapters, runs, a.root, a.in_process, a.gen_procs, a.stop_after, save, a.label)
     if a.out:
         a.out.write_text(json.dumps(res, indent=1) + "\n")
 
@@ -198,19 +221,28 @@ def make_adapters(root: Path, n: int, rank: int = 8, procs: int = 1) -> tuple[Pa
 class CpuMeter:
     """CPU seconds of this process and all its descendants (the flow, the Dask workers, the Prefect server),
     sampled every 0.2 s so that children which exit before the end are counted; and the whole machine's
-    busy CPU seconds over the same time (what the other users of a shared box took is the difference)."""
+    busy CPU seconds over the same time (what the other users of a shared box took is the difference).
+    `others` ({pid: role}) are processes outside this tree counted too: an existing cluster's scheduler and
+    workers."""
 
-    def __init__(self) -> None:
+    def __init__(self, others: dict[int, str] | None = None) -> None:
         import psutil
 
         self._psutil = psutil
         self._seen: dict[int, float] = {}
         self._base: dict[int, float] = {}
-        self._role: dict[int, str] = {}
+        self._role: dict[int, str] = dict(others or {})
+        self._others = list(self._role)
 
     def _sample(self) -> None:
         me = self._psutil.Process()
-        for p in [me, *me.children(recursive=True)]:
+        others = []
+        for pid in self._others:
+            try:
+                others.append(self._psutil.Process(pid))
+            except self._psutil.Error:
+                pass
+        for p in [me, *me.children(recursive=True), *others]:
             try:
                 t = p.cpu_times()
                 self._seen[p.pid] = t.user + t.system
@@ -269,16 +301,50 @@ def parse_runs(workers: str, n: int) -> list[tuple[int, int]]:
     return runs
 
 
-def _speedups(out: list[dict]) -> None:
-    """Throughput over the 1-worker run's, so runs on different adapter counts compare."""
-    ref = next((r for r in out if r["runner"] == "dask-1" and not r.get("skipped")), None)
+def _mode(runner: str) -> str:
+    """"existing" for runs on an existing cluster (dask-N-existing...), else "local" (dask-N..., in-process)."""
+    return "existing" if "-existing" in runner else "local"
+
+
+def _workers(runner: str) -> int | None:
+    """dask-8-existing -> 8, dask-2-2core -> 2, in-process -> None."""
+    head, _, rest = runner.partition("dask-")
+    digits = "".join(itertools.takewhile(str.isdigit, rest))
+    return int(digits) if not head and digits else None
+
+
+def parse_recorded(spec: str) -> dict:
+    """"dask-1:1000:184.0" -> a 1-worker run measured earlier: its runner, adapters and wall."""
+    try:
+        runner, adapters, wall = spec.split(":")
+        r = dict(runner=runner, adapters=int(adapters), wall_s=float(wall), recorded=True)
+    except ValueError:
+        raise SystemExit(f"--recorded must be RUNNER:ADAPTERS:WALL_S (e.g. dask-1:1000:184.0), got {spec!r}")
+    if _workers(runner) != 1:
+        raise SystemExit(f"--recorded must name a 1-worker run (dask-1 or dask-1-existing), got {runner!r}")
+    r["adapters_per_s"] = round(r["adapters"] / r["wall_s"], 2)
+    return r
+
+
+def _speedups(out: list[dict], recorded: list[dict] = ()) -> None:
+    """Throughput over the 1-worker run's of the same mode (a local cluster's runs over "dask-1", an existing
+    cluster's over "dask-1-existing"), so runs on different adapter counts compare; a recorded run (measured
+    in an earlier call) stands in only where this set has no 1-worker run of its mode."""
+    refs: dict[str, dict] = {}
+    for r in [*out, *recorded]:  # measured first
+        if not r.get("skipped") and _workers(r["runner"]) == 1:
+            refs.setdefault(_mode(r["runner"]), r)
     for r in out:
         if not r.get("skipped"):
+            ref = refs.get(_mode(r["runner"]))
             r["speedup_vs_dask_1"] = round(r["adapters_per_s"] / ref["adapters_per_s"], 2) if ref else None
+            r["speedup_ref"] = (None if ref is None else
+                                f"{ref['runner']} recorded earlier ({ref['adapters']} adapters in {ref['wall_s']} s),"
+                                " not measured in this call" if ref.get("recorded") else ref["runner"])
 
 
 def markdown(results: list[dict]) -> str:
-    rows = ["| runner | adapters | wall | adapters/s | vs Dask 1 worker | CPU s (this run's processes) | "
+    rows = ["| runner | adapters | wall | adapters/s | vs 1 worker (same mode) | CPU s (this run's processes) | "
             "start-up | workers idle | driver storing | load before / after |", "|---" * 10 + "|"]
     for r in results:
         if r.get("skipped"):
@@ -287,12 +353,18 @@ def markdown(results: list[dict]) -> str:
         d = r.get("driver", {})
         idle = d.get("workers", {}).get("idle_s")
         store = d.get("seconds", {}).get("store")
+        ref = r.get("speedup_ref") or ""
+        ratio = "-" if not r.get("speedup_vs_dask_1") else (
+            f"{r['speedup_vs_dask_1']}x" + (" (vs RECORDED)" if "recorded" in ref else ""))
         rows.append(f"| {r['runner']} | {r['adapters']} | {r['wall_s']} s | {r['adapters_per_s']} | "
-                    f"{r.get('speedup_vs_dask_1') or '-'}x | {r['cpu_s']} | {r.get('startup_s', '-')} s | "
+                    f"{ratio} | {r['cpu_s']} | {r.get('startup_s', '-')} s | "
                     f"{idle if idle is not None else '-'} s | {store if store is not None else '-'} s | "
                     f"{r['load_avg_before']} / {r['load_avg_after']} |")
     first = next((r for r in results if not r.get("skipped")), {})
-    return (f"Machine: {first.get('machine', '?')}, {first.get('cores', '?')} cores\n\n" + "\n".join(rows) + "\n")
+    notes = sorted({f"- {r['runner']}: speed-up over {r['speedup_ref']}" for r in results
+                    if "recorded" in (r.get("speedup_ref") or "")})
+    return (f"Machine: {first.get('machine', '?')}, {first.get('cores', '?')} cores\n\n" + "\n".join(rows) + "\n"
+            + ("\n" + "\n".join(notes) + "\n" if notes else ""))
 
 
 def phases(results: list[dict]) -> str:
@@ -308,28 +380,76 @@ def phases(results: list[dict]) -> str:
         w, t0 = d["workers"], r["startup_s"]  # t0: the driver's DriverTimes start, from the call
         imports = w.get("imports_done_per_worker_s") or []
         returned = c.get("returned", r["wall_s"])
+        done = t0 + max(imports) if imports else None  # an existing cluster's: before the call
         rows.append("| {} | {} | {} | {:.2f} | {} | {:.2f} | {:.2f} | {:.1f} | {:.2f} | {} |".format(
             r["runner"], c.get("cluster_ready", "-"), c.get("body", "-"), t0,
-            f"{t0 + max(imports):.2f}" if imports else "-", t0 + w["first_task_started_s"],
+            "-" if done is None else f"{done:.2f}" if done >= 0 else f"before the call ({done:.0f})",
+            t0 + w["first_task_started_s"],
             t0 + max(w["first_start_per_worker_s"]), w["last_task_ended_s"] - w["first_task_started_s"],
             returned - t0 - w["last_task_ended_s"], r["wall_s"]))
-    return "Seconds from the call of ingest_on_dask:\n\n" + "\n".join(rows) + "\n"
+    return ("Seconds from the call of ingest_on_dask (\"cluster up\": a local cluster's; an existing cluster was up "
+            "and its workers' imports done before the call):\n\n" + "\n".join(rows) + "\n")
 
 
-def combine(files: list[Path]) -> list[dict]:
+def combine(files: list[Path], recorded: list[dict] = ()) -> list[dict]:
     """The runs of several result files (benchmarks run one after another or side by side), speed-ups
-    recomputed over their common "dask-1" run."""
+    recomputed over the 1-worker run of each one's mode (recorded: see _speedups)."""
     out = [r for f in files for r in json.loads(f.read_text())]
-    _speedups(out)
+    _speedups(out, recorded)
     return out
 
 
-def bench_ingest(n: int, runs: list[tuple[int, int]], root: Path | None = None, in_process: bool = True,
+def _cluster(address: str) -> tuple[int, dict[int, str]]:
+    """An existing Dask cluster's worker count and its processes ({pid: role}: scheduler, workers)."""
+    from distributed import Client
+
+    with Client(address, timeout=30) as client:
+        pids = {pid: "dask_workers" for pid in client.run(os.getpid).values()}
+        pids[client.run_on_scheduler(os.getpid)] = "dask_scheduler"
+    return len(pids) - 1, pids
+
+
+def _warmed() -> float | None:
+    """On a worker: when its preloaded spectr.flows.dask_worker finished importing what a batch needs, or None."""
+    import sys
+
+    module = sys.modules.get("spectr.flows.dask_worker")
+    return getattr(module, "WARMED_AT", None)
+
+
+def wait_cluster(address: str, workers: int, timeout: float) -> None:
+    """Returns once the scheduler at `address` has `workers` workers, each done importing what a batch needs
+    (their preload's imports; a worker without the preload is made to import them); exits non-zero past
+    `timeout` seconds."""
+    from distributed import Client
+
+    t = time.monotonic()
+    deadline = t + timeout
+    with Client(address, timeout=timeout) as client:
+        while True:
+            n = len(client.scheduler_info(n_workers=-1)["workers"])
+            warmed = client.run(_warmed) if n >= workers else {}
+            if n >= workers and all(v is not None for v in warmed.values()):
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"wait-cluster: {n} of {workers} workers registered, "
+                                 f"{sum(v is not None for v in warmed.values())} done importing after {timeout:.0f} s")
+            time.sleep(0.5)
+        from spectr.flows.dask_worker import warm_imports
+
+        client.run(warm_imports)  # everything is imported already: returns at once, proves it on every worker
+        last = max(warmed.values())
+    print(f"cluster ready: {n} workers at {address}, imports done on all, {time.monotonic() - t:.1f} s of waiting "
+          f"(last worker's imports done {time.time() - last:.1f} s ago)", flush=True)
+
+
+def bench_ingest(n: int, runs: list[tuple[int | str, int]], root: Path | None = None, in_process: bool = True,
                  gen_procs: int = 1, stop_after: float | None = None, save=None, label: str = "") -> list[dict]:
     """The in-process runner (on n adapters), then Prefect's Dask task runner on local clusters of each
-    worker count, each into a fresh registry (removed after it is measured), one after the other in this
-    run. One Prefect server is started first and shared (without one configured, every Dask run would pay
-    a temporary server's start)."""
+    worker count (or, where a run's first item is a scheduler's address, on that existing cluster), each
+    into a fresh registry (removed after it is measured), one after the other in this run. One Prefect
+    server is started first and shared (without one configured, every Dask run would pay a temporary
+    server's start). An existing cluster's scheduler and workers count in the run's CPU seconds."""
     import platform
     import shutil
 
@@ -353,13 +473,18 @@ def bench_ingest(n: int, runs: list[tuple[int, int]], root: Path | None = None, 
 
     resolve_base_model(str(base), name="HuggingFaceTB/SmolLM2-135M-Instruct")
     out = []
-    plan = ([("in-process", None, n)] if in_process else []) + [(f"dask-{w}", w, c) for w, c in runs]
+    plan = ([("in-process", None, n)] if in_process else []) + [
+        (f"dask-{w}-existing" if isinstance(w, str) else f"dask-{w}", w, c) for w, c in runs]
     with prefect_test_harness(server_startup_timeout=120):
         for how, workers, count in plan:
             if stop_after is not None and time.monotonic() - started > stop_after:
                 out.append(dict(runner=how, adapters=count, skipped=f"past --stop-after {stop_after:.0f} s"))
                 print(json.dumps(out[-1]), flush=True)
                 continue
+            address, others = (workers, None) if isinstance(workers, str) else (None, None)
+            if address:  # named by the scheduler's workers now
+                workers, others = _cluster(address)
+                how = f"dask-{workers}-existing"
             how = f"{how}{label}"
             home = root / f"home-{how}"
             shutil.rmtree(home, ignore_errors=True)  # every runner starts from an empty registry
@@ -367,11 +492,13 @@ def bench_ingest(n: int, runs: list[tuple[int, int]], root: Path | None = None, 
             kw = dict(base_model=str(base), base_name="HuggingFaceTB/SmolLM2-135M-Instruct",
                       registry_url=f"sqlite:///{home}/registry.db", blob_url=str(home / "blobs"))
             pipeline_ingest.LAST_DRIVER_TIMES = None
-            with CpuMeter() as cpu:
+            with CpuMeter(others) as cpu:
                 t = time.perf_counter()
                 called = time.time()
                 if workers is None:
                     outcomes = [o.to_dict() for o in ingest_sources(sources, **kw)]
+                elif address:
+                    outcomes = ingest_on_dask(sources, address=address, **kw)
                 else:
                     outcomes = ingest_on_dask(sources, workers=workers, **kw)
                 wall = time.perf_counter() - t

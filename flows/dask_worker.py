@@ -21,8 +21,9 @@ import threading
 import time
 from typing import Any
 
-# When this worker's imports were done (time.time()), or None: batches report it (flows/ingest.py), so the
-# driver's DriverTimes shows whether a worker's first batch waited for them.
+# When this worker's imports were first done (time.time()), or None: batches report it (flows/ingest.py), so
+# the driver's DriverTimes shows whether a worker's first batch waited for them. A later call (an existing
+# cluster's warm-up at every flow run) finds them done and leaves it as it was.
 WARMED_AT: float | None = None
 
 
@@ -33,7 +34,8 @@ def warm_imports() -> None:
     import spectr.pipeline.persist  # noqa: F401
     import spectr.pipeline.spectra  # noqa: F401
     import spectr.pipeline.validate  # noqa: F401
-    WARMED_AT = time.time()
+    if WARMED_AT is None:
+        WARMED_AT = time.time()
 
 
 def _warm() -> None:

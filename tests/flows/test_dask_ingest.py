@@ -101,7 +101,8 @@ def _free_port() -> int:
 
 @pytest.fixture()
 def dask_cluster(tmp_path):
-    """A separately started `dask scheduler` and two `dask worker` processes on loopback; its address."""
+    """A separately started `dask scheduler` and two `dask worker` processes on loopback; its address. One
+    worker preloads flows/dask_worker.py (as benchmarks/device_scale.sh starts them), the other does not."""
     import subprocess
     import sys
     import time
@@ -120,7 +121,8 @@ def dask_cluster(tmp_path):
         for i in range(2):
             procs.append(subprocess.Popen(
                 [dask, "worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard",
-                 "--name", f"w{i}", "--local-directory", str(tmp_path / f"w{i}")],
+                 "--name", f"w{i}", "--local-directory", str(tmp_path / f"w{i}"),
+                 *(["--preload", "spectr.flows.dask_worker"] if i == 0 else [])],
                 stdout=open(logs / f"worker{i}.log", "w"), stderr=subprocess.STDOUT))
         deadline = time.monotonic() + 120
         with Client(address, timeout=60) as client:
