@@ -65,10 +65,12 @@ def _check_dask_options(dask: str | None, workers: int | None) -> None:
     if workers is not None and workers < 1:
         _fail(f"--workers must be at least 1, got {workers}", 2)
     if dask or workers:
-        from spectr.orchestration import require_dask
+        from spectr.orchestration import reach_scheduler, require_dask
 
         try:
             require_dask()
+            if dask:
+                reach_scheduler(dask)
         except ValueError as exc:
             _fail(exc)
 

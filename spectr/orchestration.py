@@ -41,6 +41,22 @@ def require_dask() -> None:
         raise ValueError("--dask/--workers need Prefect's Dask task runner: pip install 'spectr[dask]'") from None
 
 
+def reach_scheduler(address: str) -> None:
+    """ValueError (one line) when no Dask scheduler answers at address within Dask's own connect timeout
+    (distributed.comm.timeouts.connect, e.g. DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT=5s), so a wrong --dask
+    fails before a flow run starts instead of inside it."""
+    import dask
+    from distributed import Client
+
+    timeout = dask.config.get("distributed.comm.timeouts.connect")
+    try:
+        with Client(address, timeout=timeout):
+            pass
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise ValueError(f"no Dask scheduler answered at {address} within {timeout} ({type(exc).__name__}): "
+                         "start one (dask scheduler) or fix --dask") from None
+
+
 def run_ingest(sources: list[str], on_outcome: Callable[[Any], None] | None = None, *,
                dask_address: str | None = None, workers: int | None = None, **args: Any) -> list[Any]:
     """Ingest through the flow (a server is configured) or directly; returns pipeline.ingest.Outcome objects.

@@ -91,6 +91,22 @@ def test_serve_flows_dask_option_mistakes_are_one_line(spectr_home, args, messag
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
 
 
+@pytest.mark.parametrize("verb", ["ingest", "serve-flows"])
+def test_a_dask_address_nobody_answers_is_one_line_before_anything_starts(spectr_home, make_adapter, verb):
+    import dask
+    from typer.testing import CliRunner
+
+    from spectr.cli import app
+
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    args = [str(make_adapter("d-none", seed=51))] if verb == "ingest" else ["/nowhere/*", "--interval", "5"]
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        r = CliRunner().invoke(app, [verb, *args, "--dask", address])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert f"error: no Dask scheduler answered at {address} within 2s" in r.output
+    assert not (spectr_home / "registry.db").exists() and not (spectr_home / "blobs").exists()
+
+
 def _free_port() -> int:
     import socket
 
