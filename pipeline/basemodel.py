@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from spectr.digest import config_sha256
 from spectr.pipeline.fetch import is_hub_id, locate_base_config, split_revision
-from spectr.pipeline.files import config_sha256, read_json_object  # noqa: F401  (config_sha256: public here too)
+from spectr.pipeline.files import read_json_object
 from spectr.pipeline.types import AdapterError, BaseModelInfo, ModuleShape
 
 _CACHE: dict[str, tuple[str, str, dict[str, ModuleShape]]] = {}

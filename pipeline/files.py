@@ -11,7 +11,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from spectr.digest import canonical_json, config_sha256, update_with_file  # noqa: F401  (config_sha256: public here too)
+from spectr.digest import canonical_json, update_with_file
 from spectr.pipeline.types import AdapterError
 
 CONFIG_FILE = "adapter_config.json"

@@ -15,10 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from spectr.digest import config_sha256
 from spectr.pipeline.fetch import expand_sources, fetch, locate_base_config
-from spectr.pipeline.files import (
-    adapter_content_sha256, config_sha256, read_adapter_config, read_json_object, weights_file,
-)
+from spectr.pipeline.files import adapter_content_sha256, read_adapter_config, read_json_object, weights_file
 from spectr.pipeline.types import AdapterError, AdapterSource, BaseModelInfo, LoadedAdapter, failure_reason
 from spectr.registry.store import Registry
 

@@ -34,7 +34,7 @@ def setup(tmp_path_factory) -> dict[str, Path]:
 def record_base_config(bundle: Path, base: Path) -> None:
     """The manifest records the saved base's config hash, as a bundle from the registry does (the runtime
     helpers write a placeholder), so the CLI has no other-base warning to give."""
-    from spectr.pipeline.files import config_sha256
+    from spectr.digest import config_sha256
 
     m = json.loads((bundle / "manifest.json").read_text())
     m["base"]["config_sha256"] = config_sha256(json.loads((base / "config.json").read_text()))
