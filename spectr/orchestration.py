@@ -52,7 +52,9 @@ def reach_scheduler(address: str) -> None:
     try:
         with Client(address, timeout=timeout):
             pass
-    except (OSError, TimeoutError, ValueError) as exc:
+    except ValueError:  # distributed could not parse it
+        raise ValueError(f"--dask {address!r} is not a Dask scheduler address; expected e.g. tcp://HOST:8786") from None
+    except (OSError, TimeoutError) as exc:
         raise ValueError(f"no Dask scheduler answered at {address} within {timeout} ({type(exc).__name__}): "
                          "start one (dask scheduler) or fix --dask") from None
 

@@ -92,7 +92,7 @@ def test_serve_flows_dask_option_mistakes_are_one_line(spectr_home, args, messag
 
 
 @pytest.mark.parametrize("verb", ["ingest", "serve-flows"])
-def test_a_dask_address_nobody_answers_is_one_line_before_anything_starts(spectr_home, make_adapter, verb):
+def test_a_dask_address_nobody_answers_or_malformed_is_one_line_before_anything_starts(spectr_home, make_adapter, verb):
     import dask
     from typer.testing import CliRunner
 
@@ -104,6 +104,10 @@ def test_a_dask_address_nobody_answers_is_one_line_before_anything_starts(spectr
         r = CliRunner().invoke(app, [verb, *args, "--dask", address])
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert f"error: no Dask scheduler answered at {address} within 2s" in r.output
+    assert not (spectr_home / "registry.db").exists() and not (spectr_home / "blobs").exists()
+    r = CliRunner().invoke(app, [verb, *args, "--dask", "tcp://host:port"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "error: --dask 'tcp://host:port' is not a Dask scheduler address" in r.output
     assert not (spectr_home / "registry.db").exists() and not (spectr_home / "blobs").exists()
 
 
