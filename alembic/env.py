@@ -48,8 +48,10 @@ def run_migrations_online() -> None:
     engine = migration_engine(_url())
     try:
         with engine.connect() as connection:
+            # SQLite's DDL is transactional once the driver leaves transactions to us (migration_engine);
+            # alembic assumes it is not and would commit after each migration, letting another migrator in.
             _configure(connection=connection, render_as_batch=connection.dialect.name == "sqlite",
-                       transaction_per_migration=False)
+                       transactional_ddl=True, transaction_per_migration=False)
             with context.begin_transaction():
                 lock_migrations(connection)  # one transaction, one migrator at a time
                 context.run_migrations()

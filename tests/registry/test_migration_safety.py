@@ -47,6 +47,32 @@ def test_migration_killed_half_way_leaves_nothing_and_the_next_start_works(tmp_p
     assert _tables(url) == set(Base.metadata.tables) and db.current_revision(url) == _head(url)
 
 
+def test_no_other_connection_sees_a_partly_migrated_registry(tmp_path, monkeypatch):
+    """From the version read to the last migration, one transaction: while 0003 runs, another connection still
+    sees an empty database. (Alembic commits after each migration on SQLite unless told its DDL is
+    transactional; then a second migrator could take the lock between two steps, read the newer version and
+    run a step the first one runs again: 'duplicate column name: host'.)"""
+    import sqlite3
+
+    from alembic.ddl.impl import DefaultImpl
+
+    url = f"sqlite:///{tmp_path / 'reg.db'}"
+    real, seen = DefaultImpl.add_column, []
+
+    def look_then_add(self, *args, **kw):
+        other = sqlite3.connect(tmp_path / "reg.db", timeout=5)
+        try:
+            seen.append(other.execute("select name from sqlite_master where type='table'").fetchall())
+        finally:
+            other.close()
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(DefaultImpl, "add_column", look_then_add)
+    db.upgrade(url)
+    assert seen and all(tables == [] for tables in seen), seen
+    assert db.current_revision(url) == _head(url)
+
+
 def _upgrade_after(barrier, url: str, errors) -> None:
     try:
         barrier.wait()
