@@ -44,19 +44,41 @@ def require_dask() -> None:
 def reach_scheduler(address: str) -> None:
     """ValueError (one line) when no Dask scheduler answers at address within Dask's own connect timeout
     (distributed.comm.timeouts.connect, e.g. DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT=5s), so a wrong --dask
-    fails before a flow run starts instead of inside it."""
+    fails before a flow run starts instead of inside it.
+
+    One comm and an identity request, not a Client: a Client whose connect timed out stays half-open until the
+    garbage collector closes it, and that close takes distributed's class-wide loop lock, so it deadlocked the
+    next Client made in this process when the collection happened while that one held the lock."""
+    import asyncio
+
     import dask
-    from distributed import Client
+    from distributed.comm import connect, parse_address
+    from distributed.comm.addressing import parse_host_port
 
     timeout = dask.config.get("distributed.comm.timeouts.connect")
     try:
-        with Client(address, timeout=timeout):
-            pass
-    except ValueError:  # distributed could not parse it
+        _, location = parse_address(address, strict=True)
+        parse_host_port(location)
+    except ValueError:
         raise ValueError(f"--dask {address!r} is not a Dask scheduler address; expected e.g. tcp://HOST:8786") from None
-    except (OSError, TimeoutError) as exc:
+
+    async def identity() -> Any:
+        comm = await connect(address, timeout=timeout)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            await comm.close()
+
+    try:
+        info = asyncio.run(identity())
+    except Exception as exc:  # refused, timed out, or something else answered with bytes dask cannot read
         raise ValueError(f"no Dask scheduler answered at {address} within {timeout} ({type(exc).__name__}): "
                          "start one (dask scheduler) or fix --dask") from None
+    if not isinstance(info, dict) or info.get("type") != "Scheduler":
+        kind = info.get("type") if isinstance(info, dict) else type(info).__name__
+        raise ValueError(f"--dask {address}: a Dask {kind} answered there, not a scheduler; give the scheduler's "
+                         "address (dask scheduler prints it)")
 
 
 def run_ingest(sources: list[str], on_outcome: Callable[[Any], None] | None = None, *,
