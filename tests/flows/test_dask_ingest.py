@@ -92,16 +92,25 @@ def test_serve_flows_dask_option_mistakes_are_one_line(spectr_home, args, messag
 
 
 @pytest.mark.parametrize("verb", ["ingest", "serve-flows"])
-def test_a_dask_address_nobody_answers_or_malformed_is_one_line_before_anything_starts(spectr_home, make_adapter, verb):
+def test_a_dask_address_nobody_answers_or_malformed_is_one_line_before_anything_starts(spectr_home, make_adapter, verb,
+                                                                                        monkeypatch):
     import dask
+    import distributed
     from typer.testing import CliRunner
 
     from spectr.cli import app
 
+    # The probe makes no Client: one whose connect timed out could stay half-open until the collector closed it
+    # under distributed's class-wide loop lock, which deadlocked the next Client this process made (CI, session 10).
+    made = []
+    real_init = distributed.Client.__init__
+    monkeypatch.setattr(distributed.Client, "__init__",
+                        lambda self, *a, **kw: made.append(a) or real_init(self, *a, **kw))
     address = f"tcp://127.0.0.1:{_free_port()}"
     args = [str(make_adapter("d-none", seed=51))] if verb == "ingest" else ["/nowhere/*", "--interval", "5"]
     with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
         r = CliRunner().invoke(app, [verb, *args, "--dask", address])
+    assert made == []
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert f"error: no Dask scheduler answered at {address} within 2s" in r.output
     assert not (spectr_home / "registry.db").exists() and not (spectr_home / "blobs").exists()
@@ -109,14 +118,6 @@ def test_a_dask_address_nobody_answers_or_malformed_is_one_line_before_anything_
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert "error: --dask 'tcp://host:port' is not a Dask scheduler address" in r.output
     assert not (spectr_home / "registry.db").exists() and not (spectr_home / "blobs").exists()
-    # The probe leaves no half-open Client: the collector closing one later (under distributed's class-wide loop
-    # lock) deadlocked the next Client this process made.
-    import gc
-
-    from distributed import Client
-
-    gc.collect()
-    assert [o.status for o in gc.get_objects() if isinstance(o, Client) and o.status != "closed"] == []
 
 
 def _listening(port: int) -> bool:
