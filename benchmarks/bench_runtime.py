@@ -222,9 +222,9 @@ def parts(model, ids: torch.Tensor, base_ms: float, routed_ms: float) -> str:
         x = seen[m.name].reshape(-1, seen[m.name].shape[-1])
         members = m._group()
         score += _ms(lambda: m._project_group(members, x))
-        Ps = m._project_group(members, x)
-        math += _ms(lambda: m._decide_group(x, (1, x.shape[0]), Ps))
-        for mem, (C, *_rest) in zip(members, m._decide_group(x, (1, x.shape[0]), Ps)):
+        P = m._project_group(members, x)
+        math += _ms(lambda: m._decide_group(x, (1, x.shape[0]), P))
+        for mem, (C, *_rest) in zip(members, m._decide_group(x, (1, x.shape[0]), P)):
             y = torch.zeros(x.shape[0], mem.US.shape[0])
             apply += _ms(lambda: y.addmm_(C, mem.US.T))
     rest = routed_ms - base_ms - score - math - apply

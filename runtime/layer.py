@@ -208,10 +208,11 @@ class ForwardState:
             if len(members) > 1 and len({m.Vt.shape[1] for m in members}) == 1:
                 lead.register_buffer("Vt_group", torch.cat([m.Vt for m in members]), persistent=False)
                 lead.group_sizes = [m.Vt.shape[0] for m in members]
-                if len({m.S.shape[1] for m in members}) == 1:  # one rank: the GPU kernel takes the group
+                if len({m.S.shape[1] for m in members}) == 1:  # one rank: the group decides in one call
                     for f in ("S", "rank", "s"):
                         lead.register_buffer(f"{f}_group", torch.stack([getattr(m, f) for m in members]),
                                              persistent=False)
+                    _bind_stacked(members)
             if layout:
                 layout_group(members)
 
@@ -360,6 +361,15 @@ def _bind_group(members: list[RoutedLinear]) -> None:
         lead.Vt_group = W[lead.group_n:]
 
 
+def _bind_stacked(members: list[RoutedLinear]) -> None:
+    """Point every member's S, rank and s at its row of the lead's stacked S_group / rank_group / s_group, so a
+    change to one (e.g. m.s.zero_() to silence the experts) is the group's too (after link and model.to)."""
+    lead = members[0]
+    for i, m in enumerate(members):
+        for f in ("S", "rank", "s"):
+            setattr(m, f, getattr(lead, f"{f}_group")[i])
+
+
 def release_group(members: list[RoutedLinear]) -> None:
     """Give each member's base weight its own storage again (unload_bundle)."""
     for m in members:
@@ -431,6 +441,8 @@ class RoutedLinear(nn.Module):
         super()._apply(fn, recurse)
         if self.W_group is not None:
             _bind_group(self.siblings)
+        if getattr(self, "S_group", None) is not None:
+            _bind_stacked(self.siblings)
         return self
 
     def _scores(self, P: torch.Tensor) -> torch.Tensor:
@@ -576,29 +588,46 @@ class RoutedLinear(nn.Module):
     def _group(self) -> list[RoutedLinear]:
         return [self] if self.cfg.pool == "module" else self.siblings
 
-    def _project_group(self, members: list[RoutedLinear], x: torch.Tensor) -> list[torch.Tensor]:
-        """Every member's P (t, E, r) from one GEMM against the group's stacked V^T."""
+    def _project_group(self, members: list[RoutedLinear], x: torch.Tensor) -> torch.Tensor:
+        """Every member's projections side by side, (t, sum of E*r): one GEMM against the group's stacked V^T."""
         lead = members[0]
-        Vt = getattr(lead, "Vt_group", None) if len(members) > 1 else None
+        Vt = getattr(lead, "Vt_group", None) if len(members) > 1 else self.Vt
         if Vt is not None:
-            Ps = (x @ Vt.T).split(lead.group_sizes, dim=1)
-        else:
-            Ps = [x @ m.Vt.T for m in members]
-        return [P.view(x.shape[0], m.E, -1) for m, P in zip(members, Ps)]
+            return x @ Vt.T
+        return torch.cat([x @ m.Vt.T for m in members], dim=1)
 
-    def _decide_group(self, x: torch.Tensor, shape: tuple[int, int], Ps: list[torch.Tensor] | None = None
-                      ) -> list[tuple]:
-        """(C (t, E*r), vals, idx) for every member of this module's group, from one shared decision.
+    def _stacked(self, members: list[RoutedLinear]) -> tuple | None:
+        """(S, rank, s) stacked over the group, (M, E, r) / (M, E), when its members' banks have one shape (then
+        the group decides in one routing.route call); None otherwise."""
+        if len(members) == 1:
+            return self.S.unsqueeze(0), self.rank.unsqueeze(0), self.s.unsqueeze(0)
+        lead = members[0]
+        return (lead.S_group, lead.rank_group, lead.s_group) if hasattr(lead, "S_group") else None
+
+    def _decide_group(self, x: torch.Tensor, shape: tuple[int, int], P: torch.Tensor | None = None) -> list[tuple]:
+        """(C (t, E*r), vals, idx, None) for every member of this module's group, from one shared decision.
+        P: the group's projections (t, sum of E*r) when the caller has them (the group GEMM).
 
         The same choices as the plain path: selection on the pooled scores of the group (the plain path
         divides every member's scores by the same ||x||, which ranks alike, so only smoothing needs it)."""
         cfg, st, t = self.cfg, self.routing_state, x.shape[0]
         members = self._group()
         allowed = st.allowed(self, t)
-        if Ps is None and self._kernel_ok(x):
+        if P is None and self._kernel_ok(x):
             return self._decide_group_kernel(members, x, allowed)
-        if Ps is None:
-            Ps = self._project_group(members, x)
+        if P is None:
+            P = self._project_group(members, x)
+        k = st.top_k(self, t)
+        stacked = self._stacked(members) if cfg.router in ("spectr", "arrow") and cfg.smooth == 0 \
+            and cfg.calibrate == "none" and cfg.pool != "layer" else None
+        if stacked is not None:  # the whole group in one call: a few ops instead of a dozen per member
+            M = len(members)
+            C, vals, idx = routing.route(
+                P.view(t, M, self.E, -1), *stacked, k, allowed, router=cfg.router, score=cfg.score,
+                rank_normalize=cfg.rank_normalize, weighting=cfg.weighting, temperature=cfg.temperature,
+                combine=cfg.combine, complete=all(m.complete for m in members))
+            return [(C[:, m].reshape(t, -1), vals[:, m], idx, None) for m in range(M)]
+        Ps = [p.view(t, m.E, -1) for m, p in zip(members, P.split([m.Vt.shape[0] for m in members], dim=1))]
         if cfg.router == "uniform":
             return [(routing.coefficients(P, routing.all_weights(t, m.rank, allowed), m.S, m.s,
                                           combine=cfg.combine).reshape(t, -1), None, None, None)
@@ -610,7 +639,6 @@ class RoutedLinear(nn.Module):
         if cfg.smooth > 0:
             evs = [st.smooth(m, m._cosine(g, x), shape) for m, g in zip(members, gs)]
         gs = [routing.restrict(g, allowed) for g in gs]
-        k = st.top_k(self, t)
         idx = self.layer_idx if cfg.pool == "layer" else None  # an earlier group of this layer decided
         if idx is None or idx.shape[0] != t:
             evs = [routing.restrict(e, allowed) for e in evs]
@@ -770,9 +798,7 @@ class RoutedLinear(nn.Module):
             else:
                 Cs = C.split(lead.group_sizes, dim=1) if M > 1 else (C,)
         else:
-            shape = batch_shape(dims)
-            Ps = [p.view(t, m.E, -1) for m, p in zip(members, P.split([m.Vt.shape[0] for m in members], dim=1))]
-            res = self._decide_group(xf, shape, Ps)
+            res = self._decide_group(xf, batch_shape(dims), P)
             Cs, idx, vals_of = [r[0] for r in res], res[0][2], [r[1] for r in res]
         if Cs is not None:
             if torch.compiler.is_compiling():

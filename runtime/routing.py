@@ -102,13 +102,13 @@ def scores(
     complete: bool = False,
 ) -> torch.Tensor:
     """Routing scores (t, E) in float32; -inf for experts that do not adapt this module (complete: every
-    expert adapts it, nothing to set).
+    expert adapts it, nothing to set). Stacked modules: P (t, M, E, r), S (M, E, r), rank (M, E) -> (t, M, E).
 
     spectr: ||V_e^T x|| ("norm") or ||Sigma_e V_e^T x|| ("sigma"); arrow: |v_e1^T x|.
     """
     P32 = P.float()
     if router == "arrow":
-        g = P32[:, :, 0].abs()
+        g = P32[..., 0].abs()
     elif score == "sigma":
         g = (P32 * S.float()).norm(dim=-1)
     elif score == "norm":
@@ -145,28 +145,32 @@ def cut(vals: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
     not counted as decisions. An int k (one for every token) changes nothing."""
     if not isinstance(k, torch.Tensor):
         return vals
-    ranks = torch.arange(vals.shape[1], device=vals.device)
-    return vals.masked_fill(ranks >= k.to(vals.device)[:, None], float("-inf"))
+    ranks = torch.arange(vals.shape[-1], device=vals.device)
+    return vals.masked_fill(ranks >= k.to(vals.device).view(-1, *[1] * (vals.dim() - 1)), float("-inf"))
 
 
 def weights(
-    vals: torch.Tensor, idx: torch.Tensor, E: int, *, mode: str = "uniform", temperature: float = 1.0
+    vals: torch.Tensor, idx: torch.Tensor, E: int, *, mode: str = "uniform", temperature: float = 1.0,
+    complete: bool = False,
 ) -> torch.Tensor:
-    """Dense (t, E) float32 weights, zero off the selected set.
+    """Dense (t, E) float32 weights, zero off the selected set (stacked modules: vals and idx (t, M, k) -> (t, M, E)).
 
     uniform: 1/k over the selected experts that adapt the module (the paper's code);
     softmax: softmax(score / temperature) over the selected set (Arrow).
+    complete: every value is finite (every expert adapts the module, no mask, one k for all tokens).
     """
+    if vals.shape[-1] == 1 and mode in WEIGHTS and complete:  # one choice, always valid: weight 1
+        return vals.new_zeros(*vals.shape[:-1], E).scatter_(-1, idx, 1.0)
     valid = torch.isfinite(vals)
-    if vals.shape[1] == 1 and mode in WEIGHTS:  # one choice: weight 1 either way (0 where it is not allowed)
+    if vals.shape[-1] == 1 and mode in WEIGHTS:  # one choice: weight 1 either way (0 where it is not allowed)
         w_sel = valid.float()
     elif mode == "uniform":
-        w_sel = valid.float() / valid.sum(dim=1, keepdim=True).clamp(min=1)
+        w_sel = valid.float() / valid.sum(dim=-1, keepdim=True).clamp(min=1)
     elif mode == "softmax":
-        w_sel = torch.softmax(vals / temperature, dim=1).nan_to_num(0.0)
+        w_sel = torch.softmax(vals / temperature, dim=-1).nan_to_num(0.0)
     else:
         raise ValueError(f"unknown weighting {mode!r}; expected one of {WEIGHTS}")
-    return vals.new_zeros(vals.shape[0], E).scatter_(1, idx, w_sel)
+    return vals.new_zeros(*vals.shape[:-1], E).scatter_(-1, idx, w_sel)
 
 
 def all_weights(t: int, rank: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
@@ -181,7 +185,8 @@ def all_weights(t: int, rank: torch.Tensor, allowed: torch.Tensor | None = None)
 def coefficients(
     P: torch.Tensor, w: torch.Tensor, S: torch.Tensor, s: torch.Tensor, *, combine: str = "factor"
 ) -> torch.Tensor:
-    """C (t, E, r) such that delta y_t = sum_e U_e Sigma_e C[t, e] (i.e. C.view(t, E*r) @ US^T).
+    """C (t, E, r) such that delta y_t = sum_e U_e Sigma_e C[t, e] (i.e. C.view(t, E*r) @ US^T); stacked
+    modules: P (t, M, E, r), w (t, M, E), s (M, E) -> (t, M, E, r).
 
     mix:    C[t, e] = w_te s_e Sigma_e V_e^T x_t                              (output mix)
     factor: C[t, e] = w_te Sigma_e z_t,  z_t = sum_j w_tj s_j V_j^T x_t       (factor merge)
@@ -191,9 +196,44 @@ def coefficients(
     if combine == "mix":
         return ws * P
     if combine == "factor":
-        z = (ws * P).sum(dim=1, keepdim=True)  # (t, 1, r)
+        z = (ws * P).sum(dim=-2, keepdim=True)  # (t, 1, r)
         return w.to(P.dtype).unsqueeze(-1) * z
     raise ValueError(f"unknown combine {combine!r}; expected one of {COMBINES}")
+
+
+def route(
+    P: torch.Tensor,
+    S: torch.Tensor,
+    rank: torch.Tensor,
+    s: torch.Tensor,
+    k: int | torch.Tensor,
+    allowed: torch.Tensor | None = None,
+    *,
+    router: str = "spectr",
+    score: str = "norm",
+    rank_normalize: bool = False,
+    weighting: str = "softmax",
+    temperature: float = 1.0,
+    combine: str = "mix",
+    complete: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decision for M modules that read one input (pool="input"; M = 1 decides alone), all at once.
+
+    P (t, M, E, r): every member's projections; S (M, E, r), rank and s (M, E). The experts are the top-k of
+    the pooled scores; each member weights them by its own scores. Returns C (t, M, E, r), the chosen
+    experts' scores (t, M, k) and the experts (t, k): what kernels.route computes in one launch on a GPU.
+    complete: every member has every expert (rank > 0), so only a mask can leave a score at -inf.
+    """
+    g = scores(P, S, rank, router=router, score=score, rank_normalize=rank_normalize, complete=complete)
+    if allowed is not None:
+        g = restrict(g, allowed.unsqueeze(-2))  # (t, 1, E) or (1, E): the same for every member
+    M = g.shape[1]
+    idx = select(g[:, 0] if M == 1 else pool(list(g.unbind(1)), complete and allowed is None), k)[1]
+    each = idx.unsqueeze(1).expand(-1, M, -1)
+    vals = cut(g.gather(2, each), k)
+    finite = complete and allowed is None and not isinstance(k, torch.Tensor)
+    w = weights(vals, each, P.shape[2], mode=weighting, temperature=temperature, complete=finite)
+    return coefficients(P, w, S, s, combine=combine), vals, idx
 
 
 def apply_fixed(x: torch.Tensor, Vt: torch.Tensor, US: torch.Tensor, s: torch.Tensor, e: int, E: int) -> torch.Tensor:

@@ -157,3 +157,42 @@ def test_the_shortcuts_for_complete_modules_and_one_choice_change_nothing():
         w = routing.weights(vals, idx, 6, mode=mode)
         want = torch.zeros(64, 6).scatter_(1, idx, torch.softmax(vals, dim=1).nan_to_num(0.0))
         assert torch.equal(w, want) and (w.sum(1) <= 1).all()
+
+
+@pytest.mark.parametrize("router,score,combine,weighting,k", [
+    ("spectr", "norm", "mix", "softmax", 1), ("spectr", "sigma", "factor", "uniform", 3),
+    ("arrow", "norm", "mix", "softmax", 2), ("spectr", "norm", "mix", "uniform", "per-token")])
+@pytest.mark.parametrize("gaps", [False, True])
+@pytest.mark.parametrize("mask", [None, "tokens", "experts"])
+def test_route_stacked_equals_the_per_module_steps(router, score, combine, weighting, k, gaps, mask):
+    """routing.route decides for M stacked modules at once exactly as the per-module steps do: each member's
+    scores, their pooled sum, top-k, each member's own weights and coefficients (absent experts, masks, a
+    per-token k)."""
+    g = torch.Generator().manual_seed(1)
+    t, M, E, r = 40, 3, 6, 4
+    P, S = torch.randn(t, M, E, r, generator=g), torch.rand(M, E, r, generator=g)
+    rank = torch.tensor([[4, 0, 4, 2, 4, 4], [4, 4, 0, 4, 4, 4], [4, 4, 4, 4, 1, 4]]) if gaps \
+        else torch.full((M, E), 4)
+    s = torch.rand(M, E, generator=g) + 0.5
+    allowed = {None: None, "tokens": torch.rand(t, E, generator=g) > 0.3,
+               "experts": torch.tensor([True, False, True, True, False, True])}[mask]
+    k = torch.randint(1, 4, (t,), generator=g) if k == "per-token" else k
+    opts = dict(router=router, score=score)
+    C, vals, idx = routing.route(P, S, rank, s, k, allowed, **opts, weighting=weighting, temperature=0.7,
+                                 combine=combine, complete=not gaps)
+    gs = [routing.restrict(routing.scores(P[:, m], S[m], rank[m], **opts), allowed) for m in range(M)]
+    want_idx = routing.select(routing.pool(gs), k)[1]
+    assert torch.equal(idx, want_idx)
+    for m in range(M):
+        want_vals = routing.cut(gs[m].gather(1, idx), k)
+        w = routing.weights(want_vals, idx, E, mode=weighting, temperature=0.7)
+        assert torch.equal(vals[:, m], want_vals)
+        assert torch.equal(C[:, m], routing.coefficients(P[:, m], w, S[m], s[m], combine=combine))
+
+
+def test_one_choice_weights_of_complete_modules_are_the_general_ones():
+    g = torch.Generator().manual_seed(2)
+    vals, idx = routing.select(torch.rand(30, 5, generator=g), 1)
+    for mode in routing.WEIGHTS:
+        assert torch.equal(routing.weights(vals, idx, 5, mode=mode, complete=True),
+                           routing.weights(vals, idx, 5, mode=mode))
