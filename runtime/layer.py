@@ -57,6 +57,11 @@ class RouterConfig:
     # with fullgraph=True and captures into CUDA graphs. plain: the readable per-module code, the reference
     # the fused path is tested against (and the grouped apply, which the fused path leaves to it).
     impl: str = "fused"
+    # exact: the scoring GEMM in the model's dtype. fp8: in float8 e4m3 (x per token, each V direction scaled on
+    # its own; routing.project_fp8), for large E where scoring every expert is a large share of the linear FLOPs:
+    # the real 8-expert library kept its routing accuracy with 1-3% of decisions changed (study_scoring.md). The
+    # chosen experts' coefficients come from the same projections. On CPUs the fp8 GEMM is emulated (slower).
+    scoring: str = "exact"
 
     def validate(self) -> None:
         checks = [
@@ -69,6 +74,7 @@ class RouterConfig:
             (self.impl, ("fused", "plain"), "impl"),
             (self.depth_evidence, routing.DEPTH_EVIDENCE, "depth_evidence"),
             (self.calibrate, routing.CALIBRATIONS, "calibrate"),
+            (self.scoring, ("exact", "fp8"), "scoring"),
         ]
         for value, allowed, what in checks:
             if value not in allowed:
@@ -215,6 +221,11 @@ class ForwardState:
                     _bind_stacked(members)
             if layout:
                 layout_group(members)
+            o = 0
+            for m in members:
+                m.vt_offset, o = o, o + m.Vt.shape[0]
+            if self.cfg.scoring == "fp8":
+                quantize_scoring(lead)
 
     def _clear_handoffs(self) -> None:
         # Only what is set: under torch.compile the hooks run as frames of their own, and every attribute they
@@ -370,6 +381,16 @@ def _bind_stacked(members: list[RoutedLinear]) -> None:
             setattr(m, f, getattr(lead, f"{f}_group")[i])
 
 
+def quantize_scoring(owner: RoutedLinear) -> None:
+    """scoring="fp8": V^T in float8 with one scale per direction (routing.quantize_rows) on the module that owns
+    its input group's stacked V^T (the lead's Vt_group) or its own; members read their rows of it, so the plain
+    path and the group GEMM score with the same numbers. Made again after a dtype change (model.to)."""
+    Vt = owner.Vt_group if len(owner.siblings) > 1 and getattr(owner, "Vt_group", None) is not None else owner.Vt
+    with torch.no_grad():
+        q, scale = routing.quantize_rows(Vt)
+    owner.Vt8, owner.Vt8_scale = q, scale.T.contiguous()
+
+
 def release_group(members: list[RoutedLinear]) -> None:
     """Give each member's base weight its own storage again (unload_bundle)."""
     for m in members:
@@ -429,6 +450,11 @@ class RoutedLinear(nn.Module):
         self.register_buffer("W_group", None, persistent=False)
         self.register_buffer("US_group", None, persistent=False)
         self.pending_out: tuple | None = None
+        # scoring="fp8" (quantize_scoring), on the owner of the stacked V^T: V^T in float8 and its scales (1, N);
+        # vt_offset is this module's first row in it
+        self.register_buffer("Vt8", None, persistent=False)
+        self.register_buffer("Vt8_scale", None, persistent=False)
+        self.vt_offset = 0
         self.routing_state.register(self)
         # The model's state_dict keeps the base model's names (q_proj.weight, not q_proj.base_layer.weight), so a
         # routed model saves and loads its base weights like the plain model does.
@@ -443,6 +469,8 @@ class RoutedLinear(nn.Module):
             _bind_group(self.siblings)
         if getattr(self, "S_group", None) is not None:
             _bind_stacked(self.siblings)
+        if self.Vt8 is not None and self.Vt8.dtype != routing.FP8:  # model.to(dtype) converted it
+            quantize_scoring(self)
         return self
 
     def _scores(self, P: torch.Tensor) -> torch.Tensor:
@@ -470,7 +498,7 @@ class RoutedLinear(nn.Module):
         """(P, own scores g, selection evidence): g / ||x|| (calibrated), averaged over tokens when smoothing or
         with prompt_mean; both restricted to the allowed experts (the average itself runs over every expert,
         so a mask change is seen at once)."""
-        P = routing.project(x, self.Vt, self.E)
+        P = self._project(x)
         g = self._scores(P)
         ev = self._cosine(g, x)
         if self.cfg.over_tokens():
@@ -486,7 +514,7 @@ class RoutedLinear(nn.Module):
         if cfg.attn_follows_mlp and st.active and self.kind == "attn":
             idx = st.mlp_choice.get(self.layer - 1)
             if idx is not None and idx.shape[0] == x.shape[0]:  # the layer below's MLP decided for this token
-                P = routing.project(x, self.Vt, self.E)
+                P = self._project(x)
                 return P, routing.restrict(self._scores(P), st.allowed(self, x.shape[0])), idx
         if cfg.pool == "module":
             P, g, ev = self._evidence(x, shape)
@@ -502,7 +530,7 @@ class RoutedLinear(nn.Module):
             if hit is not None and hit[0] is source:
                 P, g = hit[1][self.name]
             else:
-                P = routing.project(x, self.Vt, self.E)
+                P = self._project(x)
                 g = routing.restrict(self._scores(P), st.allowed(self, x.shape[0]))
             return P, g, idx
         if hit is not None and hit[0] is not source:
@@ -539,7 +567,7 @@ class RoutedLinear(nn.Module):
             P, g, idx = self._choose(x, shape or (1, t), x if source is None else source)
             return P, routing.cut(g.gather(1, idx), st.top_k(self, t)), idx
         # the reference: each module decides on its own
-        P = routing.project(x, self.Vt, self.E)
+        P = self._project(x)
         g = routing.restrict(self._scores(P), st.allowed(self, t))
         return (P, *routing.select(g, st.top_k(self, t)))
 
@@ -588,9 +616,31 @@ class RoutedLinear(nn.Module):
     def _group(self) -> list[RoutedLinear]:
         return [self] if self.cfg.pool == "module" else self.siblings
 
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """P (t, E, r) = every expert's V_e^T x for a scoring router, in the configured precision."""
+        if self.cfg.scoring == "fp8":
+            return routing.project_fp8(x, *self._fp8([self])).to(x.dtype).view(x.shape[0], self.E, -1)
+        return routing.project(x, self.Vt, self.E)
+
+    def _fp8(self, members: list[RoutedLinear]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(V^T in float8, its scales (1, N)) of these members (the whole group, or this module alone); made on
+        first use unless load_bundle/set_router made them (a compiled forward needs them made before)."""
+        lead = self.siblings[0]
+        owner = lead if len(self.siblings) > 1 and getattr(lead, "Vt_group", None) is not None else self
+        if owner.Vt8 is None:
+            quantize_scoring(owner)
+        if len(members) > 1:
+            return owner.Vt8, owner.Vt8_scale
+        o, n = self.vt_offset if owner is not self else 0, self.Vt.shape[0]
+        return owner.Vt8[o:o + n], owner.Vt8_scale[:, o:o + n]
+
     def _project_group(self, members: list[RoutedLinear], x: torch.Tensor) -> torch.Tensor:
         """Every member's projections side by side, (t, sum of E*r): one GEMM against the group's stacked V^T."""
         lead = members[0]
+        if self.cfg.scoring == "fp8":
+            if len(members) > 1 and getattr(lead, "Vt_group", None) is None:
+                return torch.cat([m._project(x).flatten(1) for m in members], dim=1)
+            return routing.project_fp8(x, *self._fp8(members)).to(x.dtype)
         Vt = getattr(lead, "Vt_group", None) if len(members) > 1 else self.Vt
         if Vt is not None:
             return x @ Vt.T
@@ -674,11 +724,10 @@ class RoutedLinear(nn.Module):
                              allowed: torch.Tensor | None) -> list[tuple]:
         """_decide_group in one Triton launch after the group's scoring GEMM (kernels.py)."""
         cfg, lead, M = self.cfg, members[0], len(members)
+        P = self._project_group(members, x)
         if M == 1:
-            P = x @ self.Vt.T
             S, rank, s = self.S.unsqueeze(0), self.rank.unsqueeze(0), self.s.unsqueeze(0)
         else:
-            P = x @ lead.Vt_group.T
             S, rank, s = lead.S_group, lead.rank_group, lead.s_group
         compact = self._gathers(x)
         C, idx, vals = kernels.route(P, S, rank, s, allowed, M=M, E=self.E, k=cfg.top_k, router=cfg.router,
@@ -775,9 +824,13 @@ class RoutedLinear(nn.Module):
         members, lead, cfg, st = self.siblings, self.siblings[0], self.cfg, self.routing_state
         xf = x.reshape(-1, x.shape[-1])
         t, M = xf.shape[0], len(members)
-        Y = xf @ lead.W_group.T
+        if cfg.scoring == "fp8":  # the base outputs alone, the scores from the fp8 GEMM
+            Y = xf @ lead.W_group[:lead.group_n].T
+            P = self._project_group(members, xf)
+        else:
+            Y = xf @ lead.W_group.T
+            P = Y[:, lead.group_n:]
         outs = list(Y[:, :lead.group_n].split(lead.group_outs, dim=1))
-        P = Y[:, lead.group_n:]
         Cs = None
         if self._kernel_ok(xf):
             S, rank, s = (lead.S_group, lead.rank_group, lead.s_group) if M > 1 else \

@@ -37,6 +37,9 @@ CONFIGS = {
     "gathered": dict(apply="gathered"),
     "k2-gathered-factor-module": dict(top_k=2, apply="gathered", combine="factor", pool="module"),
     "k3-gathered-arrow": dict(PEFT_ARROW, apply="gathered"),
+    # scoring in float8 (both paths score with the same quantized V's)
+    "fp8-scoring": dict(scoring="fp8"),
+    "fp8-reference": dict(REFERENCE, scoring="fp8"),
 }
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -81,7 +84,8 @@ def test_fused_equals_plain_with_padding(bundle, name):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name", ["defaults", "reference", "k2-mix-layer", "smooth-input", "gathered"])
+@pytest.mark.parametrize("name", ["defaults", "reference", "k2-mix-layer", "smooth-input", "gathered",
+                                  "fp8-scoring"])
 def test_fused_generate_equals_plain(bundle, name):
     fused, plain = pair(bundle, CONFIGS[name])
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -108,7 +112,7 @@ def test_set_router_switches_between_paths_and_leaves_no_handoffs(bundle):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name", ["defaults", "smooth-input"])
+@pytest.mark.parametrize("name", ["defaults", "smooth-input", "fp8-scoring"])
 def test_fused_compiles_without_graph_breaks(bundle, name):
     """fullgraph=True fails on any graph break; aot_eager traces like Inductor without compiling kernels."""
     fused, _ = pair(bundle, CONFIGS[name])
@@ -122,12 +126,53 @@ def test_fused_compiles_without_graph_breaks(bundle, name):
     assert (masked - fused(IDS).logits).abs().max() <= 1e-5
 
 
+@torch.no_grad()
+def test_fp8_scoring_is_close_to_exact_and_survives_dtype_and_router_changes(bundle):
+    """scoring="fp8" scores from float8 projections, a few percent off the exact ones, and with the choices
+    pinned (this tiny random model's near-tied scores flip on any rounding) each module's delta is off by about
+    as much (the coefficients use those projections too). set_router makes the float8 V's at once, and
+    model.to(bfloat16) leaves them float8 (a dtype change would otherwise turn them into bf16 copies)."""
+    from spectr.runtime import routing
+
+    exact, _ = pair(bundle, {})
+    fp8, _ = pair(bundle, {"scoring": "fp8"})
+    g = torch.Generator().manual_seed(6)
+    for name in exact.spectr.modules:
+        x = torch.randn(50, exact.get_submodule(name).Vt.shape[1], generator=g)
+        want = exact.get_submodule(name)._project(x)
+        err = ((fp8.get_submodule(name)._project(x) - want).norm() / want.norm()).item()
+        assert 0 < err < 0.08, (name, err)
+    # One expert allowed (the choices pinned): each module's delta is off by about its projections' error.
+    for model in (exact, fp8):
+        set_expert_mask(model, torch.tensor([False, False, True, False]))
+    for name in exact.spectr.modules:
+        mod = exact.get_submodule(name)
+        x = torch.randn(30, mod.Vt.shape[1], generator=g)
+        base, want = mod.base_layer(x), mod(x)
+        if torch.equal(want, base):
+            continue  # that expert does not adapt this module
+        err = ((fp8.get_submodule(name)(x) - want).norm() / (want - base).norm()).item()
+        assert 0 < err < 0.08, (name, err)
+    ids = torch.randint(1, 120, (2, 40), generator=torch.Generator().manual_seed(5))
+    want = run(exact, ids)[0]
+    got = run(fp8, ids)[0]
+    owners = [m for m in exact.modules() if hasattr(m, "Vt8")]
+    assert all(m.Vt8 is None for m in owners)
+    set_router(exact, scoring="fp8")
+    assert all(m.Vt8 is not None and m.Vt8.dtype == routing.FP8 for m in owners if m.slot == 0)
+    assert torch.equal(run(exact, ids)[0], got)
+    fp8.to(torch.bfloat16)
+    assert {m.Vt8.dtype for m in fp8.modules() if getattr(m, "Vt8", None) is not None} == {routing.FP8}
+    low = run(fp8, ids)[0]
+    assert low.dtype == torch.bfloat16 and ((low.float() - got).norm() / got.norm()) < 0.05
+
+
 # ---- CUDA: bf16, Inductor, CUDA graphs (run on the GPU machine; skipped on CPU) --------------------------
 
 @cuda
 @torch.no_grad()
 @pytest.mark.parametrize("name", ["defaults", "reference", "peft-arrow", "k2-mix-layer", "uniform-factor", "fixed",
-                                  "gathered", "k2-gathered-factor-module", "k3-gathered-arrow"])
+                                  "gathered", "k2-gathered-factor-module", "k3-gathered-arrow", "fp8-scoring"])
 def test_cuda_fused_equals_plain_fp32_choices_and_bf16_logits(bundle, name):
     fused, plain = pair(bundle, CONFIGS[name])
     fused.cuda(), plain.cuda()
@@ -161,7 +206,7 @@ def test_cuda_fused_equals_plain_fp32_choices_and_bf16_logits(bundle, name):
 
 @cuda
 @torch.no_grad()
-@pytest.mark.parametrize("name", ["defaults", "reference", "k2-mix-layer", "gathered"])
+@pytest.mark.parametrize("name", ["defaults", "reference", "k2-mix-layer", "gathered", "fp8-scoring"])
 def test_cuda_graphs_compiled_equals_eager(bundle, name):
     fused, _ = pair(bundle, CONFIGS[name])
     assert compiled_minus_eager(fused.cuda(), IDS.expand(3, -1).contiguous().cuda()) <= 1e-3
@@ -181,7 +226,7 @@ def compiled_minus_eager(model, ids: torch.Tensor) -> float:
 
 @cuda
 @torch.no_grad()
-@pytest.mark.parametrize("name", ["defaults", "gathered"])
+@pytest.mark.parametrize("name", ["defaults", "gathered", "fp8-scoring"])
 def test_cuda_graphs_compiled_equals_eager_at_prefill_sizes(bundle, name):
     """Past the decode sizes (and past kernels.SORT_MIN rows) the compiled model takes the group GEMM with the
     dense apply; apply="gathered" there once faulted (an illegal memory access on the H200 at E=64)."""
