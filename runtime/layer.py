@@ -389,6 +389,9 @@ def quantize_scoring(owner: RoutedLinear) -> None:
     with torch.no_grad():
         q, scale = routing.quantize_rows(Vt)
     owner.Vt8, owner.Vt8_scale = q, scale.T.contiguous()
+    # every slice scored (the group, each member) must suit the fp8 GEMM; decided here, not in a traced forward
+    rows = [(m.vt_offset, m.Vt.shape[0]) for m in owner.siblings] if Vt is not owner.Vt else []
+    owner.fp8_native = all(routing.fp8_native(Vt[o:o + n]) for o, n in [(0, Vt.shape[0]), *rows])
 
 
 def release_group(members: list[RoutedLinear]) -> None:
@@ -454,7 +457,7 @@ class RoutedLinear(nn.Module):
         # vt_offset is this module's first row in it
         self.register_buffer("Vt8", None, persistent=False)
         self.register_buffer("Vt8_scale", None, persistent=False)
-        self.vt_offset = 0
+        self.vt_offset, self.fp8_native = 0, True
         self.routing_state.register(self)
         # The model's state_dict keeps the base model's names (q_proj.weight, not q_proj.base_layer.weight), so a
         # routed model saves and loads its base weights like the plain model does.
@@ -469,7 +472,7 @@ class RoutedLinear(nn.Module):
             _bind_group(self.siblings)
         if getattr(self, "S_group", None) is not None:
             _bind_stacked(self.siblings)
-        if self.Vt8 is not None and self.Vt8.dtype != routing.FP8:  # model.to(dtype) converted it
+        if self.Vt8 is not None:  # model.to(dtype) would leave a bf16 copy; a new device may lack fp8 GEMMs
             quantize_scoring(self)
         return self
 
@@ -622,17 +625,17 @@ class RoutedLinear(nn.Module):
             return routing.project_fp8(x, *self._fp8([self])).to(x.dtype).view(x.shape[0], self.E, -1)
         return routing.project(x, self.Vt, self.E)
 
-    def _fp8(self, members: list[RoutedLinear]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(V^T in float8, its scales (1, N)) of these members (the whole group, or this module alone); made on
+    def _fp8(self, members: list[RoutedLinear]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(V^T in float8, its scales (1, N), whether the fp8 GEMM runs there) of these members (the whole group, or this module alone); made on
         first use unless load_bundle/set_router made them (a compiled forward needs them made before)."""
         lead = self.siblings[0]
         owner = lead if len(self.siblings) > 1 and getattr(lead, "Vt_group", None) is not None else self
         if owner.Vt8 is None:
             quantize_scoring(owner)
         if len(members) > 1:
-            return owner.Vt8, owner.Vt8_scale
+            return owner.Vt8, owner.Vt8_scale, owner.fp8_native
         o, n = self.vt_offset if owner is not self else 0, self.Vt.shape[0]
-        return owner.Vt8[o:o + n], owner.Vt8_scale[:, o:o + n]
+        return owner.Vt8[o:o + n], owner.Vt8_scale[:, o:o + n], owner.fp8_native
 
     def _project_group(self, members: list[RoutedLinear], x: torch.Tensor) -> torch.Tensor:
         """Every member's projections side by side, (t, sum of E*r): one GEMM against the group's stacked V^T."""

@@ -102,13 +102,21 @@ def quantize_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (a.float() / scale).to(FP8), scale
 
 
-def project_fp8(x: torch.Tensor, Vt8: torch.Tensor, v_scale: torch.Tensor) -> torch.Tensor:
+def fp8_native(Vt: torch.Tensor) -> bool:
+    """Whether torch._scaled_mm runs x @ Vt^T in float8: on a CPU, or a CUDA GPU of compute capability 8.9+
+    (Ada, Hopper) with both widths multiples of 16."""
+    if not Vt.is_cuda:
+        return True
+    return torch.cuda.get_device_capability(Vt.device) >= (8, 9) and Vt.shape[0] % 16 == 0 and Vt.shape[1] % 16 == 0
+
+
+def project_fp8(x: torch.Tensor, Vt8: torch.Tensor, v_scale: torch.Tensor, native: bool = True) -> torch.Tensor:
     """x @ V^T (t, N) from one float8 GEMM (scoring="fp8"): x quantized per token, Vt8 (N, d_in) per direction
     with v_scale (1, N); bf16 out (what row-wise scaled fp8 GEMMs produce). About 4% relative error per entry
-    on random data; Hopper GPUs run it at twice the bf16 rate."""
+    on random data; Hopper GPUs run it at twice the bf16 rate. native=False (fp8_native): the same numbers
+    from the dequantized factors."""
     x8, xs = quantize_rows(x)
-    if x.is_cuda and (x.shape[1] % 16 or Vt8.shape[0] % 16 or torch.cuda.get_device_capability(x.device) < (8, 9)):
-        # fp8 GEMMs need Ada/Hopper and widths in multiples of 16: the same numbers, dequantized
+    if not native:
         return ((x8.float() * xs) @ (Vt8.float() * v_scale.T).T).to(torch.bfloat16)
     return torch._scaled_mm(x8, Vt8.T, scale_a=xs, scale_b=v_scale, out_dtype=torch.bfloat16)
 

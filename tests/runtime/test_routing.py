@@ -196,3 +196,18 @@ def test_one_choice_weights_of_complete_modules_are_the_general_ones():
     for mode in routing.WEIGHTS:
         assert torch.equal(routing.weights(vals, idx, 5, mode=mode, complete=True),
                            routing.weights(vals, idx, 5, mode=mode))
+
+
+def test_fp8_projection_dequantized_fallback_gives_the_fp8_gemm_numbers():
+    """project_fp8 on hardware without fp8 GEMMs (native=False) computes from the same float8 factors; both are
+    a few percent off the exact projection, and a zero token stays zero."""
+    g = torch.Generator().manual_seed(3)
+    x, Vt = torch.randn(20, 96, generator=g), torch.randn(48, 96, generator=g)
+    x[3] = 0
+    Vt8, scale = routing.quantize_rows(Vt)
+    fast = routing.project_fp8(x, Vt8, scale.T.contiguous())
+    slow = routing.project_fp8(x, Vt8, scale.T.contiguous(), native=False)
+    exact = x @ Vt.T
+    assert fast.dtype == slow.dtype == torch.bfloat16 and not fast[3].any()
+    assert ((fast.float() - slow.float()).norm() / exact.norm()) < 0.01
+    assert 0 < ((fast.float() - exact).norm() / exact.norm()) < 0.08
