@@ -1,7 +1,7 @@
 """Named router presets: the one set of names the runtime, the CLI and evaluation use.
 
 A preset fixes every routing setting of RouterConfig (so switching presets never leaks a setting from the
-previous one); `apply`/`dense_max` (how the math runs, not what it computes) are left alone. The values of
+previous one); `apply`/`dense_max`/`scoring` (how the math runs, not what it computes) are left alone. The values of
 "default" are RouterConfig's own defaults, which follow the routing study (docs/RESULTS.md).
 """
 from __future__ import annotations
