@@ -74,7 +74,7 @@ class RouterConfig:
             (self.impl, ("fused", "plain"), "impl"),
             (self.depth_evidence, routing.DEPTH_EVIDENCE, "depth_evidence"),
             (self.calibrate, routing.CALIBRATIONS, "calibrate"),
-            (self.scoring, ("exact", "fp8"), "scoring"),
+            (self.scoring, routing.SCORINGS, "scoring"),
         ]
         for value, allowed, what in checks:
             if value not in allowed:

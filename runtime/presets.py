@@ -10,6 +10,7 @@ from dataclasses import fields
 from typing import Any
 
 from spectr.runtime.layer import RouterConfig
+from spectr.runtime.routing import SCORINGS
 
 # The settings a preset fixes: what a router computes.
 ROUTING_FIELDS = ("router", "top_k", "weighting", "temperature", "combine", "score", "rank_normalize", "expert",
@@ -70,3 +71,9 @@ def parse_preset(spec: str) -> tuple[str, str | None]:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)} (fixed as fixed:NAME)")
     return name, expert or None
+
+
+def check_scoring(scoring: str) -> None:
+    """ValueError (one line) unless scoring is a RouterConfig.scoring value; checked before a model loads."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"unknown scoring {scoring!r}; expected one of {', '.join(SCORINGS)}")

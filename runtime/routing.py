@@ -84,6 +84,7 @@ COMBINES = ("factor", "mix")
 POOLS = ("module", "input", "layer")
 CALIBRATIONS = ("none", "isotropic", "base_weight")
 DEPTH_EVIDENCE = ("none", "cumulative", "decayed")
+SCORINGS = ("exact", "fp8")  # the precision of the scoring GEMM (RouterConfig.scoring)
 
 
 def project(x: torch.Tensor, Vt: torch.Tensor, E: int) -> torch.Tensor:

@@ -252,13 +252,16 @@ def generate(
     trace: Optional[Path] = typer.Option(None, "--trace", help="save a routing heatmap (tokens x layers) here"),
     compile: bool = typer.Option(False, "--compile", help="on a GPU: bf16, static cache, decode steps compiled "
                                  "into CUDA graphs (the first, untimed run compiles)"),
+    scoring: str = typer.Option("exact", "--scoring", help="exact | fp8: the routing scores' GEMM in float8 (large "
+                                "expert sets on Hopper/Ada GPUs; emulated, slower, elsewhere)"),
 ) -> None:
     """Generate with the bundle's experts routed per token, per module, per layer."""
     from spectr.generate import routed_generate
 
     try:
         result = routed_generate(base_model, bundle, prompt, preset=preset, top_k=top_k,
-                                 max_new_tokens=max_new_tokens, chat=chat, trace=trace, compile=compile)
+                                 max_new_tokens=max_new_tokens, chat=chat, trace=trace, compile=compile,
+                                 scoring=scoring)
     except ValueError as exc:
         _fail(exc)
     print(result.text)
@@ -279,6 +282,7 @@ def serve(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the batched forward (continuous batching's)"),
     max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", help="tokens per batched forward"),
     num_blocks: Optional[int] = typer.Option(None, "--num-blocks", help="KV cache blocks (default: from memory)"),
+    scoring: str = typer.Option("exact", "--scoring", help="exact | fp8: the routing scores' GEMM in float8"),
 ) -> None:
     """Serve the routed model over an OpenAI-compatible HTTP API (continuous batching)."""
     import tempfile
@@ -302,7 +306,7 @@ def serve(
 
             base_model, bundle = model_folder(base_model), bundle_folder(bundle)
             engine = Engine.load(base_model, bundle, top_k=top_k, device=device, compile=compile,
-                                 max_batch_tokens=max_batch_tokens, num_blocks=num_blocks)
+                                 max_batch_tokens=max_batch_tokens, num_blocks=num_blocks, scoring=scoring)
         except (KeyError, OSError, ValueError) as exc:
             if isinstance(exc, OSError) and exc.filename:
                 _fail(f"{exc.filename}: {exc.strerror}")

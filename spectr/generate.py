@@ -29,12 +29,14 @@ def routed_generate(
     chat: bool = True,
     trace: Path | None = None,
     compile: bool = False,
+    scoring: str = "exact",
 ) -> Generation:
     """Greedy generation with the bundle's experts routed per token (the KV cache on, as usual).
 
     preset: a name in runtime/presets.py or "fixed:NAME"; top_k: None keeps the preset's k.
     compile: on a GPU (bf16), a static cache and each decode step compiled into CUDA graphs
     (load_bundle(compile=True)); the first call pays the compilation. Without a GPU it runs uncompiled.
+    scoring: "exact" or "fp8" (RouterConfig.scoring: the scoring GEMM in float8).
     """
     import time
 
@@ -45,9 +47,10 @@ def routed_generate(
     from spectr.runtime import load_bundle, plot_routing, read_bundle, trace_routing
     from spectr.runtime.evaluate import pad_id_of
     from spectr.inputs import bundle_folder, model_folder
-    from spectr.runtime.presets import parse_preset
+    from spectr.runtime.presets import check_scoring, parse_preset
 
     name, expert = parse_preset(preset)
+    check_scoring(scoring)
     base_model, bundle = model_folder(base_model), bundle_folder(bundle)
     hf_logging.disable_progress_bar()  # the CLI prints the generated text, not loading bars
     tokenizer = AutoTokenizer.from_pretrained(base_model)
@@ -56,7 +59,7 @@ def routed_generate(
     if on_gpu:
         model.cuda()
     loaded = read_bundle(bundle)
-    load_bundle(model, loaded, name, top_k=top_k, expert=expert, compile=on_gpu)
+    load_bundle(model, loaded, name, top_k=top_k, expert=expert, compile=on_gpu, scoring=scoring)
     if chat and tokenizer.chat_template:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]

@@ -151,12 +151,15 @@ class Engine:
         max_batch_tokens: int | None = None,
         num_blocks: int | None = None,
         compile: bool = False,
+        scoring: str = "exact",
     ) -> "Engine":
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         from spectr.runtime import load_bundle, read_bundle
+        from spectr.runtime.presets import check_scoring
 
+        check_scoring(scoring)
         hf_logging.disable_progress_bar()  # the server logs requests, not loading bars
         loaded = read_bundle(bundle) if bundle is not None else None  # a bad bundle fails before the weights load
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -165,7 +168,7 @@ class Engine:
         model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch_dtype, attn_implementation="sdpa")
         model = model.to(device).eval()
         if loaded is not None:
-            load_bundle(model, loaded, top_k=top_k)
+            load_bundle(model, loaded, top_k=top_k, scoring=scoring)
         return cls(model, tokenizer, model_id=Path(base_model).name, max_batch_tokens=max_batch_tokens,
                    num_blocks=num_blocks, compile=compile)
 

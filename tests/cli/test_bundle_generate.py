@@ -116,3 +116,8 @@ def test_generate_routes_and_draws(filled, tiny_with_tokenizer, tmp_path):
     assert unknown.exit_code != 0 and "green" in (unknown.output + str(unknown.exception))
     bare = runner.invoke(app, args + ["--router", "fixed"])  # the old flag name still works
     assert bare.exit_code == 1 and "fixed:NAME" in bare.output
+    fp8 = runner.invoke(app, args + ["--scoring", "fp8"])
+    assert fp8.exit_code == 0 and "tokens/s" in fp8.output, fp8.output
+    wrong = runner.invoke(app, args + ["--scoring", "fp4"])
+    assert wrong.exit_code == 1 and "error: unknown scoring 'fp4'; expected one of exact, fp8" in wrong.output
+    assert "Traceback" not in wrong.output

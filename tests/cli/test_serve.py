@@ -233,6 +233,20 @@ def test_serve_cli_refuses_bad_arguments(tmp_path, served):
     assert result.exit_code == 1 and "nope: no such folder" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["serve", "--base-model", str(base), "--bundle", str(tmp_path / "nothing")])
     assert result.exit_code == 1 and "nothing" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["serve", "--base-model", str(base), "--bundle", str(bundle), "--scoring", "fp4"])
+    assert result.exit_code == 1 and "unknown scoring 'fp4'; expected one of exact, fp8" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_engine_scores_in_fp8_when_asked(served):
+    """Engine.load(scoring="fp8") (spectr serve --scoring fp8): the routed model scores with float8 V's."""
+    from spectr.runtime import routing
+    from spectr.serve_engine import Engine
+
+    _, _, base, bundle, _ = served
+    engine = Engine.load(base, bundle, device="cpu", num_blocks=32, max_batch_tokens=256, scoring="fp8")
+    assert engine.model.spectr.config.scoring == "fp8"
+    assert {m.Vt8.dtype for m in engine.model.modules() if getattr(m, "Vt8", None) is not None} == {routing.FP8}
 
 
 def test_serve_cli_builds_the_bundle_from_the_registry(served, spectr_home, make_adapter, monkeypatch):
