@@ -196,7 +196,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--experts", default="8,64,32", help="in the order measured (a run cut short keeps its rows)")
-    ap.add_argument("--compiled", default="base,defaults:8,defaults:64,gathered:64,fp8:64,reference:32,arrow:8",
+    ap.add_argument("--compiled", default="base,defaults:8,defaults:64,fp8:64,grouped:64,fp8-grouped:64,reference:32,arrow:8",
                     help="variant:E pairs also measured compiled (or 'none')")
     ap.add_argument("--skip", default="", help="short variant names not measured (e.g. plain,arrow)")
     ap.add_argument("--peft", action=argparse.BooleanOptionalAction, default=True, help="measure PEFT Arrow at E=8")
@@ -215,11 +215,14 @@ def main() -> None:
         "defaults": {},  # load_bundle's defaults: spectr, k=1, pool="input", impl="fused", apply="auto" (dense)
         "defaults, apply=gathered": dict(apply="gathered"),  # only the chosen experts' U Sigma (kernels.expand)
         "defaults, scoring=fp8": dict(scoring="fp8"),  # the scoring GEMM in float8 (routing.project_fp8)
+        "defaults, apply=grouped": dict(apply="grouped"),  # rows sorted by expert, one grouped GEMM (apply_sorted)
+        "defaults, fp8 + grouped": dict(scoring="fp8", apply="grouped"),
         "defaults, impl=plain": dict(impl="plain"),  # the readable path (and the code the issue measured)
         "reference": dict(REFERENCE),
         "arrow (our PEFT_ARROW preset)": dict(PEFT_ARROW),
     }
     short = {"defaults": "defaults", "defaults, apply=gathered": "gathered", "defaults, scoring=fp8": "fp8",
+             "defaults, apply=grouped": "grouped", "defaults, fp8 + grouped": "fp8-grouped",
              "defaults, impl=plain": "plain", "reference": "reference", "arrow (our PEFT_ARROW preset)": "arrow"}
     skip = set(filter(None, a.skip.split(",")))
     rows: list[dict] = []

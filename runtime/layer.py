@@ -776,6 +776,9 @@ class RoutedLinear(nn.Module):
         if C.dim() == 3:  # compact (t, k, r): the gathered apply, in place (a copy first under autograd)
             y2 = y2.clone() if y.requires_grad else y2
             return kernels.expand(y2, C, idx, self.US, perm).view_as(y)
+        if cfg.apply == "grouped" and idx is not None:  # in place as well
+            y2 = y2.clone() if y.requires_grad else y2
+            return routing.apply_sorted(y2, C.view(C.shape[0], self.E, -1), idx, US).view_as(y)
         # y += C US^T in one GEMM whose epilogue adds into the base output: in place, so y is read and written
         # once (out of place, addmm first copies y); autograd keeps the out-of-place form
         if y.requires_grad:
@@ -783,14 +786,18 @@ class RoutedLinear(nn.Module):
         return y2.addmm_(C.to(y.dtype), US.T.to(y.dtype)).view_as(y)
 
     def _fused_ok(self, x: torch.Tensor) -> bool:
-        """The fused path applies densely or gathered (kernels.expand); a grouped apply (apply="grouped", or
-        "auto" at large E*r without the kernels) takes the plain path, whose per-expert gathers have
-        data-dependent shapes (not for torch.compile). So do the round-two options the fused path does not
-        implement (prompt_mean, depth_evidence, attn_follows_mlp)."""
+        """The fused path applies densely, gathered (kernels.expand) or, for apply="grouped", sorted by expert in one
+        grouped GEMM (routing.apply_sorted) where torch's grouped GEMM runs; elsewhere a grouped apply (also
+        "auto" at large E*r without the kernels) takes the plain path, whose per-expert gathers have data-dependent
+        shapes (not for torch.compile). So do the round-two options the fused path does not implement
+        (prompt_mean, depth_evidence, attn_follows_mlp)."""
         cfg = self.cfg
-        return cfg.impl == "fused" and cfg.apply != "grouped" and not cfg.plain_only() and (
-            cfg.apply in ("dense", "gathered") or self.Vt.shape[0] <= cfg.dense_max or 2 * cfg.top_k >= self.E
-            or self._gathers(x))
+        if cfg.impl != "fused" or cfg.plain_only():
+            return False
+        if cfg.apply == "grouped":  # fused where torch's grouped GEMM runs (routing.apply_sorted)
+            return cfg.router in ("spectr", "arrow") and routing.sorted_ok(self.US, self.E)
+        return cfg.apply in ("dense", "gathered") or self.Vt.shape[0] <= cfg.dense_max or 2 * cfg.top_k >= self.E \
+            or self._gathers(x)
 
     def _group_ok(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
         """Whether this call takes the group GEMM (_group_forward): a laid-out group deciding together (or a
@@ -856,7 +863,10 @@ class RoutedLinear(nn.Module):
         else:
             res = self._decide_group(xf, batch_shape(dims), P)
             Cs, idx, vals_of = [r[0] for r in res], res[0][2], [r[1] for r in res]
-        if Cs is not None:
+        if Cs is not None and cfg.apply == "grouped":
+            for o, C, m in zip(outs, Cs, members):
+                routing.apply_sorted(o, C.view(t, m.E, -1), idx, m.US)
+        elif Cs is not None:
             if torch.compiler.is_compiling():
                 outs = [o + C.to(o.dtype) @ m.US.T for o, C, m in zip(outs, Cs, members)]
             else:

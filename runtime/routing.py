@@ -291,6 +291,32 @@ def apply_grouped(C: torch.Tensor, w: torch.Tensor, US: torch.Tensor) -> torch.T
     return out
 
 
+def apply_sorted(y: torch.Tensor, C: torch.Tensor, idx: torch.Tensor, US: torch.Tensor) -> torch.Tensor:
+    """y += delta y in place, reading only the chosen experts' columns of U Sigma: apply_grouped's sum with static
+    shapes and no host sync. The (token, choice) rows are sorted by expert, one grouped GEMM (torch._grouped_mm)
+    multiplies each expert's rows by its U_e Sigma_e, and the products are added back by token.
+
+    C: (t, E, r) coefficients (zero off the chosen experts); idx: (t, k) the chosen experts."""
+    t, k = idx.shape
+    E, r = C.shape[1], C.shape[2]
+    rows = C.gather(1, idx.unsqueeze(-1).expand(t, k, r)).reshape(t * k, r)
+    e = idx.reshape(-1)
+    perm = e.argsort()
+    counts = torch.zeros(E, dtype=torch.int32, device=e.device).scatter_add_(0, e, torch.ones_like(e, dtype=torch.int32))
+    experts = US.view(US.shape[0], E, r).permute(1, 2, 0)  # (E, r, d_out), each U_e Sigma_e transposed
+    out = torch._grouped_mm(rows[perm].to(US.dtype), experts, offs=counts.cumsum(0, dtype=torch.int32))
+    return y.index_add_(0, perm // k, out.to(y.dtype))
+
+
+def sorted_ok(US: torch.Tensor, E: int) -> bool:
+    """Whether apply_sorted runs for U Sigma (d_out, E*r): torch has _grouped_mm, a rank row is a multiple of 16
+    bytes (its strides), and the weights are bf16 (its grouped GEMM's dtype on a GPU, and what torch.compile
+    traces it with) or, eager on a CPU, any float."""
+    if not hasattr(torch, "_grouped_mm") or (US.shape[1] // E * US.element_size()) % 16:
+        return False
+    return US.dtype == torch.bfloat16 or (not US.is_cuda and not torch.compiler.is_compiling())
+
+
 def cosine(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Scores per unit of token norm, g / ||x|| (t, E); -inf stays -inf, a zero token scores 0."""
     return g / x.float().norm(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)

@@ -37,6 +37,10 @@ CONFIGS = {
     "gathered": dict(apply="gathered"),
     "k2-gathered-factor-module": dict(top_k=2, apply="gathered", combine="factor", pool="module"),
     "k3-gathered-arrow": dict(PEFT_ARROW, apply="gathered"),
+    # the grouped apply: one grouped GEMM over the rows sorted by expert (the plain path loops over experts)
+    "grouped": dict(apply="grouped"),
+    "k2-grouped-factor-module": dict(top_k=2, apply="grouped", combine="factor", pool="module"),
+    "k3-grouped-arrow": dict(PEFT_ARROW, apply="grouped"),
     # scoring in float8 (both paths score with the same quantized V's)
     "fp8-scoring": dict(scoring="fp8"),
     "fp8-reference": dict(REFERENCE, scoring="fp8"),
@@ -47,6 +51,18 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @pytest.fixture(scope="module")
 def bundle(make_adapter, tmp_path_factory):
     return read_bundle(uneven_bundle(make_adapter, tmp_path_factory.mktemp("fused") / "four", "fused", 70))
+
+
+@pytest.fixture(scope="module")
+def rank8_bundle(make_adapter, tmp_path_factory):
+    """Four experts padded to rank 8 (one of rank 6, one adapting attention only): bf16 rank rows of 16 bytes,
+    as torch's grouped GEMM needs (real libraries: r = 8, 16)."""
+    from tests.runtime.helpers import bundle_from_adapters
+
+    folders = [make_adapter("g8-alpha", seed=90, r=8), make_adapter("g8-beta", seed=91, r=6),
+               make_adapter("g8-gamma", seed=92, r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+               make_adapter("g8-delta", seed=93, r=8)]
+    return read_bundle(bundle_from_adapters(tmp_path_factory.mktemp("rank8") / "b", folders, build_tiny_llama()))
 
 
 def pair(bundle, opts, **model_kw):
@@ -97,6 +113,25 @@ def test_fused_generate_equals_plain(bundle, name):
     assert torch.equal(out, want)
     for m in trace.calls:
         assert torch.equal(got[m], trace.choices(m)[0]), m
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["grouped", "k2-grouped-factor-module", "k3-grouped-arrow"])
+def test_fused_grouped_apply_equals_plain_at_prefill_sizes(rank8_bundle, name):
+    """Past the decode sizes each module applies on its own: the rows sorted by expert and one grouped GEMM
+    (routing.apply_sorted) give the plain path's per-expert loop's output and choices."""
+    fused, plain = pair(rank8_bundle, CONFIGS[name])
+    ids = torch.randint(1, 120, (2, 70), generator=torch.Generator().manual_seed(8))
+    got, got_idx = run(fused, ids)
+    want, want_idx = run(plain, ids)
+    assert (got - want).abs().max() <= 1e-4
+    assert all(torch.equal(got_idx[m], want_idx[m]) for m in want_idx)
+    # compiled (bf16: the grouped GEMM's dtype, and what its traced form takes), without graph breaks
+    fused.to(torch.bfloat16)
+    eager = fused(ids).logits
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    assert (compiled(ids).logits - eager).abs().max() <= 1e-2
 
 
 @torch.no_grad()
@@ -172,7 +207,8 @@ def test_fp8_scoring_is_close_to_exact_and_survives_dtype_and_router_changes(bun
 @cuda
 @torch.no_grad()
 @pytest.mark.parametrize("name", ["defaults", "reference", "peft-arrow", "k2-mix-layer", "uniform-factor", "fixed",
-                                  "gathered", "k2-gathered-factor-module", "k3-gathered-arrow", "fp8-scoring"])
+                                  "gathered", "k2-gathered-factor-module", "k3-gathered-arrow", "fp8-scoring",
+                                  "grouped", "k3-grouped-arrow"])
 def test_cuda_fused_equals_plain_fp32_choices_and_bf16_logits(bundle, name):
     fused, plain = pair(bundle, CONFIGS[name])
     fused.cuda(), plain.cuda()
@@ -233,6 +269,20 @@ def test_cuda_graphs_compiled_equals_eager_at_prefill_sizes(bundle, name):
     fused, _ = pair(bundle, CONFIGS[name])
     ids = torch.randint(1, 120, (3, 100), generator=torch.Generator().manual_seed(3))
     assert compiled_minus_eager(fused.cuda(), ids.cuda()) <= 1e-3
+
+
+@cuda
+@torch.no_grad()
+def test_cuda_graphs_compiled_grouped_apply_equals_eager_bf16(rank8_bundle):
+    """apply="grouped" in bf16 (torch._grouped_mm's dtype), eager and under Inductor and CUDA graphs, at decode and
+    prefill sizes: the dense apply's logits, and compiled the eager ones, up to bf16 rounding."""
+    fused, _ = pair(rank8_bundle, CONFIGS["grouped"])
+    dense, _ = pair(rank8_bundle, CONFIGS["defaults"])
+    fused.cuda().to(torch.bfloat16), dense.cuda().to(torch.bfloat16)
+    for ids in (IDS.expand(3, -1), torch.randint(1, 120, (3, 100), generator=torch.Generator().manual_seed(3))):
+        ids = ids.contiguous().cuda()
+        assert (fused(ids).logits - dense(ids).logits).abs().max() <= 5e-2  # the dense apply's sum
+        assert compiled_minus_eager(fused, ids) <= 5e-2
 
 
 @cuda
