@@ -105,7 +105,7 @@ def apply_preset(model: nn.Module, name: str, top_k: int | None = None) -> dict[
 
 # The settings an evaluation reports with each router's results.
 _CONFIG_FIELDS = ("router", "top_k", "weighting", "combine", "score", "rank_normalize", "pool", "smooth",
-                  "prompt_mean", "depth_evidence", "depth_decay", "attn_follows_mlp", "calibrate")
+                  "prompt_mean", "depth_evidence", "depth_decay", "attn_follows_mlp", "calibrate", "scoring")
 
 
 def _body(model: nn.Module) -> nn.Module:

@@ -131,18 +131,21 @@ def routing(
                                 help="one forward routed by the default preset serves every preset (the others "
                                      "decide on its module inputs; exact for the default), or each preset in its "
                                      "own routed forward (exact for all, one forward pass per preset)"),
+    scoring: str = typer.Option("exact", "--scoring", help="exact | fp8: every preset scores in float8 "
+                                "(benchmarks/results/study_fp8_scoring.md)"),
     device: str = DEVICE,
 ) -> None:
     """Routing accuracy inside the routed forward: top-1 and top-k per domain, layer, module type; macro."""
     from spectr.runtime import load_bundle
     from spectr.runtime.evaluate import routing_accuracy
-    from spectr.runtime.presets import EVAL_PRESETS
+    from spectr.runtime.presets import EVAL_PRESETS, check_scoring
 
     t0 = time.perf_counter()
     try:
+        check_scoring(scoring)
         texts = _data(data, data_dir, split, max_docs)
         model, tokenizer = _load(base_model, device, bundle)
-        load_bundle(model, bundle)
+        load_bundle(model, bundle, scoring=scoring)
         names = [r for r in routers.split(",") if r] if routers else list(EVAL_PRESETS)
         with _steps(len(names) * len(texts)) as step:
             result = routing_accuracy(model, tokenizer, texts, mapping=_pairs_of(mapping, "--map"), routers=names,

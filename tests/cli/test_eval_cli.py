@@ -59,6 +59,14 @@ def test_eval_routing_table_and_json(setup):
         assert r["k"] == 2  # the presets' k (4 and 3) clipped to the bundle's 2 experts
         # --max-tokens 8 truncates the 12- and 30-word documents: (8 + 5 + 8) tokens x 10 modules
         assert r["decisions"] == {"alpha": 210, "beta": 210}
+    # --scoring fp8: the same documents and decisions counted, scored in float8 (here as accurate)
+    fp8 = runner.invoke(app, _args(setup, "routing") + ["--data", f"alpha={setup['alpha']}", "--data",
+                                                        f"beta={setup['beta']}", "--json", str(out), "--max-tokens",
+                                                        "8", "--scoring", "fp8"])
+    assert fp8.exit_code == 0, fp8.output
+    res = json.loads(out.read_text())
+    assert res["default"]["decisions"] == {"alpha": 210, "beta": 210} and res["default"]["top1"]["macro"] == 1.0
+    assert {r["config"]["scoring"] for r in res.values()} == {"fp8"}  # every preset, the watchers' too
 
 
 def test_eval_routing_map_and_data_dir(setup):

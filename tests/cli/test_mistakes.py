@@ -96,6 +96,14 @@ def test_missing_bundle_on_generate_and_eval(setup, verb, tmp_path):  # noqa: F8
     one_error(runner.invoke(app, args), "not a bundle (no manifest.json)")
 
 
+@pytest.mark.parametrize("verb", [["generate", "--prompt", "w1"], ["eval", "routing"]])
+def test_unknown_scoring_on_generate_and_eval(setup, verb):  # noqa: F811
+    args = verb + ["--base-model", str(setup["base"]), "--bundle", str(setup["bundle"]), "--scoring", "fp4"]
+    if verb[0] == "eval":
+        args += ["--data-dir", str(setup["root"] / "data")]
+    one_error(runner.invoke(app, args), "unknown scoring 'fp4'; expected one of exact, fp8")
+
+
 def test_unknown_preset_and_missing_option(setup):  # noqa: F811
     base = ["generate", "--base-model", str(setup["base"]), "--bundle", str(setup["bundle"]), "--prompt", "w1"]
     one_error(runner.invoke(app, base + ["--preset", "spectr"]), "unknown preset 'spectr'", "default, reference")
