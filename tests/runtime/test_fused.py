@@ -279,8 +279,13 @@ def test_cuda_graphs_compiled_grouped_apply_equals_eager_bf16(rank8_bundle):
     fused, _ = pair(rank8_bundle, CONFIGS["grouped"])
     dense, _ = pair(rank8_bundle, CONFIGS["defaults"])
     fused.cuda().to(torch.bfloat16), dense.cuda().to(torch.bfloat16)
-    for ids in (IDS.expand(3, -1), torch.randint(1, 120, (3, 100), generator=torch.Generator().manual_seed(3))):
+    g = torch.Generator().manual_seed(9)
+    for ids in (IDS.expand(3, -1), torch.randint(1, 120, (3, 100), generator=g)):
         ids = ids.contiguous().cuda()
+        # one allowed expert per token row: bf16 rounding differences cannot flip this tiny model's near-ties
+        pinned = torch.nn.functional.one_hot(torch.randint(0, 4, (ids.numel(),), generator=g), 4).bool().cuda()
+        for model in (fused, dense):
+            set_expert_mask(model, pinned)
         assert (fused(ids).logits - dense(ids).logits).abs().max() <= 5e-2  # the dense apply's sum
         assert compiled_minus_eager(fused, ids) <= 5e-2
 
