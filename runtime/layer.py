@@ -59,8 +59,8 @@ class RouterConfig:
     impl: str = "fused"
     # exact: the scoring GEMM in the model's dtype. fp8: in float8 e4m3 (x per token, each V direction scaled on
     # its own; routing.project_fp8), for large E where scoring every expert is a large share of the linear FLOPs:
-    # the real 8-expert library kept its routing accuracy with 1-3% of decisions changed (study_scoring.md). The
-    # chosen experts' coefficients come from the same projections. On CPUs the fp8 GEMM is emulated (slower).
+    # the real 8-expert library kept its routing accuracy with 2.3% of decisions changed (study_fp8_scoring.md).
+    # The chosen experts' coefficients come from the same projections. On CPUs the fp8 GEMM is emulated (slower).
     scoring: str = "exact"
 
     def validate(self) -> None:
@@ -626,8 +626,9 @@ class RoutedLinear(nn.Module):
         return routing.project(x, self.Vt, self.E)
 
     def _fp8(self, members: list[RoutedLinear]) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """(V^T in float8, its scales (1, N), whether the fp8 GEMM runs there) of these members (the whole group, or this module alone); made on
-        first use unless load_bundle/set_router made them (a compiled forward needs them made before)."""
+        """(V^T in float8, its scales (1, N), whether the fp8 GEMM runs there) of these members (the whole group,
+        or this module alone); made on first use unless load_bundle/set_router made them (a compiled forward
+        needs them made before)."""
         lead = self.siblings[0]
         owner = lead if len(self.siblings) > 1 and getattr(lead, "Vt_group", None) is not None else self
         if owner.Vt8 is None:

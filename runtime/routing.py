@@ -302,7 +302,8 @@ def apply_sorted(y: torch.Tensor, C: torch.Tensor, idx: torch.Tensor, US: torch.
     rows = C.gather(1, idx.unsqueeze(-1).expand(t, k, r)).reshape(t * k, r)
     e = idx.reshape(-1)
     perm = e.argsort()
-    counts = torch.zeros(E, dtype=torch.int32, device=e.device).scatter_add_(0, e, torch.ones_like(e, dtype=torch.int32))
+    ones = torch.ones_like(e, dtype=torch.int32)
+    counts = torch.zeros(E, dtype=torch.int32, device=e.device).scatter_add_(0, e, ones)  # static shape: no bincount
     experts = US.view(US.shape[0], E, r).permute(1, 2, 0)  # (E, r, d_out), each U_e Sigma_e transposed
     out = torch._grouped_mm(rows[perm].to(US.dtype), experts, offs=counts.cumsum(0, dtype=torch.int32))
     return y.index_add_(0, perm // k, out.to(y.dtype))
