@@ -23,7 +23,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from spectr.digest import config_sha256
-from spectr.runtime.layer import ForwardState, RoutedLinear, RouterConfig, quantize_scoring, release_group
+from spectr.runtime.layer import ForwardState, RoutedLinear, RouterConfig, release_group
 from spectr.runtime.presets import DEFAULT_PRESET, preset_settings
 from spectr.runtime.trace import TraceRecorder
 
@@ -382,10 +382,8 @@ def set_router(model: nn.Module, preset: str | None = None, **changes: Any) -> R
     new.validate()
     for k, v in vars(new).items():
         setattr(state.config, k, v)
-    if new.scoring == "fp8":  # made now, not inside a (compiled) forward
-        for members in state.forward.members.values():
-            if members[0].Vt8 is None:
-                quantize_scoring(members[0])
+    if new.scoring == "fp8":
+        state.forward.prepare_scoring()
     return state.config
 
 

@@ -55,7 +55,7 @@ class RouterConfig:
     # handed to siblings by module attributes, the dense apply added into the base output (addmm_; at decode
     # sizes on a GPU one gathered Triton apply per group), on a GPU one Triton kernel for the routing math; compiles
     # with fullgraph=True and captures into CUDA graphs. plain: the readable per-module code, the reference
-    # the fused path is tested against (and the grouped apply, which the fused path leaves to it).
+    # the fused path is tested against (and the grouped apply where torch's grouped GEMM cannot run it).
     impl: str = "fused"
     # exact: the scoring GEMM in the model's dtype. fp8: in float8 e4m3 (x per token, each V direction scaled on
     # its own; routing.project_fp8), for large E where scoring every expert is a large share of the linear FLOPs:
@@ -224,8 +224,15 @@ class ForwardState:
             o = 0
             for m in members:
                 m.vt_offset, o = o, o + m.Vt.shape[0]
-            if self.cfg.scoring == "fp8":
-                quantize_scoring(lead)
+        if self.cfg.scoring == "fp8":
+            self.prepare_scoring()
+
+    def prepare_scoring(self) -> None:
+        """scoring="fp8": each input group's float8 V's (quantize_scoring), made now, not inside a (compiled)
+        forward; groups that have them keep them."""
+        for members in self.members.values():
+            if members[0].Vt8 is None:
+                quantize_scoring(members[0])
 
     def _clear_handoffs(self) -> None:
         # Only what is set: under torch.compile the hooks run as frames of their own, and every attribute they
@@ -729,10 +736,7 @@ class RoutedLinear(nn.Module):
         """_decide_group in one Triton launch after the group's scoring GEMM (kernels.py)."""
         cfg, lead, M = self.cfg, members[0], len(members)
         P = self._project_group(members, x)
-        if M == 1:
-            S, rank, s = self.S.unsqueeze(0), self.rank.unsqueeze(0), self.s.unsqueeze(0)
-        else:
-            S, rank, s = lead.S_group, lead.rank_group, lead.s_group
+        S, rank, s = self._stacked(members)  # _kernel_ok: a group of several has them stacked
         compact = self._gathers(x)
         C, idx, vals = kernels.route(P, S, rank, s, allowed, M=M, E=self.E, k=cfg.top_k, router=cfg.router,
                                      score=cfg.score, rank_normalize=cfg.rank_normalize, weighting=cfg.weighting,
@@ -844,8 +848,7 @@ class RoutedLinear(nn.Module):
         outs = list(Y[:, :lead.group_n].split(lead.group_outs, dim=1))
         Cs = None
         if self._kernel_ok(xf):
-            S, rank, s = (lead.S_group, lead.rank_group, lead.s_group) if M > 1 else \
-                (self.S.unsqueeze(0), self.rank.unsqueeze(0), self.s.unsqueeze(0))
+            S, rank, s = self._stacked(members)
             # Gathered only at decode sizes (one expand_group launch into Y itself). Larger calls reach this path
             # only under torch.compile on a GPU, and there the per-member expand into a column slice of Y faulted
             # (H200, E=64, apply="gathered": illegal memory access); the dense apply also measured faster at
