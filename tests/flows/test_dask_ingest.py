@@ -120,14 +120,6 @@ def test_a_dask_address_nobody_answers_or_malformed_is_one_line_before_anything_
     assert not (spectr_home / "registry.db").exists() and not (spectr_home / "blobs").exists()
 
 
-def _listening(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def _free_port() -> int:
     import socket
 
@@ -162,18 +154,12 @@ def dask_cluster(tmp_path):
                  *(["--preload", "spectr.flows.dask_worker"] if i == 0 else [])],
                 stdout=open(logs / f"worker{i}.log", "w"), stderr=subprocess.STDOUT))
         deadline = time.monotonic() + 120
-
-        def check_up() -> None:
-            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                raise AssertionError("the dask scheduler and 2 workers did not come up: "
-                                     + "".join(f.read_text()[-1500:] for f in sorted(logs.iterdir())))
-            time.sleep(0.5)
-
-        while not _listening(port):
-            check_up()
         with Client(address, timeout=60) as client:
             while len(client.scheduler_info()["workers"]) < 2:
-                check_up()
+                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                    raise AssertionError("the dask scheduler and 2 workers did not come up: "
+                                         + "".join(f.read_text()[-1500:] for f in sorted(logs.iterdir())))
+                time.sleep(0.5)
         yield address
     finally:
         stop_all(procs)
