@@ -226,10 +226,9 @@ if torch.cuda.is_available() or INTERPRET:
             C = P.new_empty(t, M, k, R) if compact else P.new_empty(t, P.shape[1])
             idx = torch.empty(t, k, dtype=torch.int64, device=P.device)
             vals = torch.empty(t, M, k, dtype=torch.float32, device=P.device)
-            mask = allowed if allowed is not None else rank
-            stride_a = 0 if allowed is None or allowed.dim() == 1 else allowed.stride(0)
-            if allowed is not None:
-                mask = allowed.view(torch.uint8)
+            # a copy, not a uint8 view: Inductor cannot lower a bool -> uint8 bitcast
+            mask = allowed.to(torch.uint8) if allowed is not None else rank
+            stride_a = 0 if allowed is None or allowed.dim() == 1 else mask.stride(0)
             EP, RP = 1 << (E - 1).bit_length(), 1 << (R - 1).bit_length()
             _route_kernel[(t,)](
                 P, S, rank, s, mask, C, idx, vals, P.stride(0), C.stride(0), stride_a, 1.0 / temperature,

@@ -104,10 +104,11 @@ def quantize_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fp8_native(Vt: torch.Tensor) -> bool:
-    """Whether torch._scaled_mm runs x @ Vt^T in float8: on a CPU, or a CUDA GPU of compute capability 8.9+
-    (Ada, Hopper) with both widths multiples of 16."""
+    """Whether torch._scaled_mm runs x @ Vt^T in float8: on a CUDA GPU of compute capability 8.9+ (Ada, Hopper)
+    with both widths multiples of 16. Not on a CPU: there some torch versions (2.11) take per-tensor scales only,
+    and float8 is no faster there."""
     if not Vt.is_cuda:
-        return True
+        return False
     return torch.cuda.get_device_capability(Vt.device) >= (8, 9) and Vt.shape[0] % 16 == 0 and Vt.shape[1] % 16 == 0
 
 

@@ -195,6 +195,8 @@ def test_fp8_scoring_is_close_to_exact_and_survives_dtype_and_router_changes(bun
     assert all(m.Vt8 is None for m in owners)
     set_router(exact, scoring="fp8")
     assert all(m.Vt8 is not None and m.Vt8.dtype == routing.FP8 for m in owners if m.slot == 0)
+    # On a CPU the dequantized fallback: torch 2.11's CPU _scaled_mm rejects row-wise scales (seen on the H200 host)
+    assert not any(m.fp8_native for m in owners if m.slot == 0)
     assert torch.equal(run(exact, ids)[0], got)
     fp8.to(torch.bfloat16)
     assert {m.Vt8.dtype for m in fp8.modules() if getattr(m, "Vt8", None) is not None} == {routing.FP8}
