@@ -196,9 +196,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--experts", default="8,64,32", help="in the order measured (a run cut short keeps its rows)")
-    ap.add_argument("--compiled", default="base,defaults:8,defaults:64,fp8:64,grouped:64,fp8-grouped:64,reference:32,arrow:8",
+    # grouped and fp8 + grouped measured slower than the defaults at E=64 (gpu_h200.md, session 11): left out of the
+    # default run, so the whole table fits one device call; name them to measure them again.
+    ap.add_argument("--compiled", default="base,defaults:8,defaults:64,fp8:64,reference:32,arrow:8",
                     help="variant:E pairs also measured compiled (or 'none')")
-    ap.add_argument("--skip", default="", help="short variant names not measured (e.g. plain,arrow)")
+    ap.add_argument("--skip", default="fp8-grouped", help="short variant names not measured (e.g. plain,arrow)")
     ap.add_argument("--peft", action=argparse.BooleanOptionalAction, default=True, help="measure PEFT Arrow at E=8")
     ap.add_argument("--profile", type=Path, help="write torch.profiler tables here (base eager and compiled; defaults eager and compiled at --profile-experts)")
     ap.add_argument("--profile-experts", default="8,64", help="the E's profiled with --profile")
