@@ -649,14 +649,11 @@ class RoutedLinear(nn.Module):
     def _project_group(self, members: list[RoutedLinear], x: torch.Tensor) -> torch.Tensor:
         """Every member's projections side by side, (t, sum of E*r): one GEMM against the group's stacked V^T."""
         lead = members[0]
+        if len(members) > 1 and getattr(lead, "Vt_group", None) is None:  # no stacked V^T: one GEMM per member
+            return torch.cat([m._project(x).flatten(1) for m in members], dim=1)
         if self.cfg.scoring == "fp8":
-            if len(members) > 1 and getattr(lead, "Vt_group", None) is None:
-                return torch.cat([m._project(x).flatten(1) for m in members], dim=1)
             return routing.project_fp8(x, *self._fp8(members)).to(x.dtype)
-        Vt = getattr(lead, "Vt_group", None) if len(members) > 1 else self.Vt
-        if Vt is not None:
-            return x @ Vt.T
-        return torch.cat([x @ m.Vt.T for m in members], dim=1)
+        return x @ (lead.Vt_group if len(members) > 1 else self.Vt).T
 
     def _stacked(self, members: list[RoutedLinear]) -> tuple | None:
         """(S, rank, s) stacked over the group, (M, E, r) / (M, E), when its members' banks have one shape (then
