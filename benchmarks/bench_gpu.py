@@ -219,12 +219,14 @@ def main() -> None:
         "defaults, scoring=fp8": dict(scoring="fp8"),  # the scoring GEMM in float8 (routing.project_fp8)
         "defaults, apply=grouped": dict(apply="grouped"),  # rows sorted by expert, one grouped GEMM (apply_sorted)
         "defaults, fp8 + grouped": dict(scoring="fp8", apply="grouped"),
+        "defaults, fp8 + gathered": dict(scoring="fp8", apply="gathered"),
         "defaults, impl=plain": dict(impl="plain"),  # the readable path (and the code the issue measured)
         "reference": dict(REFERENCE),
         "arrow (our PEFT_ARROW preset)": dict(PEFT_ARROW),
     }
     short = {"defaults": "defaults", "defaults, apply=gathered": "gathered", "defaults, scoring=fp8": "fp8",
              "defaults, apply=grouped": "grouped", "defaults, fp8 + grouped": "fp8-grouped",
+             "defaults, fp8 + gathered": "fp8-gathered",
              "defaults, impl=plain": "plain", "reference": "reference", "arrow (our PEFT_ARROW preset)": "arrow"}
     skip = set(filter(None, a.skip.split(",")))
     rows: list[dict] = []

@@ -402,6 +402,14 @@ def quantize_scoring(owner: RoutedLinear) -> None:
     owner.fp8_native = all(routing.fp8_native(Vt[o:o + n]) for o, n in [(0, Vt.shape[0]), *rows])
 
 
+def _quantizer(x: torch.Tensor) -> Any:
+    """The Triton row quantizer for fp8 scoring, eager on a GPU (under torch.compile Inductor fuses
+    routing.quantize_rows' ops itself); None: routing.quantize_rows."""
+    if x.is_cuda and kernels.quantize_rows is not None and not torch.compiler.is_compiling():
+        return kernels.quantize_rows
+    return None
+
+
 def release_group(members: list[RoutedLinear]) -> None:
     """Give each member's base weight its own storage again (unload_bundle)."""
     for m in members:
@@ -630,7 +638,8 @@ class RoutedLinear(nn.Module):
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         """P (t, E, r) = every expert's V_e^T x for a scoring router, in the configured precision."""
         if self.cfg.scoring == "fp8":
-            return routing.project_fp8(x, *self._fp8([self])).to(x.dtype).view(x.shape[0], self.E, -1)
+            return routing.project_fp8(x, *self._fp8([self]), quantize=_quantizer(x)).to(x.dtype).view(
+                x.shape[0], self.E, -1)
         return routing.project(x, self.Vt, self.E)
 
     def _fp8(self, members: list[RoutedLinear]) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -652,7 +661,7 @@ class RoutedLinear(nn.Module):
         if len(members) > 1 and getattr(lead, "Vt_group", None) is None:  # no stacked V^T: one GEMM per member
             return torch.cat([m._project(x).flatten(1) for m in members], dim=1)
         if self.cfg.scoring == "fp8":
-            return routing.project_fp8(x, *self._fp8(members)).to(x.dtype)
+            return routing.project_fp8(x, *self._fp8(members), quantize=_quantizer(x)).to(x.dtype)
         return x @ (lead.Vt_group if len(members) > 1 else self.Vt).T
 
     def _stacked(self, members: list[RoutedLinear]) -> tuple | None:
@@ -736,12 +745,13 @@ class RoutedLinear(nn.Module):
         P = self._project_group(members, x)
         S, rank, s = self._stacked(members)  # _kernel_ok: a group of several has them stacked
         compact = self._gathers(x)
+        # gathered: the kernel also files the rows by first choice, one row order for the group's applies
+        order = kernels.new_order(x.shape[0], self.E, x.device) if compact else None
         C, idx, vals = kernels.route(P, S, rank, s, allowed, M=M, E=self.E, k=cfg.top_k, router=cfg.router,
                                      score=cfg.score, rank_normalize=cfg.rank_normalize, weighting=cfg.weighting,
-                                     temperature=cfg.temperature, combine=cfg.combine, compact=compact)
-        if compact:  # (t, M, k, r): each member's chosen coefficients, and one row order for the group
-            perm = kernels.order(idx)
-            return [(C[:, m], vals[:, m], idx, perm) for m in range(M)]
+                                     temperature=cfg.temperature, combine=cfg.combine, compact=compact, order=order)
+        if compact:  # (t, M, k, r): each member's chosen coefficients
+            return [(C[:, m], vals[:, m], idx, order) for m in range(M)]
         Cs = C.split(lead.group_sizes, dim=1) if M > 1 else (C,)
         return [(Cm, vals[:, m], idx, None) for m, Cm in enumerate(Cs)]
 

@@ -75,6 +75,8 @@ accuracy with 1-2 tokens of delay. ema() over 2048 tokens x 8 experts takes abou
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 ROUTERS = ("spectr", "arrow", "uniform", "fixed")
@@ -112,12 +114,13 @@ def fp8_native(Vt: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(Vt.device) >= (8, 9) and Vt.shape[0] % 16 == 0 and Vt.shape[1] % 16 == 0
 
 
-def project_fp8(x: torch.Tensor, Vt8: torch.Tensor, v_scale: torch.Tensor, native: bool = True) -> torch.Tensor:
+def project_fp8(x: torch.Tensor, Vt8: torch.Tensor, v_scale: torch.Tensor, native: bool = True,
+                quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
     """x @ V^T (t, N) from one float8 GEMM (scoring="fp8"): x quantized per token, Vt8 (N, d_in) per direction
     with v_scale (1, N); bf16 out (what row-wise scaled fp8 GEMMs produce). About 4% relative error per entry
     on random data; Hopper GPUs run it at twice the bf16 rate. native=False (fp8_native): the same numbers
-    from the dequantized factors."""
-    x8, xs = quantize_rows(x)
+    from the dequantized factors. quantize: quantize_rows or a kernel computing the same (kernels.py)."""
+    x8, xs = (quantize or quantize_rows)(x)
     if not native:
         return ((x8.float() * xs) @ (Vt8.float() * v_scale.T).T).to(torch.bfloat16)
     return torch._scaled_mm(x8, Vt8.T, scale_a=xs, scale_b=v_scale, out_dtype=torch.bfloat16)
