@@ -39,9 +39,9 @@ class RouterConfig:
     # apply="gathered": only the chosen experts' columns of U Sigma (kernels.expand, in the fused path on a GPU
     # with Triton; where the kernels do not run, e.g. on a CPU, and under torch.compile past decode sizes, the fused
     # path applies densely: the same sum).
-    # auto gathers when E*r >= gather_min and 2k < E; None = never, until the H200 table measures where it
-    # wins (at E=8 it lost: benchmarks/results/gpu_h200.md)
-    gather_min: int | None = None
+    # auto gathers when E*r >= gather_min and 2k < E (None = never). H200, 8 x 512 tokens, eager: at E=64 gathered
+    # 1.25x the base against dense 1.29x, at E=8 1.11x against 1.10x (benchmarks/results/gpu_h200.md, session 12)
+    gather_min: int | None = 512
     pool: str = "input"  # input (q,k,v; gate,up decide together) | module (the paper's code) | layer
     smooth: float = 0.0  # causal moving average of evidence over tokens; 0 = off (see routing.py)
     # Round two (routing.py; docs/RESULTS.md): all off by default. The fused path implements calibrate in its
