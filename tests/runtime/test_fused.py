@@ -146,6 +146,37 @@ def test_set_router_switches_between_paths_and_leaves_no_handoffs(bundle):
         set_router(fused, impl="triton-only")
 
 
+def test_auto_apply_gathers_only_top1_from_gather_min(make_adapter, tmp_path, monkeypatch):
+    """apply="auto" takes the gathered apply where the kernels run, E*r >= gather_min and k = 1; with k > 1 the
+    rows sorted by first choice meet most experts per block (slower than dense on the H200), so it stays dense."""
+    from spectr.runtime import kernels
+    from spectr.runtime.layer import RoutedLinear
+
+    monkeypatch.setattr(kernels, "INTERPRET", True)  # as if the Triton kernels ran here (nothing is launched)
+    monkeypatch.setattr(kernels, "route", object())
+    monkeypatch.setattr(kernels, "expand", object())
+    from tests.runtime.helpers import bundle_from_adapters
+
+    folders = [make_adapter(f"auto-gather-{i}", seed=90 + i, r=2) for i in range(6)]  # E = 6 > 2k at k = 2
+    model = load_bundle(build_tiny_llama(), read_bundle(bundle_from_adapters(tmp_path / "six", folders,
+                                                                             build_tiny_llama())), gather_min=12)
+    x = torch.zeros(3, 64)
+
+    def gathers() -> list[bool]:
+        return [m._gathers(x) for m in model.modules() if isinstance(m, RoutedLinear)]
+
+    assert {m.Vt.shape[0] for m in model.modules() if isinstance(m, RoutedLinear)} == {12}  # E*r
+    assert all(gathers())
+    set_router(model, gather_min=13)
+    assert not any(gathers())
+    set_router(model, gather_min=12, top_k=2)
+    assert not any(gathers())
+    set_router(model, top_k=1, gather_min=None)
+    assert not any(gathers())
+    set_router(model, apply="gathered", top_k=2)
+    assert all(gathers())
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("name", ["defaults", "smooth-input", "fp8-scoring"])
 def test_fused_compiles_without_graph_breaks(bundle, name):
