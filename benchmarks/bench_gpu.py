@@ -200,7 +200,8 @@ def main() -> None:
     # default run, so the whole table fits one device call; name them to measure them again.
     ap.add_argument("--compiled", default="base,defaults:8,defaults:64,fp8:64,reference:32,arrow:8",
                     help="variant:E pairs also measured compiled (or 'none')")
-    ap.add_argument("--skip", default="fp8-grouped", help="short variant names not measured (e.g. plain,arrow)")
+    # fp8 + gathered: what "fp8" runs at E*r >= gather_min (apply="auto" gathers there); measured at E=8 in session 12
+    ap.add_argument("--skip", default="fp8-grouped,fp8-gathered", help="short variant names not measured (e.g. plain,arrow)")
     ap.add_argument("--peft", action=argparse.BooleanOptionalAction, default=True, help="measure PEFT Arrow at E=8")
     ap.add_argument("--profile", type=Path, help="write torch.profiler tables here (base eager and compiled; defaults eager and compiled at --profile-experts)")
     ap.add_argument("--profile-experts", default="8,64", help="the E's profiled with --profile")

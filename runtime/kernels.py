@@ -12,8 +12,9 @@ an eager forward is bound by their launches). It computes exactly what routing.p
 The gathered apply (`expand`, like Punica's SGMV expand but with a per-token choice): y_t += sum_k
 U_e Sigma_e c_tk for e = idx[t, k], from the compact coefficients c (t, k, r) that `route(compact=True)`
 writes; it reads only the chosen experts' columns of U Sigma (r per token instead of E*r) and adds into the
-base output in place. For many tokens the rows are visited sorted by expert (`order`), so a block of rows
-meets few experts and each expert's U Sigma tile is one tensor-core product for the whole block.
+base output in place. For many tokens the rows are visited sorted by expert (the routing kernel files each
+row under its first choice: `new_order`), so a block of rows meets few experts and each expert's U Sigma tile
+is one tensor-core product for the whole block.
 
 Imported only where CUDA is present (or under TRITON_INTERPRET=1, for testing the kernels on a CPU);
 `route`/`expand` are None where Triton is missing (the torch code runs then).

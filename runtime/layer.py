@@ -61,7 +61,8 @@ class RouterConfig:
     # its own; routing.project_fp8), for large E where scoring every expert is a large share of the linear FLOPs:
     # the real 8-expert library kept its routing accuracy with 2.3% of decisions changed (study_fp8_scoring.md).
     # The chosen experts' coefficients come from the same projections. On CPUs the fp8 GEMM is emulated (slower).
-    # H200, E=64: compiled prefill 1.39x -> 1.32x the base, but decode slower (gpu_h200.md): opt-in, not a default.
+    # H200, E=64: prefill 1.24x -> 1.21x eager, 1.38x -> 1.32x compiled, but compiled decode slower (gpu_h200.md):
+    # opt-in, not a default (it also changes a few percent of decisions).
     scoring: str = "exact"
 
     def validate(self) -> None:
