@@ -47,13 +47,29 @@ if torch.cuda.is_available() or INTERPRET:
     if triton is not None:
 
         @triton.jit
+        def _member_scores(p, S, rank, e, r, e_ok, er, offs, m, E: tl.constexpr, R: tl.constexpr,
+                           ARROW: tl.constexpr, SIGMA: tl.constexpr, RANK_NORM: tl.constexpr):
+            # member m's scores g (BT, EP) from its projections p (BT, EP, RP), and its rank row (EP,)
+            if ARROW:
+                g = tl.sum(tl.where(r[None, None, :] == 0, tl.abs(p), 0.0), axis=2)
+            elif SIGMA:
+                sv = tl.load(S + m * E * R + offs, mask=er, other=0.0).to(tl.float32)[None, :, :]
+                g = tl.sqrt(tl.sum(p * sv * p * sv, axis=2))
+            else:
+                g = tl.sqrt(tl.sum(p * p, axis=2))
+            rk = tl.load(rank + m * E + e, mask=e_ok, other=0).to(tl.float32)
+            if RANK_NORM and not ARROW:
+                g = g / tl.sqrt(tl.maximum(rk, 1.0))[None, :]
+            return g, rk
+
+        @triton.jit
         def _route_kernel(P, S, rank, s, allowed, C, idx_out, vals_out, counts, bucket, T, stride_p, stride_c,
                           stride_a, inv_temp, M: tl.constexpr, E: tl.constexpr, R: tl.constexpr,
                           EP: tl.constexpr, RP: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
                           ARROW: tl.constexpr, SIGMA: tl.constexpr, RANK_NORM: tl.constexpr, SOFTMAX: tl.constexpr,
                           FACTOR: tl.constexpr, HAS_MASK: tl.constexpr, COMPACT: tl.constexpr, ORDER: tl.constexpr):
-            # BT tokens per program, as (token, expert, rank) blocks: one token per program left the GPU waiting
-            # on each program's chain of small reductions (H200, E=64, 4096 tokens: ~60 us a group)
+            # BT tokens per program, as (token, expert, rank) blocks (on the H200 at 4096 tokens about as fast as one
+            # token per program, 50-90 us a group: bench_apply.py); the atomic filing below works on either
             tt = tl.program_id(0) * BT + tl.arange(0, BT)
             t_ok = tt < T
             t64 = tt.to(tl.int64)
@@ -74,16 +90,7 @@ if torch.cuda.is_available() or INTERPRET:
             present = ev < 0  # all False
             for m in tl.static_range(M):  # pass 1: pooled evidence
                 p = tl.load(prow + m * E * R, mask=ter, other=0.0).to(tl.float32)
-                if ARROW:
-                    g = tl.sum(tl.where(r[None, None, :] == 0, tl.abs(p), 0.0), axis=2)
-                elif SIGMA:
-                    sv = tl.load(S + m * E * R + offs, mask=er, other=0.0).to(tl.float32)[None, :, :]
-                    g = tl.sqrt(tl.sum(p * sv * p * sv, axis=2))
-                else:
-                    g = tl.sqrt(tl.sum(p * p, axis=2))
-                rk = tl.load(rank + m * E + e, mask=e_ok, other=0).to(tl.float32)
-                if RANK_NORM and not ARROW:
-                    g = g / tl.sqrt(tl.maximum(rk, 1.0))[None, :]
+                g, rk = _member_scores(p, S, rank, e, r, e_ok, er, offs, m, E, R, ARROW, SIGMA, RANK_NORM)
                 has = (rk > 0)[None, :] & ok
                 ev += tl.where(has, g, 0.0)
                 present = present | has
@@ -102,16 +109,7 @@ if torch.cuda.is_available() or INTERPRET:
             chosen = pos >= 0
             for m in tl.static_range(M):  # pass 2: each member's weights over the chosen, its coefficients
                 p = tl.load(prow + m * E * R, mask=ter, other=0.0).to(tl.float32)
-                if ARROW:
-                    g = tl.sum(tl.where(r[None, None, :] == 0, tl.abs(p), 0.0), axis=2)
-                elif SIGMA:
-                    sv = tl.load(S + m * E * R + offs, mask=er, other=0.0).to(tl.float32)[None, :, :]
-                    g = tl.sqrt(tl.sum(p * sv * p * sv, axis=2))
-                else:
-                    g = tl.sqrt(tl.sum(p * p, axis=2))
-                rk = tl.load(rank + m * E + e, mask=e_ok, other=0).to(tl.float32)
-                if RANK_NORM and not ARROW:
-                    g = g / tl.sqrt(tl.maximum(rk, 1.0))[None, :]
+                g, rk = _member_scores(p, S, rank, e, r, e_ok, er, offs, m, E, R, ARROW, SIGMA, RANK_NORM)
                 live = (rk > 0)[None, :] & ok
                 for k in tl.static_range(K):
                     sel = (pos == k) & live
@@ -203,7 +201,7 @@ if torch.cuda.is_available() or INTERPRET:
 
         def quantize_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             """routing.quantize_rows in one launch (a read and a float8 write of a; torch's version makes about
-            six passes in float32: 216 us against ~20 us for 4096 x 4096 on the H200, bench_apply.py)."""
+            six passes in float32: 199-222 us against 42 us for 4096 x 4096 on the H200, bench_apply.py)."""
             n, D = a.shape
             if a.stride(1) != 1:
                 a = a.contiguous()
@@ -280,8 +278,8 @@ if torch.cuda.is_available() or INTERPRET:
             RP = max(16, 1 << (R - 1).bit_length())
             grid = (triton.cdiv(t, 16), triton.cdiv(N, bn))
             _expand_kernel[grid](y, c, idx, idx, idx, US, t, N, y.stride(0), c.stride(0), US.stride(0), K=K, R=R,
-                                 RP=RP, E=1, EP=16, BT=16, BN=bn, SORTED=False, IEEE=c.dtype == torch.float32, O1=O1, O2=O2,
-                                 num_warps=4)
+                                 RP=RP, E=1, EP=16, BT=16, BN=bn, SORTED=False, IEEE=c.dtype == torch.float32,
+                                 O1=O1, O2=O2, num_warps=4)
             return y
 
         def route(P: torch.Tensor, S: torch.Tensor, rank: torch.Tensor, s: torch.Tensor,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -403,7 +404,7 @@ def quantize_scoring(owner: RoutedLinear) -> None:
     owner.fp8_native = all(routing.fp8_native(Vt[o:o + n]) for o, n in [(0, Vt.shape[0]), *rows])
 
 
-def _quantizer(x: torch.Tensor) -> Any:
+def _quantizer(x: torch.Tensor) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
     """The Triton row quantizer for fp8 scoring, eager on a GPU (under torch.compile Inductor fuses
     routing.quantize_rows' ops itself); None: routing.quantize_rows."""
     if x.is_cuda and kernels.quantize_rows is not None and not torch.compiler.is_compiling():
@@ -739,7 +740,7 @@ class RoutedLinear(nn.Module):
         # auto: top-1 only. Rows are sorted by their first choice, so with k > 1 a block of rows meets most experts
         # (H200, E=64, k=4 module-pooled: 2.19x the base gathered against 1.36x dense)
         return cfg.apply == "gathered" or (cfg.gather_min is not None and self.Vt.shape[0] >= cfg.gather_min
-                                           and cfg.top_k == 1 and 2 < self.E)
+                                           and cfg.top_k == 1 and 2 * cfg.top_k < self.E)
 
     def _decide_group_kernel(self, members: list[RoutedLinear], x: torch.Tensor,
                              allowed: torch.Tensor | None) -> list[tuple]:

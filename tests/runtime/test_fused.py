@@ -151,11 +151,11 @@ def test_auto_apply_gathers_only_top1_from_gather_min(make_adapter, tmp_path, mo
     rows sorted by first choice meet most experts per block (slower than dense on the H200), so it stays dense."""
     from spectr.runtime import kernels
     from spectr.runtime.layer import RoutedLinear
+    from tests.runtime.helpers import bundle_from_adapters
 
     monkeypatch.setattr(kernels, "INTERPRET", True)  # as if the Triton kernels ran here (nothing is launched)
     monkeypatch.setattr(kernels, "route", object())
     monkeypatch.setattr(kernels, "expand", object())
-    from tests.runtime.helpers import bundle_from_adapters
 
     folders = [make_adapter(f"auto-gather-{i}", seed=90 + i, r=2) for i in range(6)]  # E = 6 > 2k at k = 2
     model = load_bundle(build_tiny_llama(), read_bundle(bundle_from_adapters(tmp_path / "six", folders,
