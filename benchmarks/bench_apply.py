@@ -5,7 +5,7 @@ output any apply makes (y *= 1, read and write), the dense apply (addmm_, K = E*
 (kernels.expand: rows sorted by expert, only the chosen experts' U Sigma) at several tile shapes, and the
 scoring GEMM in bf16 against fp8 (routing.project_fp8, quantization included). Shapes are Llama-3-8B's
 (N = 4096, 1024, 14336 out; 4096 and 14336 in), 8 x 512 tokens, rank 16, top-1 (the default), random experts
-chosen uniformly. Median of 50 calls after 5 warm-ups, CUDA events.
+chosen uniformly. GPU time: median of 50 CUDA-graph replays of ten calls (after 5 warm-ups), CUDA events.
 
     python benchmarks/bench_apply.py [--experts 64] [--tokens 4096] [--out DIR]
 """
@@ -27,16 +27,31 @@ TILES = [(64, 128, 4, 2), (32, 256, 4, 2), (32, 256, 8, 2), (32, 512, 8, 2), (16
 
 
 def timed(fn, reps: int = 50, warmup: int = 5) -> float:
+    """GPU time of one call: fn captured in a CUDA graph (ten calls) and replayed between CUDA events, so the
+    host's launch cost (tens of us for a Triton launch from Python) does not count; a call that cannot be
+    captured is timed as launched."""
     for _ in range(warmup):
         fn()
+    torch.cuda.synchronize()
+    inner = 10
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(inner):
+                fn()
+        run = graph.replay
+    except Exception:  # noqa: BLE001 - not capturable: time it as launched
+        torch.cuda.synchronize()
+        inner = 1
+        run = fn
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        run()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / inner)
     return statistics.median(times) * 1000  # us
 
 
@@ -73,10 +88,12 @@ def main() -> None:
         for name, N in OUTS.items():
             y = torch.randn(t, N, device=dev, dtype=bf)
             US = torch.randn(N, E * R, device=dev, dtype=bf) / 8
+            USt = US.t().contiguous().t()  # the same (N, E*R) values, each expert's rank rows contiguous in memory
             ref = y.float() + C.float() @ US.float().T
             cells = {"pass over y (y *= 1)": lambda: y.mul_(1.0),
                      "dense apply (addmm_)": lambda: y.addmm_(C, US.T),
-                     "expand, as shipped": lambda: kernels.expand(y, c, idx, US, perm)}
+                     "expand, as shipped": lambda: kernels.expand(y, c, idx, US, perm),
+                     "expand, U Sigma stored transposed": lambda: kernels.expand(y, c, idx, USt, perm)}
             for tile in TILES:
                 cells[f"expand BT={tile[0]} BN={tile[1]} warps={tile[2]} stages={tile[3]}"] = \
                     (lambda tile=tile: expand_tile(y, c, idx, US, perm, *tile))
@@ -89,6 +106,22 @@ def main() -> None:
                 y.copy_(y0)
                 rows.append(dict(E=E, N=N, what=what, us=timed(fn), rel_err=err))
                 y.copy_(y0)
+        for outs in ([4096, 1024, 1024], [14336, 14336]):  # one launch for the group's joint output, or one a member
+            M, N = len(outs), sum(outs)
+            starts = [sum(outs[:m]) for m in range(M)]
+            Y = torch.randn(t, N, device=dev, dtype=bf)
+            US = torch.randn(N, E * R, device=dev, dtype=bf) / 8
+            cg = torch.randn(t, M, 1, R, device=dev, dtype=bf)
+            views = [Y[:, o:o + n] for o, n in zip(starts, outs)]
+            Ym = [torch.randn(t, n, device=dev, dtype=bf) for n in outs]
+            name = "+".join(map(str, outs))
+            rows.append(dict(E=E, N=name, what="expand_group, rows sorted, one launch",
+                             us=timed(lambda: kernels.expand_group(Y, cg, idx, US, starts, 256, perm))))
+            rows.append(dict(E=E, N=name, what="expand per member, own outputs",
+                             us=timed(lambda: [kernels.expand(y, cg[:, m], idx, US[o:o + y.shape[1]], perm)
+                                               for m, (y, o) in enumerate(zip(Ym, starts))])))
+            rows.append(dict(E=E, N=name, what="dense apply per member (addmm_ into column slices)",
+                             us=timed(lambda: [v.addmm_(C, US[o:o + v.shape[1]].T) for v, o in zip(views, starts)])))
         for d_in, M in ((4096, 3), (4096, 2), (4096, 1), (14336, 1)):
             x = torch.randn(t, d_in, device=dev, dtype=bf)
             Vt = torch.randn(M * E * R, d_in, device=dev, dtype=bf) / 64

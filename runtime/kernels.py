@@ -141,7 +141,7 @@ if torch.cuda.is_available() or INTERPRET:
                              c.to(C.dtype.element_ty), mask=ter)
 
         @triton.jit
-        def _expand_kernel(Y, Cc, idx, bucket, counts, US, t, N, stride_y, stride_c, stride_u,
+        def _expand_kernel(Y, Cc, idx, bucket, counts, US, t, N, stride_y, stride_c, stride_un, stride_ur,
                            K: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
                            BT: tl.constexpr, BN: tl.constexpr, SORTED: tl.constexpr, IEEE: tl.constexpr,
                            O1: tl.constexpr, O2: tl.constexpr):
@@ -173,7 +173,7 @@ if torch.cuda.is_available() or INTERPRET:
                 cur = tl.min(tl.where(row_ok, e_rows, big), axis=0)
                 while cur < big:  # each expert met in this block of rows: one product over the block
                     a = tl.where((e_rows == cur)[:, None], c, tl.zeros_like(c))
-                    u = tl.load(US + n[:, None] * stride_u + cur * R + r[None, :],
+                    u = tl.load(US + n[:, None] * stride_un + (cur * R + r[None, :]) * stride_ur,
                                 mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(a.dtype)
                     if IEEE:
                         acc += tl.dot(a, tl.trans(u), input_precision="ieee")
@@ -255,18 +255,21 @@ if torch.cuda.is_available() or INTERPRET:
             # for 64 x 128 and 217 us for the dense apply at E = 64)
             BT, BN = (32, 256) if order is not None else (16, 64)
             grid = (triton.cdiv(t, BT), triton.cdiv(N, BN))
-            _expand_kernel[grid](y, c, idx, bucket, counts, US, t, N, y.stride(0), c.stride(0), US.stride(0), K=K,
+            _expand_kernel[grid](y, c, idx, bucket, counts, US, t, N, y.stride(0), c.stride(0), US.stride(0),
+                                 US.stride(1), K=K,
                                  R=R, RP=RP, E=E, EP=max(16, 1 << (E - 1).bit_length()), BT=BT, BN=BN,
                                  SORTED=order is not None, IEEE=c.dtype == torch.float32, O1=1 << 30,
                                  O2=1 << 30, num_warps=4)
             return y
 
         def expand_group(y: torch.Tensor, c: torch.Tensor, idx: torch.Tensor, US: torch.Tensor,
-                         starts: list[int], bn: int) -> torch.Tensor:
+                         starts: list[int], bn: int,
+                         order: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
             """`expand` for an input group's joint output, in one launch: y (t, >= N) holds the members'
             outputs side by side from column 0 (member m's from starts[m]); c (t, M, K, R) contiguous, route's
             compact output for the group; US (N, E*R) the members' U Sigma stacked the same way; bn divides every
-            start. Rows as they come (decode sizes). In place; returns y."""
+            start; order: as for `expand` (sorted rows, for many tokens), None: rows as they come. In place;
+            returns y."""
             t, N = y.shape[0], US.shape[0]
             M, K, R = c.shape[1], c.shape[2], c.shape[3]
             if y.stride(1) != 1 or not c.is_contiguous() or M > 3 or any(o % bn for o in starts):
@@ -276,10 +279,14 @@ if torch.cuda.is_available() or INTERPRET:
             O1 = starts[1] if M > 1 else far
             O2 = starts[2] if M > 2 else far
             RP = max(16, 1 << (R - 1).bit_length())
-            grid = (triton.cdiv(t, 16), triton.cdiv(N, bn))
-            _expand_kernel[grid](y, c, idx, idx, idx, US, t, N, y.stride(0), c.stride(0), US.stride(0), K=K, R=R,
-                                 RP=RP, E=1, EP=16, BT=16, BN=bn, SORTED=False, IEEE=c.dtype == torch.float32,
-                                 O1=O1, O2=O2, num_warps=4)
+            bucket, counts = order if order is not None else (idx, idx)
+            E = counts.shape[0] if order is not None else 1
+            BT = 32 if order is not None else 16
+            grid = (triton.cdiv(t, BT), triton.cdiv(N, bn))
+            _expand_kernel[grid](y, c, idx, bucket, counts, US, t, N, y.stride(0), c.stride(0), US.stride(0),
+                                 US.stride(1), K=K, R=R, RP=RP, E=E, EP=max(16, 1 << (E - 1).bit_length()), BT=BT,
+                                 BN=bn, SORTED=order is not None, IEEE=c.dtype == torch.float32, O1=O1, O2=O2,
+                                 num_warps=4)
             return y
 
         def route(P: torch.Tensor, S: torch.Tensor, rank: torch.Tensor, s: torch.Tensor,

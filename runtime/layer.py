@@ -358,8 +358,10 @@ def layout_group(members: list[RoutedLinear]) -> None:
     outs = [w.shape[0] for w in W]
     lead.group_outs, lead.group_n = outs, sum(outs)
     lead.group_starts = [sum(outs[:i]) for i in range(len(outs))]
-    # expand_group's column block: one member per block
+    # expand_group's column blocks, one member per block: rows as they come (decode), rows sorted (prefill)
     lead.group_bn = next((b for b in (64, 32, 16) if all(o % b == 0 for o in lead.group_starts)), None)
+    lead.group_bn_sorted = next((b for b in (256, 128, 64, 32, 16) if all(o % b == 0 for o in lead.group_starts)),
+                                None)
     _bind_group(members)
 
 
@@ -837,8 +839,9 @@ class RoutedLinear(nn.Module):
         """The fused path for a laid-out input group: the first member called runs one GEMM against W_group
         (every member's base output and scores), decides for the group (Triton kernel on a GPU, routing.py's
         code elsewhere), applies every member's delta and hands each sibling its output; a sibling called with
-        the same input returns it. At decode sizes on a GPU the apply is one expand_group launch for the whole
-        group (only the chosen experts' U Sigma columns, in place); otherwise each member's dense apply
+        the same input returns it. On a GPU, at decode sizes and where apply="auto" gathers (_gathers), the apply
+        is one expand_group launch for the whole group (only the chosen experts' U Sigma columns, in place);
+        otherwise each member's dense apply
         (in place with addmm_ in eager; out of place under torch.compile, where Inductor fuses the add into the
         output's consumer instead of copying the base output first)."""
         dims = x.shape[:-1]
@@ -861,19 +864,20 @@ class RoutedLinear(nn.Module):
         Cs = None
         if self._kernel_ok(xf):
             S, rank, s = self._stacked(members)
-            # Gathered only at decode sizes (one expand_group launch into Y itself). Larger calls reach this path
-            # only under torch.compile on a GPU, and there the per-member expand into a column slice of Y faulted
-            # (H200, E=64, apply="gathered": illegal memory access); the dense apply also measured faster at
-            # prefill sizes (benchmarks/results/gpu_h200.md).
-            decode = t <= kernels.DECODE_MAX and lead.group_bn is not None and kernels.expand_group is not None \
-                and cfg.apply != "dense"
+            # Gathered: one expand_group launch into Y itself, at decode sizes and, under apply="auto"'s rule
+            # (_gathers), at the larger sizes that reach this path (under torch.compile), with the rows filed by
+            # first choice. (A per-member expand into a column slice of Y faulted under Inductor: session 9.)
+            gathered = lead.group_bn is not None and kernels.expand_group is not None and cfg.apply != "dense" \
+                and (t <= kernels.DECODE_MAX or self._gathers(xf))
+            order = kernels.new_order(t, self.E, xf.device) if gathered else None
             C, idx, vals = kernels.route(P, S, rank, s, st.allowed(self, t), M=M, E=self.E, k=cfg.top_k,
                                          router=cfg.router, score=cfg.score, rank_normalize=cfg.rank_normalize,
                                          weighting=cfg.weighting, temperature=cfg.temperature, combine=cfg.combine,
-                                         compact=decode)
+                                         compact=gathered, order=order)
             vals_of = [vals[:, m] for m in range(M)]
-            if decode:
-                kernels.expand_group(Y, C, idx, lead.US_group, lead.group_starts, lead.group_bn)
+            if gathered:
+                kernels.expand_group(Y, C, idx, lead.US_group, lead.group_starts,
+                                     lead.group_bn if order is None else lead.group_bn_sorted, order)
             else:
                 Cs = C.split(lead.group_sizes, dim=1) if M > 1 else (C,)
         else:

@@ -297,8 +297,9 @@ def compiled_minus_eager(model, ids: torch.Tensor) -> float:
 @torch.no_grad()
 @pytest.mark.parametrize("name", ["defaults", "gathered", "fp8-scoring"])
 def test_cuda_graphs_compiled_equals_eager_at_prefill_sizes(bundle, name):
-    """Past the decode sizes (and past kernels.SORT_MIN rows) the compiled model takes the group GEMM with the
-    dense apply; apply="gathered" there once faulted (an illegal memory access on the H200 at E=64)."""
+    """Past the decode sizes (and past kernels.SORT_MIN rows) the compiled model takes the group GEMM: with the
+    dense apply, or apply="gathered"'s one expand_group launch over rows sorted by first choice (a per-member
+    expand into a column slice of the group's output once faulted there, on the H200 at E=64)."""
     fused, _ = pair(bundle, CONFIGS[name])
     ids = torch.randint(1, 120, (3, 100), generator=torch.Generator().manual_seed(3))
     assert compiled_minus_eager(fused.cuda(), ids.cuda()) <= 1e-3

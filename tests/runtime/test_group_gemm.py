@@ -122,8 +122,10 @@ def test_a_sibling_called_with_another_input_computes_its_own_output(bundle):
 
 @pytest.mark.skipif(kernels.expand_group is None, reason="needs Triton on a CUDA device (or TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("t,E,K,R,outs", [(1, 8, 1, 16, [64, 32, 32]), (20, 64, 1, 16, [64]), (5, 4, 2, 4, [32, 16]),
-                                          (33, 8, 1, 16, [128, 64])])
+                                          (33, 8, 1, 16, [128, 64]), (300, 8, 1, 16, [64, 32, 32]),
+                                          (257, 64, 2, 8, [32, 96])])
 def test_expand_group_adds_each_members_chosen_experts(t, E, K, R, outs):
+    """Rows as they come (decode sizes) and, past kernels.SORT_MIN rows, visited sorted by first choice."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(t + E)
     M, N = len(outs), sum(outs)
@@ -137,6 +139,9 @@ def test_expand_group_adds_each_members_chosen_experts(t, E, K, R, outs):
     for m in range(M):
         cols = slice(starts[m], starts[m] + outs[m])
         want[:, cols] += torch.einsum("tkr,tknr->tn", c[:, m].double(), U[cols].permute(1, 0, 2)[idx])
-    got = kernels.expand_group(Y.to(dev).clone(), c.to(dev), idx.to(dev), US.to(dev), starts, 16).double().cpu()
+    order = kernels.order(idx.to(dev), E)
+    assert (order is None) == (t <= kernels.SORT_MIN)
+    got = kernels.expand_group(Y.to(dev).clone(), c.to(dev), idx.to(dev), US.to(dev), starts, 16 if order is None else 32,
+                               order).double().cpu()
     assert ((got - want).norm() / want.norm()).item() <= 1e-5
     assert torch.equal(got[:, N:], Y[:, N:].double())  # the score columns are left alone
