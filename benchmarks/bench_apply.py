@@ -60,7 +60,8 @@ def expand_tile(y, c, idx, US, order, BT, BN, warps, stages):
     bucket, counts = order
     E = counts.shape[0]
     grid = (triton_cdiv(t, BT), triton_cdiv(N, BN))
-    kernels._expand_kernel[grid](y, c, idx, bucket, counts, US, t, N, y.stride(0), c.stride(0), US.stride(0), K=1,
+    kernels._expand_kernel[grid](y, c, idx, bucket, counts, US, t, N, y.stride(0), c.stride(0), US.stride(0),
+                                 US.stride(1), K=1,
                                  R=R, RP=R, E=E, EP=max(16, 1 << (E - 1).bit_length()), BT=BT, BN=BN, SORTED=True,
                                  IEEE=False, O1=1 << 30, O2=1 << 30, num_warps=warps, num_stages=stages)
 
@@ -97,6 +98,8 @@ def main() -> None:
             for tile in TILES:
                 cells[f"expand BT={tile[0]} BN={tile[1]} warps={tile[2]} stages={tile[3]}"] = \
                     (lambda tile=tile: expand_tile(y, c, idx, US, perm, *tile))
+                cells[f"expand BT={tile[0]} BN={tile[1]} warps={tile[2]} stages={tile[3]}, transposed"] = \
+                    (lambda tile=tile: expand_tile(y, c, idx, USt, perm, *tile))
             for what, fn in cells.items():
                 y0 = y.clone()
                 fn()
