@@ -314,13 +314,13 @@ def apply_sorted(y: torch.Tensor, C: torch.Tensor, idx: torch.Tensor, US: torch.
 
 
 def sorted_ok(US: torch.Tensor, E: int) -> bool:
-    """Whether apply_sorted runs for U Sigma (d_out, E*r): torch has _grouped_mm, the experts' (E, r, d_out) view
-    has strides of whole 16-byte multiples (its requirement), and the weights are bf16 (its grouped GEMM's dtype
-    on a GPU, and what torch.compile traces it with) or, eager on a CPU, any float."""
+    """Whether apply_sorted runs for U Sigma (d_out, E*r): torch has _grouped_mm, its operands' strides are whole
+    16-byte multiples (the (t*k, r) coefficient rows and the experts' (E, r, d_out) view), and the weights are
+    bf16 (its grouped GEMM's dtype on a GPU, and what torch.compile traces it with) or, eager on a CPU, any float."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     experts = US.view(US.shape[0], E, -1).permute(1, 2, 0)
-    if any(st != 1 and (st * US.element_size()) % 16 for st in experts.stride()):
+    if any(st != 1 and (st * US.element_size()) % 16 for st in (*experts.stride(), experts.shape[1])):
         return False
     return US.dtype == torch.bfloat16 or (not US.is_cuda and not torch.compiler.is_compiling())
 

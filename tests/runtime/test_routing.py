@@ -200,9 +200,11 @@ def test_one_choice_weights_of_complete_modules_are_the_general_ones():
 
 def test_fp8_projection_dequantized_fallback_gives_the_fp8_gemm_numbers():
     """project_fp8 on hardware without fp8 GEMMs (native=False) computes from the same float8 factors; both are
-    a few percent off the exact projection, and a zero token stays zero."""
+    a few percent off the exact projection, and a zero token stays zero. On a GPU where there is one (a CPU
+    _scaled_mm takes row-wise scales only from torch 2.12 on)."""
     g = torch.Generator().manual_seed(3)
-    x, Vt = torch.randn(20, 96, generator=g), torch.randn(48, 96, generator=g)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x, Vt = torch.randn(32, 96, generator=g).to(dev), torch.randn(48, 96, generator=g).to(dev)
     x[3] = 0
     Vt8, scale = routing.quantize_rows(Vt)
     fast = routing.project_fp8(x, Vt8, scale.T.contiguous())
