@@ -37,9 +37,9 @@ class RouterConfig:
     expert: int | None = None  # index of the expert for router="fixed"
     apply: str = "auto"  # dense | grouped | gathered | auto (see dense_max, gather_min)
     dense_max: int = 4096  # auto: dense when E*r <= dense_max or 2k >= E (dense won every size measured)
-    # apply="gathered": only the chosen experts' columns of U Sigma (kernels.expand, in the fused path on a GPU
-    # with Triton; where the kernels do not run, e.g. on a CPU, and under torch.compile past decode sizes, the fused
-    # path applies densely: the same sum).
+    # apply="gathered": only the chosen experts' columns of U Sigma (kernels.expand / expand_group, in the fused
+    # path on a GPU with Triton, eager and compiled; where the kernels do not run, e.g. on a CPU, the fused path
+    # applies densely: the same sum).
     # auto gathers when E*r >= gather_min and top_k = 1 (None = never). H200, 8 x 512 tokens, eager: at E=64 gathered
     # 1.25x the base against dense 1.29x, at E=8 1.11x against 1.10x (benchmarks/results/gpu_h200.md, session 12)
     gather_min: int | None = 512
