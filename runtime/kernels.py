@@ -33,6 +33,7 @@ new_order = None
 quantize_rows = None
 DECODE_MAX = 64  # at or below this many token rows: eager takes the group GEMM, and a GPU applies with expand_group
 ROUTE_BLOCK = 4096  # route(): (token, expert, rank) entries per program, so BT = ROUTE_BLOCK // (E*r) tokens
+ROUTE_BLOCK_DECODE = 2048  # at or below DECODE_MAX rows: smaller programs, more of them (session 12's decode setting)
 ROUTE_WARPS = 4
 SORT_MIN = 128  # order(): at or below this many tokens the rows are visited as they are (decode)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -240,9 +241,9 @@ if torch.cuda.is_available() or INTERPRET:
             """y (t, N) += sum_k US[:, idx[t,k]*R : +R] @ c[t, k], in place; returns y.
 
             c (t, K, R) with c.stride(1) == R, c.stride(2) == 1 (a member's slice of route's compact output);
-            idx (t, K) int64; US (N, E*R), any strides (the layer stores it transposed); order: the rows filed by first choice
-            (route's order=, or order(idx, E)), visited sorted so a block of rows meets few experts; None: as
-            they come.
+            idx (t, K) int64; US (N, E*R), any strides (the layer stores it transposed); order: the rows filed
+            by first choice (route's order=, or order(idx, E)), visited sorted so a block of rows meets few
+            experts; None: as they come.
             """
             t, N = y.shape
             K, R = c.shape[1], c.shape[2]
@@ -312,7 +313,8 @@ if torch.cuda.is_available() or INTERPRET:
             mask = allowed.to(torch.uint8) if allowed is not None else rank
             stride_a = 0 if allowed is None or allowed.dim() == 1 else mask.stride(0)
             EP, RP = 1 << (E - 1).bit_length(), 1 << (R - 1).bit_length()
-            BT = max(1, min(ROUTE_BLOCK // (EP * RP), 1 << (t - 1).bit_length()))
+            block = ROUTE_BLOCK if t > DECODE_MAX else ROUTE_BLOCK_DECODE
+            BT = max(1, min(block // (EP * RP), 1 << (t - 1).bit_length()))
             bucket, counts = order if order is not None else (idx, idx)
             _route_kernel[(triton.cdiv(t, BT),)](
                 P, S, rank, s, mask, C, idx, vals, counts, bucket, t, P.stride(0), C.stride(0), stride_a,

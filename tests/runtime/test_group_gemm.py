@@ -141,7 +141,8 @@ def test_expand_group_adds_each_members_chosen_experts(t, E, K, R, outs):
         want[:, cols] += torch.einsum("tkr,tknr->tn", c[:, m].double(), U[cols].permute(1, 0, 2)[idx])
     order = kernels.order(idx.to(dev), E)
     assert (order is None) == (t <= kernels.SORT_MIN)
-    got = kernels.expand_group(Y.to(dev).clone(), c.to(dev), idx.to(dev), US.to(dev), starts, 16 if order is None else 32,
+    bn = 16 if order is None else 32
+    got = kernels.expand_group(Y.to(dev).clone(), c.to(dev), idx.to(dev), US.to(dev), starts, bn,
                                order).double().cpu()
     assert ((got - want).norm() / want.norm()).item() <= 1e-5
     assert torch.equal(got[:, N:], Y[:, N:].double())  # the score columns are left alone

@@ -8,7 +8,8 @@ from torch import nn
 from spectr.runtime.spectrum import AdapterSpectra, ModuleSpectrum
 from spectr.runtime import load_bundle, read_bundle, routing, write_bundle
 
-D_IN, D_OUT, RANKS = 12, 12, (2, 3, 4, 3, 1)  # D_OUT * 4 bytes: a 16-byte multiple, so apply="grouped" takes the fused grouped GEMM
+# D_OUT * 4 bytes: a 16-byte multiple, so apply="grouped" takes the fused grouped GEMM
+D_IN, D_OUT, RANKS = 12, 12, (2, 3, 4, 3, 1)
 
 
 class Net(nn.Module):
