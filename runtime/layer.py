@@ -365,6 +365,16 @@ def layout_group(members: list[RoutedLinear]) -> None:
     _bind_group(members)
 
 
+def _gemm_weight(u: torch.Tensor) -> torch.Tensor:
+    """u, or under torch.compile on a CPU a contiguous copy: there Inductor's C++ GEMM template (max-autotune with
+    freezing, torch 2.13) reads a weight that starts at a storage offset (a group member's U Sigma view) from the
+    wrong place: wrong outputs. With freezing the copy is folded into the constants. (Dynamo cannot trace
+    storage_offset(), so every CPU weight is copied.)"""
+    if not u.is_cuda and torch.compiler.is_compiling():
+        return u.contiguous()
+    return u
+
+
 def _bind_group(members: list[RoutedLinear]) -> None:
     """Point every member's base weight, V^T and U Sigma (and the lead's Vt_group) into the lead's W_group /
     US_group (after layout_group, and again after model.to(...) moved them)."""
@@ -802,6 +812,7 @@ class RoutedLinear(nn.Module):
             return routing.apply_sorted(y2, C.view(C.shape[0], self.E, -1), idx, US).view_as(y)
         # y += C US^T in one GEMM whose epilogue adds into the base output: in place, so y is read and written
         # once (out of place, addmm first copies y); autograd keeps the out-of-place form
+        US = _gemm_weight(US)
         if y.requires_grad:
             return torch.addmm(y2, C.to(y.dtype), US.T.to(y.dtype)).view_as(y)
         return y2.addmm_(C.to(y.dtype), US.T.to(y.dtype)).view_as(y)
@@ -890,7 +901,7 @@ class RoutedLinear(nn.Module):
                 routing.apply_sorted(o, C.view(t, m.E, -1), idx, m.US)
         elif Cs is not None:
             if torch.compiler.is_compiling():
-                outs = [o + C.to(o.dtype) @ m.US.T for o, C, m in zip(outs, Cs, members)]
+                outs = [o + C.to(o.dtype) @ _gemm_weight(m.US.T) for o, C, m in zip(outs, Cs, members)]
             else:
                 for o, C, m in zip(outs, Cs, members):
                     o.addmm_(C.to(o.dtype), m.US.T)

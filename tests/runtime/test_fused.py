@@ -332,3 +332,21 @@ def test_cuda_load_bundle_compile_generate_equals_eager(bundle):
     ids = IDS.cuda()
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(fast.generate(ids, **kw), eager.generate(ids, **kw))
+
+
+@torch.no_grad()
+def test_inductor_cpu_gemm_template_gets_whole_coefficients(bundle, tmp_path, monkeypatch):
+    """Inductor on a CPU with freezing and max-autotune (torch 2.13's C++ GEMM template) misread a member's
+    coefficients, a column slice of the group's at a storage offset: k and v got other members' columns (wrong
+    logits, 0% argmax agreement on SmolLM2 shapes). The fused path hands each member its own copy there."""
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    fused = load_bundle(build_tiny_llama(), bundle)
+    ids = torch.randint(1, 120, (1, 64), generator=torch.Generator().manual_seed(3))
+    eager = fused(ids).logits
+    torch._dynamo.reset()
+    with inductor_config.patch(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP"):
+        got = torch.compile(fused, fullgraph=True)(ids).logits
+    torch._dynamo.reset()
+    assert (got - eager).abs().max() <= 1e-4
