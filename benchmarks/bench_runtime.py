@@ -171,8 +171,17 @@ def default_only(a) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for E in [int(e) for e in a.experts.split(",")]:
             bundle = make_bundle(Path(tmp) / f"bundle{E}", make_experts(Path(tmp), E, a.layers), a.layers)
-            models = {"base": base_model(a.layers), "default": load_bundle(base_model(a.layers), bundle),
-                      "default, impl=plain": load_bundle(base_model(a.layers), bundle, impl="plain")}
+            models = {"base": base_model(a.layers), "default": load_bundle(base_model(a.layers), bundle)}
+            if a.compile == "none":
+                models["default, impl=plain"] = load_bundle(base_model(a.layers), bundle, impl="plain")
+            else:  # the same recipe for both; each checked against its eager twin
+                for k in ("base", "default"):
+                    t0 = time.perf_counter()
+                    models[f"{k}, compiled"] = compiled(base_model(a.layers) if k == "base"
+                                                        else load_bundle(base_model(a.layers), bundle), a.compile)
+                    diff = (models[f"{k}, compiled"](ids).logits - models[k](ids).logits).abs().max().item()
+                    print(f"{k}, compiled ({a.compile}): compiled in {time.perf_counter() - t0:.0f} s, "
+                          f"max |logits - eager| {diff:.1e}", flush=True)
             times: dict[str, list[float]] = {k: [] for k in models}
             for m in models.values():
                 m(ids)
@@ -182,11 +191,21 @@ def default_only(a) -> None:
                     m(ids)
                     times[k].append(time.perf_counter() - t0)
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            ref = {k: med["base, compiled" if k.endswith("compiled") else "base"] for k in med}
             print(f"E={E}, {a.layers} layers, {a.tokens} tokens, {torch.get_num_threads()} threads, median of "
-                  f"{a.repeats} interleaved rounds: " + ", ".join(f"{k} {v:.1f} ms ({v / med['base']:.3f}x)"
-                                                                for k, v in med.items()), flush=True)
+                  f"{a.repeats} interleaved rounds (compiled rows to the compiled base): "
+                  + ", ".join(f"{k} {v:.1f} ms ({v / ref[k]:.3f}x)" for k, v in med.items()), flush=True)
             if a.parts:
                 print(parts(models["default"], ids, med["base"], med["default"]), flush=True)
+
+
+def compiled(model, recipe: str):
+    """torch.compile(model, fullgraph=True) by recipe: "inductor" (default mode) or "freezing" (Inductor's CPU
+    inference setting: weights folded as constants, max-autotune picks between ATen and its C++ GEMM template)."""
+    if recipe == "freezing":
+        torch._inductor.config.freezing = True
+        return torch.compile(model, fullgraph=True, mode="max-autotune-no-cudagraphs")
+    return torch.compile(model, fullgraph=True)
 
 
 def _ms(fn, n: int = 30) -> float:
@@ -250,6 +269,9 @@ def main() -> None:
                          "forward so a shared, noisy CPU slows both alike; prints the median ratio")
     ap.add_argument("--parts", action="store_true", help="with --default-only: time the routed forward's pieces alone "
                     "(scoring GEMMs, routing math, dense apply) and print the floor they set")
+    ap.add_argument("--compile", choices=("none", "inductor", "freezing"), default="none",
+                    help="with --default-only: also time base and default compiled the same way (freezing: "
+                         "Inductor's CPU inference recipe, freezing + max-autotune)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)

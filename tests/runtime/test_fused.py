@@ -335,10 +335,10 @@ def test_cuda_load_bundle_compile_generate_equals_eager(bundle):
 
 
 @torch.no_grad()
-def test_inductor_cpu_gemm_template_gets_whole_coefficients(bundle, tmp_path, monkeypatch):
-    """Inductor on a CPU with freezing and max-autotune (torch 2.13's C++ GEMM template) misread a member's
-    coefficients, a column slice of the group's at a storage offset: k and v got other members' columns (wrong
-    logits, 0% argmax agreement on SmolLM2 shapes). The fused path hands each member its own copy there."""
+def test_inductor_cpu_gemm_template_reads_each_members_u_sigma(bundle, tmp_path, monkeypatch):
+    """Inductor on a CPU with freezing and max-autotune (torch 2.13's C++ GEMM template) misread a weight that
+    starts at a storage offset: the k and v members' U Sigma, views into their group's buffer (wrong logits, 0%
+    argmax agreement on SmolLM2 shapes). Under torch.compile on a CPU each apply reads its own copy."""
     from torch._inductor import config as inductor_config
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
