@@ -56,18 +56,7 @@ def timed(fn, reps: int = 50, warmup: int = 5) -> float:
 
 
 def expand_tile(y, c, idx, US, order, BT, BN, warps, stages):
-    t, N = y.shape
-    bucket, counts = order
-    E = counts.shape[0]
-    grid = (triton_cdiv(t, BT), triton_cdiv(N, BN))
-    kernels._expand_kernel[grid](y, c, idx, bucket, counts, US, t, N, y.stride(0), c.stride(0), US.stride(0),
-                                 US.stride(1), K=1,
-                                 R=R, RP=R, E=E, EP=max(16, 1 << (E - 1).bit_length()), BT=BT, BN=BN, SORTED=True,
-                                 IEEE=False, O1=1 << 30, O2=1 << 30, num_warps=warps, num_stages=stages)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
+    kernels.launch_expand(y, c, idx, US, order, BT, BN, num_warps=warps, num_stages=stages)
 
 
 def main() -> None:

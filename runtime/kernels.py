@@ -28,6 +28,7 @@ import torch
 route = None
 expand = None
 expand_group = None
+launch_expand = None
 order = None
 new_order = None
 quantize_rows = None
@@ -245,23 +246,12 @@ if torch.cuda.is_available() or INTERPRET:
             by first choice (route's order=, or order(idx, E)), visited sorted so a block of rows meets few
             experts; None: as they come.
             """
-            t, N = y.shape
-            K, R = c.shape[1], c.shape[2]
             if y.stride(1) != 1:
                 raise ValueError("expand: y needs unit column stride")
-            RP = max(16, 1 << (R - 1).bit_length())
-            bucket, counts = order if order is not None else (idx, idx)
-            E = counts.shape[0] if order is not None else 1
             # sorted: 32 x 256 tiles measured fastest (bench_apply.py, H200: 126 us at N = 14336 against 134 us
             # for 64 x 128 and 217 us for the dense apply at E = 64)
             BT, BN = (32, 256) if order is not None else (16, 64)
-            grid = (triton.cdiv(t, BT), triton.cdiv(N, BN))
-            _expand_kernel[grid](y, c, idx, bucket, counts, US, t, N, y.stride(0), c.stride(0), US.stride(0),
-                                 US.stride(1), K=K,
-                                 R=R, RP=RP, E=E, EP=max(16, 1 << (E - 1).bit_length()), BT=BT, BN=BN,
-                                 SORTED=order is not None, IEEE=c.dtype == torch.float32, O1=1 << 30,
-                                 O2=1 << 30, num_warps=4)
-            return y
+            return launch_expand(y, c, idx, US, order, BT, BN)
 
         def expand_group(y: torch.Tensor, c: torch.Tensor, idx: torch.Tensor, US: torch.Tensor,
                          starts: list[int], bn: int,
@@ -271,23 +261,28 @@ if torch.cuda.is_available() or INTERPRET:
             compact output for the group; US (N, E*R) the members' U Sigma stacked the same way; bn divides every
             start; order: as for `expand` (sorted rows, for many tokens), None: rows as they come. In place;
             returns y."""
-            t, N = y.shape[0], US.shape[0]
-            M, K, R = c.shape[1], c.shape[2], c.shape[3]
+            M = c.shape[1]
             if y.stride(1) != 1 or not c.is_contiguous() or M > 3 or any(o % bn for o in starts):
                 raise ValueError("expand_group: y needs unit column stride, c contiguous, at most 3 members, "
                                  "bn dividing every member's start")
             far = 1 << 30
-            O1 = starts[1] if M > 1 else far
-            O2 = starts[2] if M > 2 else far
-            RP = max(16, 1 << (R - 1).bit_length())
+            return launch_expand(y, c, idx, US, order, 32 if order is not None else 16, bn,
+                                 O1=starts[1] if M > 1 else far, O2=starts[2] if M > 2 else far)
+
+        def launch_expand(y: torch.Tensor, c: torch.Tensor, idx: torch.Tensor, US: torch.Tensor,
+                          order: tuple[torch.Tensor, torch.Tensor] | None, BT: int, BN: int, O1: int = 1 << 30,
+                          O2: int = 1 << 30, **launch: int) -> torch.Tensor:
+            """The one _expand_kernel launch behind `expand` and `expand_group` (and bench_apply.py's tile sweep):
+            BT x BN tiles over the rows of y and U Sigma's N = US.shape[0] columns; c (t, ..., K, R); O1, O2: where
+            the second and third members' columns start. launch: Triton's num_warps (4) or num_stages."""
+            t, N = y.shape[0], US.shape[0]
+            K, R = c.shape[-2], c.shape[-1]
             bucket, counts = order if order is not None else (idx, idx)
             E = counts.shape[0] if order is not None else 1
-            BT = 32 if order is not None else 16
-            grid = (triton.cdiv(t, BT), triton.cdiv(N, bn))
-            _expand_kernel[grid](y, c, idx, bucket, counts, US, t, N, y.stride(0), c.stride(0), US.stride(0),
-                                 US.stride(1), K=K, R=R, RP=RP, E=E, EP=max(16, 1 << (E - 1).bit_length()), BT=BT,
-                                 BN=bn, SORTED=order is not None, IEEE=c.dtype == torch.float32, O1=O1, O2=O2,
-                                 num_warps=4)
+            _expand_kernel[(triton.cdiv(t, BT), triton.cdiv(N, BN))](
+                y, c, idx, bucket, counts, US, t, N, y.stride(0), c.stride(0), US.stride(0), US.stride(1), K=K, R=R,
+                RP=max(16, 1 << (R - 1).bit_length()), E=E, EP=max(16, 1 << (E - 1).bit_length()), BT=BT, BN=BN,
+                SORTED=order is not None, IEEE=c.dtype == torch.float32, O1=O1, O2=O2, **{"num_warps": 4, **launch})
             return y
 
         def route(P: torch.Tensor, S: torch.Tensor, rank: torch.Tensor, s: torch.Tensor,
